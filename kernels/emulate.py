@@ -1,0 +1,196 @@
+"""CPU emulation of the talkrt CUDA kernels, for tests on machines without a GPU.
+
+The real ``.cu`` sources are compiled as C++ with g++ (CUDA built-ins mapped to host
+equivalents: ``__fadd_rn`` etc. become plain IEEE float operations, compiled with
+``-ffp-contract=off`` so nothing is fused) and every launch runs its grid thread by thread.
+Kernels that synchronise a block (``__syncthreads``) are written with block-strided loops, so
+they are run with one thread per block, which computes the same result.
+
+:func:`emulated_gpu` swaps CuPy for a numpy stand-in and the kernel loader for this emulator, so
+the real GPU wrappers of :mod:`talkrt.kernels.gpu` (validation, tables, offsets, grids, argument
+lists) run end to end on host arrays. Not covered: real parallelism, DLPack, streams, NVRTC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import re
+import shutil
+import subprocess
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import _cuda
+
+__all__ = ["compiler_available", "EmulatedKernel", "emulated_gpu"]
+
+_PRELUDE = r"""
+#include <cmath>
+#include <cstring>
+#include <cstdlib>
+#include <algorithm>
+struct uint3 { unsigned x, y, z; };
+static uint3 threadIdx, blockIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) alignas(n)
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
+static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+static inline void __syncthreads() {}
+using std::min; using std::max;
+alignas(16) static unsigned char g_smem[1 << 17];
+"""
+
+_SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\s*\(([^)]*)\)', re.S)
+_cache: dict[str, ctypes.CDLL] = {}
+
+
+def compiler_available() -> bool:
+    """True when g++ is on PATH."""
+    return shutil.which("g++") is not None
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def _parameters(arg_text: str) -> list[tuple[str, str]]:
+    """[(C type, name)] of a kernel parameter list."""
+    params = []
+    for raw in _strip_comments(arg_text).split(","):
+        raw = " ".join(raw.split())
+        name = re.findall(r"\w+", raw)[-1]
+        params.append((raw[: raw.rfind(name)].strip(), name))
+    return params
+
+
+def _ctype(c_type: str) -> Any:
+    if "*" in c_type:
+        return ctypes.c_void_p
+    if c_type == "float":
+        return ctypes.c_float
+    if c_type == "int":
+        return ctypes.c_int
+    raise TypeError(f"emulator: unsupported kernel parameter type {c_type!r}")
+
+
+def _build(source_name: str) -> tuple[ctypes.CDLL, dict[str, list[tuple[str, str]]]]:
+    text = _cuda.kernel_source(source_name)
+    kernels = {m.group(1): _parameters(m.group(2))
+               for m in _SIGNATURE.finditer(_strip_comments(text))}
+    body = re.sub(r"extern __shared__[^;]*\bsmem\[\];", "u8* smem = g_smem;", text)
+    wrappers = []
+    for name, params in kernels.items():
+        decl = ", ".join(f"{t} {n}" for t, n in params)
+        call = ", ".join(n for _, n in params)
+        wrappers.append(f"""
+extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                           unsigned bz, {decl}) {{
+    gridDim = {{gx, gy, gz}}; blockDim = {{bx, by, bz}};
+    for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {{
+        blockIdx = {{x, y, z}};
+        for (unsigned tz = 0; tz < bz; ++tz) for (unsigned ty = 0; ty < by; ++ty) for (unsigned tx = 0; tx < bx; ++tx) {{
+            threadIdx = {{tx, ty, tz}};
+            {name}({call});
+        }}
+    }}
+}}""")
+    code = _PRELUDE + body + "\n".join(wrappers)
+    digest = hashlib.sha256(code.encode()).hexdigest()[:16]
+    out_dir = Path(tempfile.gettempdir()) / "talkrt_kernel_emulator"
+    out_dir.mkdir(exist_ok=True)
+    lib_path = out_dir / f"{Path(source_name).stem}_{digest}.so"
+    if not lib_path.exists():
+        src_path = out_dir / f"{Path(source_name).stem}_{digest}.cpp"
+        src_path.write_text(code, encoding="utf-8")
+        tmp_lib = lib_path.with_suffix(f".{id(code)}.tmp")
+        subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off",
+                        "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-o", str(tmp_lib),
+                        str(src_path)], check=True, capture_output=True, text=True)
+        tmp_lib.replace(lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    for name, params in kernels.items():
+        fn = getattr(lib, f"emu_{name}")
+        fn.argtypes = [ctypes.c_uint] * 6 + [_ctype(t) for t, _ in params]
+        fn.restype = None
+    return lib, kernels
+
+
+class EmulatedKernel:
+    """Callable like a CuPy RawKernel: ``kernel(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, source_name: str, name: str) -> None:
+        lib, kernels = _cache.get(source_name) or _build(source_name)
+        _cache[source_name] = (lib, kernels)
+        self.name = name
+        self.params = kernels[name]
+        self._fn = getattr(lib, f"emu_{name}")
+        self._single_thread = "__syncthreads" in _cuda.kernel_source(source_name)
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.name} takes {len(self.params)} arguments, got {len(args)}")
+        if shared_mem > (1 << 17):
+            raise ValueError(f"{self.name}: {shared_mem} bytes of shared memory requested")
+        converted = []
+        for (c_type, pname), value in zip(self.params, args):
+            if "*" in c_type:
+                if not isinstance(value, np.ndarray) or not value.flags.c_contiguous:
+                    raise TypeError(f"{self.name}.{pname}: expected a contiguous array")
+                converted.append(value.__array_interface__["data"][0])
+            elif c_type == "int":
+                if not isinstance(value, (np.int32, int)):
+                    raise TypeError(f"{self.name}.{pname}: expected np.int32, got {type(value)}")
+                converted.append(int(value))
+            else:
+                if not isinstance(value, np.float32):
+                    raise TypeError(f"{self.name}.{pname}: expected np.float32, got {type(value)}")
+                converted.append(float(value))
+        block = (1, 1, 1) if self._single_thread else tuple(block)
+        self._fn(*(int(g) for g in grid), *(int(b) for b in block), *converted)
+
+
+class _Context:
+    def __init__(self, *_: Any) -> None:
+        self.id = 0
+
+    def __enter__(self) -> "_Context":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        return None
+
+
+def _fake_cupy() -> types.SimpleNamespace:
+    cuda = types.SimpleNamespace(
+        Device=_Context, Stream=_Context, ExternalStream=_Context,
+        get_current_stream=lambda: _Context(),
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    return types.SimpleNamespace(
+        ndarray=np.ndarray, uint8=np.uint8, float32=np.float32, cuda=cuda,
+        empty=np.empty, asarray=lambda a, dtype=None: np.array(a, dtype=dtype, copy=True),
+        copyto=np.copyto, from_dlpack=np.from_dlpack)
+
+
+@contextlib.contextmanager
+def emulated_gpu() -> Iterator[None]:
+    """Run :mod:`talkrt.kernels.gpu` on host arrays through the emulator (not thread safe)."""
+    saved = (_cuda.cupy, _cuda.get_kernel)
+    _cuda.cupy = _fake_cupy()
+    _cuda.get_kernel = lambda source, name, dtype=np.uint8: EmulatedKernel(source, name)
+    try:
+        yield
+    finally:
+        _cuda.cupy, _cuda.get_kernel = saved

@@ -1,0 +1,292 @@
+"""Parity cases: one test body per op, run on any backend and compared with the reference.
+
+``tests/test_kernels_gpu.py`` runs every case on CuPy (real GPU); ``tests/test_kernels_reference.py``
+runs them on the CPU emulator of the CUDA sources (:mod:`talkrt.kernels.emulate`). Each case
+builds fresh random inputs from a fixed seed, calls the backend op, and compares with the
+reference under a tolerance whose justification is in ``why``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+from . import reference as ref
+from .packing import Packed
+from .resize_tables import apply_plan, plan_resize
+from .validate import SharpenParams
+
+__all__ = ["Case", "CASES", "run_case", "assert_close"]
+
+EXACT = "same integer / float32 operation sequence as the reference (no FMA contraction)"
+OPENCV_LINEAR = ("cv2 INTER_LINEAR uses 11-bit weights and SIMD truncations, the kernel float32 "
+                 "weights: each differs from exact bilinear by < 1 LSB before rounding, so <= 1")
+
+
+@dataclass(frozen=True)
+class Case:
+    """``run(backend, inputs) -> list of outputs``; ``expected(inputs) -> list of numpy arrays``."""
+
+    name: str
+    build: Callable[[np.random.Generator], dict]
+    run: Callable[[ModuleType, dict], list]
+    expected: Callable[[dict], list]
+    max_abs: int = 0
+    why: str = EXACT
+    seed: int = 0
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, max_abs: int, label: str) -> None:
+    """Assert equal shapes and ``|got - want| <= max_abs`` everywhere, with a useful message."""
+    assert got.shape == want.shape, f"{label}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{label}: dtype {got.dtype} != {want.dtype}"
+    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+    worst = int(diff.max(initial=0))
+    if worst > max_abs:
+        where = tuple(int(i) for i in np.unravel_index(int(diff.argmax()), diff.shape))
+        raise AssertionError(f"{label}: max |diff| {worst} > {max_abs} at {where} "
+                             f"(got {got[where]}, want {want[where]}); "
+                             f"{int((diff > max_abs).sum())} of {diff.size} elements out of tolerance")
+
+
+def _flatten(result: Any, to_host: Callable[[Any], np.ndarray]) -> list[np.ndarray]:
+    if isinstance(result, Packed):
+        return [to_host(r) for r in result.regions()]
+    if isinstance(result, (list, tuple)):
+        return [a for r in result for a in _flatten(r, to_host)]
+    return [to_host(result)]
+
+
+def run_case(case: Case, backend: ModuleType, to_device: Callable[[np.ndarray], Any],
+             to_host: Callable[[Any], np.ndarray]) -> None:
+    """Build inputs, run ``case`` on ``backend`` (arrays moved with to_device) and compare."""
+    inputs = case.build(np.random.default_rng(case.seed))
+    device_inputs = {}
+    for key, value in inputs.items():
+        if key.startswith("host_") or not isinstance(value, (np.ndarray, list)):
+            device_inputs[key] = value
+        elif isinstance(value, list):
+            device_inputs[key] = [to_device(v) for v in value]
+        else:
+            device_inputs[key] = to_device(value)
+    got = _flatten(case.run(backend, device_inputs), to_host)
+    want = _flatten(case.expected(inputs), np.asarray)
+    assert len(got) == len(want), f"{case.name}: {len(got)} outputs, expected {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, case.max_abs, f"{case.name}[{i}] ({case.why})")
+
+
+# ------------------------------------------------------------------------------ input makers
+
+def _nv12(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, height * 3 // 2, width), dtype=np.uint8)
+
+
+def _frames(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+def _boxes(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndarray:
+    """Random boxes; the first touches all four frame edges, the second has odd coordinates."""
+    boxes = []
+    for i in range(n):
+        if i == 0:
+            boxes.append((0, 0, width, height))
+            continue
+        w = int(rng.integers(1, width + 1))
+        h = int(rng.integers(1, height + 1))
+        x1 = int(rng.integers(0, width - w + 1))
+        y1 = int(rng.integers(0, height - h + 1))
+        if i == 1 and w > 2 and h > 2:   # odd position and size
+            x1, y1, w, h = x1 | 1, y1 | 1, (w - 2) | 1, (h - 2) | 1
+        boxes.append((x1, y1, x1 + w, y1 + h))
+    return np.asarray(boxes, np.int64)
+
+
+def _masks(rng: np.random.Generator, boxes: np.ndarray) -> list[np.ndarray]:
+    """Feather-like masks: a zero border band, a 255 core and random values in between."""
+    masks = []
+    for x1, y1, x2, y2 in boxes:
+        h, w = int(y2 - y1), int(x2 - x1)
+        m = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        m[: max(1, h // 5)] = 0
+        m[:, : w // 6] = 0
+        m[h // 2: h // 2 + max(1, h // 8), w // 3: w // 3 + max(1, w // 4)] = 255
+        masks.append(m)
+    return masks
+
+
+def _compose_inputs(rng: np.random.Generator, n: int, height: int, width: int) -> dict:
+    boxes = _boxes(rng, n, height, width)
+    return {"frames": _frames(rng, n, height, width),
+            "faces": rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8),
+            "host_boxes": boxes, "masks": _masks(rng, boxes)}
+
+
+# ------------------------------------------------------------------------------------ cases
+
+def _color_cases() -> list[Case]:
+    cases = []
+    for matrix in ("bt601", "bt709"):
+        for full in (False, True):
+            tag = f"{matrix}_{'full' if full else 'limited'}"
+            kw = {"matrix": matrix, "full_range": full}
+            variants = [(layout, order) for layout in ("hwc", "chw") for order in ("rgb", "bgr")]
+            cases.append(Case(
+                f"nv12_to_rgb_{tag}",
+                lambda rng: {"nv12": _nv12(rng, 2, 38, 46), "single": _nv12(rng, 1, 8, 12)[0]},
+                lambda K, d, kw=kw, v=variants: [K.nv12_to_rgb(d["nv12"], layout=lo, order=o, **kw)
+                                                 for lo, o in v] + [K.nv12_to_rgb(d["single"], **kw)],
+                lambda d, kw=kw, v=variants: [ref.nv12_to_rgb(d["nv12"], layout=lo, order=o, **kw)
+                                              for lo, o in v] + [ref.nv12_to_rgb(d["single"], **kw)]))
+            cases.append(Case(
+                f"rgb_to_nv12_{tag}",
+                lambda rng: {"rgb": _frames(rng, 2, 38, 46), "single": _frames(rng, 1, 8, 12)[0]},
+                lambda K, d, kw=kw: [K.rgb_to_nv12(d["rgb"], order=o, **kw) for o in ("rgb", "bgr")]
+                + [K.rgb_to_nv12(d["single"], **kw)],
+                lambda d, kw=kw: [ref.rgb_to_nv12(d["rgb"], order=o, **kw) for o in ("rgb", "bgr")]
+                + [ref.rgb_to_nv12(d["single"], **kw)]))
+            cases.append(Case(
+                f"nv12_roundtrip_{tag}",
+                lambda rng: {"nv12": _nv12(rng, 3, 16, 24)},
+                lambda K, d, kw=kw: [K.rgb_to_nv12(K.nv12_to_rgb(d["nv12"], **kw), **kw)],
+                lambda d, kw=kw: [ref.rgb_to_nv12(ref.nv12_to_rgb(d["nv12"], **kw), **kw)]))
+    cases.append(Case(
+        "color_batch64_out",
+        lambda rng: {"nv12": _nv12(rng, 64, 6, 10), "out": np.zeros((64, 6, 10, 3), np.uint8),
+                     "out_nv12": np.zeros((64, 9, 10), np.uint8)},
+        lambda K, d: [K.nv12_to_rgb(d["nv12"], out=d["out"]),
+                      K.rgb_to_nv12(K.nv12_to_rgb(d["nv12"], matrix="bt601"), matrix="bt601",
+                                    out=d["out_nv12"])],
+        lambda d: [ref.nv12_to_rgb(d["nv12"]),
+                   ref.rgb_to_nv12(ref.nv12_to_rgb(d["nv12"], matrix="bt601"), matrix="bt601")]))
+    return cases
+
+
+def _crop_model(d: dict, method: str) -> list[np.ndarray]:
+    frames, boxes = d["frames"], d["host_boxes"]
+    return [np.stack([apply_plan(frames[i, y1:y2, x1:x2],
+                                 plan_resize(int(x2 - x1), int(y2 - y1), 256, 256, method))
+                      for i, (x1, y1, x2, y2) in enumerate(boxes)])]
+
+
+def _resize_cases() -> list[Case]:
+    cases = []
+    for method in ("area", "lanczos4"):
+        for n, height, width in ((3, 270, 480), (64, 40, 48), (1, 300, 256)):
+            build = (lambda rng, n=n, h=height, w=width:
+                     {"frames": _frames(rng, n, h, w), "host_boxes": _boxes(rng, n, h, w)})
+            run = lambda K, d, m=method: [K.crop_resize(d["frames"], d["host_boxes"], method=m)]
+            cases.append(Case(f"crop_resize_{method}_b{n}_vs_tables", build, run,
+                              lambda d, m=method: _crop_model(d, m),
+                              why="integer / float32 tables evaluated in OpenCV's order"))
+            cases.append(Case(
+                f"crop_resize_{method}_b{n}_vs_cv2", build, run,
+                lambda d, m=method: [ref.crop_resize(d["frames"], d["host_boxes"], method=m)],
+                max_abs=1, why="tables equal cv2 on the CI OpenCV build; another OpenCV build may "
+                               "round its SIMD bilinear (INTER_AREA enlarging) differently: <= 1"))
+    cases.append(Case(
+        "crop_resize_single_frame_size",
+        lambda rng: {"frames": _frames(rng, 1, 120, 90)[0], "host_boxes": np.array([5, 7, 86, 119])},
+        lambda K, d: [K.crop_resize(d["frames"], d["host_boxes"], size=(64, 48), method="area")],
+        lambda d: [ref.crop_resize(d["frames"], d["host_boxes"], size=(64, 48), method="area")]))
+    for n, height, width in ((4, 300, 400), (64, 30, 34)):
+        build = lambda rng, n=n, h=height, w=width: {
+            "faces": rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8),
+            "host_boxes": _boxes(rng, n, h, w)}
+        run = lambda K, d: [K.resize_to_boxes(d["faces"], d["host_boxes"])]
+        cases.append(Case(f"resize_to_boxes_b{n}", build, run, lambda d: [
+            ref.resize_to_boxes(d["faces"], d["host_boxes"], impl="kernel")]))
+        cases.append(Case(f"resize_to_boxes_b{n}_vs_cv2", build, run, lambda d: [
+            ref.resize_to_boxes(d["faces"], d["host_boxes"])], max_abs=1, why=OPENCV_LINEAR))
+    return cases
+
+
+def _filter_cases() -> list[Case]:
+    cases = []
+    shapes = ((2, 37, 53, 3), (1, 3, 2, 3), (64, 9, 11, 3), (2, 40, 33, 1), (1, 20, 130, 4))
+    for shape in shapes:
+        build = lambda rng, s=shape: {"images": rng.integers(0, 256, s, dtype=np.uint8)}
+        cases.append(Case(
+            f"gaussian_blur_{'x'.join(map(str, shape))}", build,
+            lambda K, d: [K.gaussian_blur(d["images"]),
+                          K.gaussian_blur(d["images"], sigma=2.0, ksize=5)],
+            lambda d: [ref.gaussian_blur(d["images"]),
+                       ref.gaussian_blur(d["images"], sigma=2.0, ksize=5)],
+            why="integer fixed-point blur, bit-exact with cv2.GaussianBlur"))
+        cases.append(Case(
+            f"unsharp_mask_{'x'.join(map(str, shape))}", build,
+            lambda K, d: [K.unsharp_mask(d["images"]),
+                          K.unsharp_mask(d["images"], amount=0.5, sigma=1.5, threshold=0)],
+            lambda d: [ref.unsharp_mask(d["images"]),
+                       ref.unsharp_mask(d["images"], amount=0.5, sigma=1.5, threshold=0)]))
+    cases.append(Case(
+        "unsharp_mask_face_out",
+        lambda rng: {"images": rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8),
+                     "out": np.zeros((2, 256, 256, 3), np.uint8)},
+        lambda K, d: [K.unsharp_mask(d["images"], out=d["out"]), d["out"]],
+        lambda d: [ref.unsharp_mask(d["images"])] * 2))
+    return cases
+
+
+def _compose_cases() -> list[Case]:
+    cases = []
+    for n, height, width in ((3, 120, 160), (64, 24, 30), (1, 64, 64)):
+        build = lambda rng, n=n, h=height, w=width: _compose_inputs(rng, n, h, w)
+        cases.append(Case(
+            f"blend_b{n}", build,
+            lambda K, d: [K.blend(d["frames"], K.resize_to_boxes(d["faces"], d["host_boxes"]),
+                                  d["host_boxes"], d["masks"])],
+            lambda d: [ref.blend(d["frames"], ref.resize_to_boxes(d["faces"], d["host_boxes"],
+                                                                  impl="kernel"),
+                                 d["host_boxes"], d["masks"])],
+            why="integer blend; resized faces from the float32 bilinear model"))
+        for sharpen in (None, SharpenParams()):
+            tag = f"b{n}_{'sharp' if sharpen else 'plain'}"
+            cases.append(Case(
+                f"compose_rgb_{tag}", build,
+                lambda K, d, s=sharpen: [K.compose_rgb(d["frames"], d["faces"], d["host_boxes"],
+                                                       d["masks"], sharpen=s)],
+                lambda d, s=sharpen: [ref.compose_rgb(d["frames"], d["faces"], d["host_boxes"],
+                                                      d["masks"], sharpen=s, resize_impl="kernel")]))
+            cases.append(Case(
+                f"compose_rgb_{tag}_vs_cv2", build,
+                lambda K, d, s=sharpen: [K.compose_rgb(d["frames"], d["faces"], d["host_boxes"],
+                                                       d["masks"], sharpen=s)],
+                lambda d, s=sharpen: [ref.compose_rgb(d["frames"], d["faces"], d["host_boxes"],
+                                                      d["masks"], sharpen=s)],
+                max_abs=1, why=OPENCV_LINEAR + "; the blend cannot grow a 1 LSB face difference"))
+    for matrix in ("bt601", "bt709"):
+        for full in (False, True):
+            for sharpen in (None, SharpenParams()):
+                kw = {"matrix": matrix, "full_range": full, "sharpen": sharpen}
+                tag = f"{matrix}_{'full' if full else 'limited'}_{'sharp' if sharpen else 'plain'}"
+                build = lambda rng: {**_compose_inputs(rng, 3, 96, 128)}
+                run = lambda K, d, kw=kw: [K.compose_nv12(
+                    K.rgb_to_nv12(d["frames"], matrix=kw["matrix"], full_range=kw["full_range"]),
+                    d["faces"], d["host_boxes"], d["masks"], **kw)]
+
+                def want(d, kw=kw, impl="kernel"):
+                    nv12 = ref.rgb_to_nv12(d["frames"], matrix=kw["matrix"],
+                                           full_range=kw["full_range"])
+                    return [ref.compose_nv12(nv12, d["faces"], d["host_boxes"], d["masks"],
+                                             resize_impl=impl, **kw)]
+                cases.append(Case(f"compose_nv12_{tag}", build, run, want))
+                cases.append(Case(f"compose_nv12_{tag}_vs_cv2", build, run,
+                                  lambda d, w=want: w(d, impl="opencv"), max_abs=1,
+                                  why=OPENCV_LINEAR + "; Y/U/V coefficients have |sum| <= 1"))
+    cases.append(Case(
+        "compose_nv12_batch64_out",
+        lambda rng: {**_compose_inputs(rng, 64, 20, 26), "out": np.zeros((64, 30, 26), np.uint8)},
+        lambda K, d: [K.compose_nv12(K.rgb_to_nv12(d["frames"]), d["faces"], d["host_boxes"],
+                                     d["masks"], out=d["out"]), d["out"]],
+        lambda d: [ref.compose_nv12(ref.rgb_to_nv12(d["frames"]), d["faces"], d["host_boxes"],
+                                    d["masks"], resize_impl="kernel")] * 2))
+    return cases
+
+
+CASES: list[Case] = _color_cases() + _resize_cases() + _filter_cases() + _compose_cases()

@@ -1,0 +1,202 @@
+"""Avatar preparation: track the face in every frame, encode reference and masked latents,
+build the blend masks, and cache the result on disk keyed by content.
+
+Everything is indexed by source frame number; frames where no face was found keep their
+slot (``found[i] = False``), so frames, boxes, masks and latents never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from talkrt import __version__
+from talkrt.config import TalkrtConfig
+from talkrt.errors import InputError
+from talkrt.face.geometry import track_frames
+from talkrt.face.tracker import FaceTracker
+from talkrt.media.frames import iter_video_frames
+from talkrt.media.probe import VideoInfo
+
+log = logging.getLogger(__name__)
+
+PREP_VERSION = 1  # bump when the preparation output changes for the same inputs
+
+
+@dataclass(frozen=True)
+class PreparedAvatar:
+    """Per-source-frame face data for one avatar video (all arrays share the frame axis)."""
+
+    num_frames: int
+    width: int
+    height: int
+    fps: Fraction
+    found: np.ndarray          # [N] bool
+    boxes: np.ndarray          # [N, 4] int32 face boxes (x1, y1, x2, y2), zeros where not found
+    crop_boxes: np.ndarray     # [N, 4] int32 MuseTalk 1.5x crop boxes
+    latents: np.ndarray        # [N, 2*C, h, w] float16: [masked-face latent, reference latent]
+    mask_data: np.ndarray      # flat uint8: box-sized blend masks, concatenated
+    mask_offsets: np.ndarray   # [N + 1] int64 offsets into mask_data
+    key: str
+
+    def mask(self, i: int) -> np.ndarray:
+        x1, y1, x2, y2 = (int(v) for v in self.boxes[i])
+        return self.mask_data[self.mask_offsets[i]:self.mask_offsets[i + 1]].reshape(y2 - y1, x2 - x1)
+
+    @property
+    def faces_found(self) -> int:
+        return int(self.found.sum())
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def avatar_key(video_digest: str, cfg: TalkrtConfig, weights_identity: str, tracker_name: str) -> str:
+    p = cfg.pipeline
+    parts = {
+        "video": video_digest, "model": cfg.model_hash(), "weights": weights_identity, "tracker": tracker_name,
+        "extra_margin": p.extra_margin, "crop_expand": p.crop_expand, "upper": p.upper_boundary_ratio,
+        "smooth": p.smooth_window, "prep_version": PREP_VERSION,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def crop_to_model_input(frame: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    """MuseTalk's crop: ``frame[y1:y2, x1:x2]`` resized to ``size`` with INTER_LANCZOS4."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return cv2.resize(frame[y1:y2, x1:x2], (size, size), interpolation=cv2.INTER_LANCZOS4)
+
+
+def vae_inputs(crops: np.ndarray, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B,S,S,3]`` uint8 RGB -> (masked, reference), each ``[B,3,S,S]`` in [-1,1].
+
+    As in MuseTalk, the lower half is zeroed in [0,1] space before normalising (so it is -1).
+    """
+    x = torch.from_numpy(crops).to(device).permute(0, 3, 1, 2).to(dtype) / 255.0
+    masked = x.clone()
+    masked[:, :, x.shape[2] // 2:, :] = 0
+    return masked * 2.0 - 1.0, x * 2.0 - 1.0
+
+
+class AvatarPreparer:
+    """Stage object: video -> :class:`PreparedAvatar`, cached under ``cache_dir/<key>``."""
+
+    def __init__(self, cfg: TalkrtConfig, tracker: FaceTracker, tracker_name: str, vae_encoder,
+                 weights_identity: str, device: torch.device, dtype: torch.dtype, cache_dir: Path,
+                 batch_size: int = 16):
+        self.cfg = cfg
+        self.tracker = tracker
+        self.tracker_name = tracker_name
+        self.vae_encoder = vae_encoder   # Engine: {'images'} -> {'latents'}
+        self.weights_identity = weights_identity
+        self.device = device
+        self.dtype = dtype
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = batch_size
+
+    def __call__(self, video_path: str | os.PathLike, info: VideoInfo) -> PreparedAvatar:
+        key = avatar_key(file_digest(video_path), self.cfg, self.weights_identity, self.tracker_name)
+        cached = self.cache_dir / key
+        if (cached / "meta.json").is_file():
+            log.info("avatar cache hit: %s", cached)
+            return load_avatar(cached)
+        avatar = self._prepare(video_path, info, key)
+        save_avatar(avatar, cached)
+        return avatar
+
+    def _encode(self, crops: list[np.ndarray]) -> np.ndarray:
+        masked, reference = vae_inputs(np.stack(crops), self.device, self.dtype)
+        with torch.inference_mode():
+            encoded = [self.vae_encoder.run({"images": images})["latents"].clone() for images in (masked, reference)]
+        return torch.cat(encoded, dim=1).to(torch.float16).cpu().numpy()
+
+    def _prepare(self, video_path, info: VideoInfo, key: str) -> PreparedAvatar:
+        p = self.cfg.pipeline
+        log.info("preparing avatar from %s (%d frames): face tracking", video_path, info.num_frames)
+        track = track_frames(iter_video_frames(video_path), self.tracker, extra_margin=p.extra_margin,
+                             smooth_window=p.smooth_window, expand=p.crop_expand)
+        n = len(track.found)
+        if n != info.num_frames:
+            log.warning("%s: decoded %d frames, container said %d", video_path, n, info.num_frames)
+        if not track.found.any():
+            raise InputError(video_path, "no face found in any frame")
+        size, latent = self.cfg.model.crop_size, self.cfg.model.latent_size
+        channels = 2 * self.cfg.model.vae.latent_channels
+        latents = np.zeros((n, channels, latent, latent), np.float16)
+        masks: list[np.ndarray] = []
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            if pending:
+                latents[[i for i, _ in pending]] = self._encode([c for _, c in pending])
+                pending.clear()
+
+        log.info("preparing avatar: encoding %d face crops", int(track.found.sum()))
+        for i, frame in enumerate(iter_video_frames(video_path)):
+            if i >= n:
+                break
+            if not track.found[i]:
+                masks.append(np.zeros(0, np.uint8))
+                continue
+            masks.append(track.blend_mask(i, p.upper_boundary_ratio).reshape(-1))
+            pending.append((i, crop_to_model_input(frame, track.boxes[i], size)))
+            if len(pending) == self.batch_size:
+                flush()
+        flush()
+        offsets = np.zeros(n + 1, np.int64)
+        offsets[1:] = np.cumsum([m.size for m in masks])
+        return PreparedAvatar(
+            num_frames=n, width=info.width, height=info.height, fps=info.fps, found=track.found.copy(),
+            boxes=track.boxes.astype(np.int32), crop_boxes=track.crop_boxes.astype(np.int32), latents=latents,
+            mask_data=np.concatenate(masks) if masks else np.zeros(0, np.uint8), mask_offsets=offsets, key=key)
+
+
+_ARRAYS = ("found", "boxes", "crop_boxes", "latents", "mask_data", "mask_offsets")
+
+
+def save_avatar(avatar: PreparedAvatar, folder: Path) -> None:
+    """Write atomically: a temp folder renamed into place, so a crash leaves no half cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(avatar, name))
+        meta = {"num_frames": avatar.num_frames, "width": avatar.width, "height": avatar.height,
+                "fps": [avatar.fps.numerator, avatar.fps.denominator], "key": avatar.key,
+                "talkrt_version": __version__, "prep_version": PREP_VERSION}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("avatar cached at %s", folder)
+
+
+def load_avatar(folder: Path) -> PreparedAvatar:
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if name == "latents" else None)
+              for name in _ARRAYS}
+    fields = {f.name for f in dataclasses.fields(PreparedAvatar)}
+    meta_fields = {k: v for k, v in meta.items() if k in fields}
+    meta_fields["fps"] = Fraction(*meta["fps"])
+    return PreparedAvatar(**meta_fields, **arrays)

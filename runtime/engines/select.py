@@ -1,0 +1,118 @@
+"""Pick and build the engines for a run: TensorRT > compiled > eager.
+
+``create_engines(cfg, models, backend="auto")`` tries each prebuilt backend in order and
+takes the first whose artefacts exist and whose manifests match this machine and config.
+An explicit ``backend="tensorrt"`` or ``"compiled"`` that cannot be used raises
+``EngineError`` (saying to run ``make engines``); ``"auto"`` warns and falls back to eager,
+CUDA-graph captured per batch bucket on CUDA.  Whisper always runs eager.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from talkrt.build_engines.specs import ENGINE_MODELS, ModelSpec, default_max_batch, export_specs
+from talkrt.config import BACKENDS, TalkrtConfig
+from talkrt.engines.base import EagerEngine, Engine
+from talkrt.engines.compiled import CompiledEngine, load_compiled_artifacts
+from talkrt.engines.graphs import EagerGraphEngine
+from talkrt.engines.manifest import config_dir, rebuild_hint
+from talkrt.engines.tensorrt import TensorRTEngine, import_tensorrt
+from talkrt.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+
+def _placement(models, device, dtype) -> tuple[torch.device, torch.dtype]:
+    param = next(models.unet.parameters())
+    return torch.device(device) if device is not None else param.device, dtype or param.dtype
+
+
+def eager_engines(specs: dict[str, ModelSpec], models, *, device: torch.device, dtype: torch.dtype,
+                  cuda_graphs: bool, graph_fallback: bool = True) -> dict[str, Engine]:
+    """Eager engines for ``ENGINE_MODELS`` (CUDA-graph captured per bucket when asked)."""
+    engines: dict[str, Engine] = {}
+    for name in ENGINE_MODELS:
+        spec = specs[name]
+        module = spec.make_module(models)
+        if cuda_graphs:
+            engines[name] = EagerGraphEngine(name, module, spec.inputs, spec.outputs, spec.buckets, device=device,
+                                             dtype=dtype, cuda_graphs=True, graph_fallback=graph_fallback)
+        else:
+            engines[name] = EagerEngine(name, module, spec.inputs, spec.outputs, spec.profile.max)
+    return engines
+
+
+def tensorrt_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, device: torch.device,
+                     dtype: torch.dtype, engines_dir, cuda_graphs: bool) -> dict[str, Engine]:
+    if device.type != "cuda":
+        raise EngineError(f"TensorRT engines need a CUDA device, this run uses {device}")
+    import_tensorrt()
+    return {name: TensorRTEngine(cfg, name, specs[name].inputs, specs[name].outputs, dtype=dtype,
+                                 weights_identity=models.identity, max_batch=specs[name].profile.max,
+                                 buckets=specs[name].buckets, engines_dir=engines_dir, device=device,
+                                 cuda_graphs=cuda_graphs)
+            for name in ENGINE_MODELS}
+
+
+def compiled_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, device: torch.device,
+                     dtype: torch.dtype, engines_dir, cuda_graphs: bool) -> dict[str, Engine]:
+    buckets = specs["unet"].buckets
+    manifest = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=ENGINE_MODELS, buckets=buckets,
+                                       engines_dir=engines_dir)
+    engines: dict[str, Engine] = {}
+    for name in ENGINE_MODELS:
+        spec = specs[name]
+        engines[name] = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs, spec.buckets,
+                                       device=device, dtype=dtype, mode=manifest["compile_mode"],
+                                       cuda_graphs=cuda_graphs, graph_fallback=True)
+    return engines
+
+
+def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, engines_dir: str | Path | None = None,
+                   max_batch: int | None = None, cuda_graphs: bool = True) -> tuple[dict[str, Engine], str]:
+    """Engines for unet, vae_decoder, vae_encoder (and eager whisper), plus the backend chosen.
+
+    ``models`` (``LipSyncModels``) must be on ``device`` in ``dtype`` (both default to the
+    UNet's).  ``engines_dir`` defaults to ``$TALKRT_ENGINES_DIR`` or ``./engines``.
+    """
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown engine backend '{backend}'; choose one of {BACKENDS}")
+    device, dtype = _placement(models, device, dtype)
+    specs = export_specs(cfg, max_batch or default_max_batch(cfg))
+    graphs = cuda_graphs and device.type == "cuda"
+    builders = {"tensorrt": tensorrt_engines, "compiled": compiled_engines}
+    order = ["tensorrt", "compiled"] if backend == "auto" else [b for b in (backend,) if b in builders]
+    reasons = []
+    for candidate in order:
+        try:
+            engines = builders[candidate](cfg, specs, models, device=device, dtype=dtype, engines_dir=engines_dir,
+                                          cuda_graphs=graphs)
+        except EngineError as exc:
+            if backend != "auto":
+                raise
+            log.info("backend %s not usable: %s", candidate, exc)
+            reasons.append(f"{candidate}: {exc}")
+            continue
+        return _finish(engines, specs, models, cfg, candidate, graphs, engines_dir)
+    if backend == "auto":
+        log.warning("no usable prebuilt engines for config '%s' in %s; falling back to eager%s; to use them, "
+                    "%s [%s]", cfg.name, config_dir(cfg, engines_dir), " with CUDA graphs" if graphs else "",
+                    rebuild_hint(cfg.name), " | ".join(reasons))
+    engines = eager_engines(specs, models, device=device, dtype=dtype, cuda_graphs=graphs, graph_fallback=True)
+    return _finish(engines, specs, models, cfg, "eager", graphs, engines_dir)
+
+
+def _finish(engines: dict[str, Engine], specs: dict[str, ModelSpec], models, cfg: TalkrtConfig, backend: str,
+            graphs: bool, engines_dir) -> tuple[dict[str, Engine], str]:
+    whisper = specs["whisper"]
+    engines["whisper"] = EagerEngine("whisper", whisper.make_module(models), whisper.inputs, whisper.outputs,
+                                     whisper.profile.max)
+    used_graphs = graphs and all(getattr(engines[n], "cuda_graphs", False) for n in ENGINE_MODELS)
+    log.info("engine backend for config '%s': %s%s (batch <= %d, engines dir %s)", cfg.name, backend,
+             " + CUDA graphs" if used_graphs else "", specs["unet"].profile.max, config_dir(cfg, engines_dir))
+    return engines, backend

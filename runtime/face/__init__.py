@@ -1,0 +1,27 @@
+"""Face tracking and MuseTalk v1.5 face geometry (boxes, crops, blend masks)."""
+
+from talkrt.face.geometry import (
+    TrackResult,
+    crop_box,
+    face_box,
+    jaw_blend_mask,
+    jaw_mask_crop,
+    select_largest,
+    smooth_landmarks,
+    track_frames,
+)
+from talkrt.face.tracker import FaceDetection, FaceTracker, create_tracker
+
+__all__ = [
+    "FaceDetection",
+    "FaceTracker",
+    "TrackResult",
+    "create_tracker",
+    "crop_box",
+    "face_box",
+    "jaw_blend_mask",
+    "jaw_mask_crop",
+    "select_largest",
+    "smooth_landmarks",
+    "track_frames",
+]

@@ -1,0 +1,315 @@
+"""MuseTalk v1.5 face geometry: face box, crop box, jaw blend mask, per-video tracking.
+
+Faithful to MuseTalk v1.5 (``musetalk/utils/preprocessing.py`` and
+``musetalk/utils/blending.py``):
+
+* face box from 68 landmarks (cast to int32 like MuseTalk): nose = lm[29];
+  ``half = max(lm_y) - nose_y``; ``upper = max(0, nose_y - half)``;
+  box = (min x, upper, max x, max y); v1.5 adds ``extra_margin`` to y2, clamped
+  to the frame height. Where MuseTalk falls back to the detector box for
+  ``x1 < 0`` we clamp to the frame instead, and a box that is empty after
+  clamping means "no usable face".
+* crop box: square of side ``2 * int(max(w, h) // 2 * expand)`` centred on the
+  box centre (may extend past the frame, as MuseTalk's PIL crop allows).
+* blend mask ("jaw" mode): MuseTalk segments the crop with a face parser; we
+  use the landmark polygon instead. See :func:`jaw_mask_crop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from talkrt.errors import TalkrtError
+from talkrt.face.tracker import FaceDetection, FaceTracker
+
+__all__ = [
+    "Box",
+    "TrackResult",
+    "face_box",
+    "crop_box",
+    "jaw_polygon",
+    "jaw_mask_crop",
+    "jaw_blend_mask",
+    "blur_kernel_size",
+    "smooth_landmarks",
+    "select_largest",
+    "track_frames",
+]
+
+log = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]
+"""(x1, y1, x2, y2) in integer pixels, x2/y2 exclusive."""
+
+NOSE = 29  # iBUG point MuseTalk splits the face at
+JAW = slice(0, 17)
+DEFAULT_EXTRA_MARGIN = 10
+DEFAULT_EXPAND = 1.5
+DEFAULT_UPPER_BOUNDARY_RATIO = 0.5
+DEFAULT_SMOOTH_WINDOW = 5
+
+
+def _check_landmarks(landmarks68: np.ndarray) -> np.ndarray:
+    lm = np.asarray(landmarks68, dtype=np.float32)
+    if lm.shape != (68, 2):
+        raise TalkrtError(f"landmarks must be [68, 2], got {lm.shape}")
+    if not np.all(np.isfinite(lm)):
+        raise TalkrtError("landmarks contain NaN or inf")
+    return lm
+
+
+def face_box(
+    landmarks68: np.ndarray, frame_hw: tuple[int, int], extra_margin: int = DEFAULT_EXTRA_MARGIN
+) -> Box | None:
+    """MuseTalk v1.5 face box from 68 landmarks, or None if it is degenerate.
+
+    Args:
+        landmarks68: [68, 2] (x, y) pixel coordinates, iBUG order.
+        frame_hw: (height, width) of the frame, for clamping.
+        extra_margin: pixels added below the chin (v1.5; v1 used 0).
+    """
+    lm = _check_landmarks(landmarks68).astype(np.int32)  # MuseTalk truncates to int32
+    height, width = int(frame_hw[0]), int(frame_hw[1])
+    nose_y = int(lm[NOSE, 1])
+    max_y = int(lm[:, 1].max())
+    half_face_dist = max_y - nose_y
+    upper = max(0, nose_y - half_face_dist)
+    x1 = max(0, int(lm[:, 0].min()))
+    x2 = min(width, int(lm[:, 0].max()))
+    y2 = min(height, max_y + int(extra_margin))
+    y1 = min(upper, height)
+    if x2 - x1 <= 0 or y2 - y1 <= 0:
+        return None
+    return (x1, y1, x2, y2)
+
+
+def crop_box(box: Sequence[int], expand: float = DEFAULT_EXPAND) -> Box:
+    """MuseTalk's enlarged square crop around a face box (may leave the frame)."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    x_c, y_c = (x1 + x2) // 2, (y1 + y2) // 2
+    s = int(max(x2 - x1, y2 - y1) // 2 * expand)
+    return (x_c - s, y_c - s, x_c + s, y_c + s)
+
+
+def blur_kernel_size(crop_width: int) -> int:
+    """MuseTalk's feathering kernel: ``int(0.1 * crop_w // 2 * 2) + 1`` (always odd)."""
+    return int(0.1 * crop_width // 2 * 2) + 1
+
+
+def jaw_polygon(landmarks68: np.ndarray) -> np.ndarray:
+    """Lower-face polygon [17, 2] float32 in frame pixels: jaw contour 0..16.
+
+    Closed by the straight segment 16 -> 0 (at about eye height); the region
+    above the nose line is removed separately in :func:`jaw_mask_crop`, so the
+    filled area is "jaw contour closed across the face at nose height".
+    """
+    return _check_landmarks(landmarks68)[JAW].copy()
+
+
+def jaw_mask_crop(
+    landmarks68: np.ndarray,
+    box: Sequence[int],
+    expand: float = DEFAULT_EXPAND,
+    upper_boundary_ratio: float = DEFAULT_UPPER_BOUNDARY_RATIO,
+) -> np.ndarray:
+    """Full crop-size blend mask, uint8 [crop_h, crop_w] (for debugging and tests).
+
+    Steps, in crop-box coordinates (crop = ``crop_box(box, expand)``):
+
+    1. fill the jaw polygon (:func:`jaw_polygon`, vertices rounded half-up to
+       pixels) with 255 and clear every row above the nose line
+       ``floor(lm[29].y + 0.5)``;
+    2. keep only the part inside the face box (MuseTalk crops its parsing mask
+       to the face box and pastes it back into a blank crop);
+    3. clear the rows above ``int(crop_h * upper_boundary_ratio)``;
+    4. ``cv2.GaussianBlur(mask, (k, k), 0)`` with ``k = blur_kernel_size(crop_w)``.
+    """
+    lm = _check_landmarks(landmarks68)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    cx1, cy1, cx2, cy2 = crop_box((x1, y1, x2, y2), expand)
+    crop_w, crop_h = cx2 - cx1, cy2 - cy1
+    if crop_w <= 0 or crop_h <= 0:
+        raise TalkrtError(f"face box {tuple(box)} is too small for a blend mask")
+    mask = np.zeros((crop_h, crop_w), dtype=np.uint8)
+    # round half up (floor(v + 0.5)) so the result does not depend on the crop offset
+    poly = np.floor(jaw_polygon(lm).astype(np.float64) + 0.5).astype(np.int32) - np.array([cx1, cy1], np.int32)
+    cv2.fillPoly(mask, [poly], 255)
+    nose_row = math.floor(float(lm[NOSE, 1]) + 0.5) - cy1
+    mask[: max(0, min(crop_h, nose_row))] = 0
+    keep = np.zeros_like(mask)
+    bx1, by1 = max(0, x1 - cx1), max(0, y1 - cy1)
+    bx2, by2 = min(crop_w, x2 - cx1), min(crop_h, y2 - cy1)
+    if bx2 > bx1 and by2 > by1:
+        keep[by1:by2, bx1:bx2] = mask[by1:by2, bx1:bx2]
+    keep[: int(crop_h * upper_boundary_ratio)] = 0
+    k = blur_kernel_size(crop_w)
+    return cv2.GaussianBlur(keep, (k, k), 0)
+
+
+def jaw_blend_mask(
+    landmarks68: np.ndarray,
+    box: Sequence[int],
+    expand: float = DEFAULT_EXPAND,
+    upper_boundary_ratio: float = DEFAULT_UPPER_BOUNDARY_RATIO,
+) -> np.ndarray:
+    """Blend mask for the face box only, uint8 [y2 - y1, x2 - x1].
+
+    This is :func:`jaw_mask_crop` sliced to the face box; outside the face box
+    MuseTalk's paste is a no-op (the crop there is the original frame), so this
+    is all the compose step needs: ``out = frame*(1-m) + generated*m`` on the box.
+    """
+    x1, y1, x2, y2 = (int(v) for v in box)
+    full = jaw_mask_crop(landmarks68, (x1, y1, x2, y2), expand, upper_boundary_ratio)
+    cx1, cy1, _, _ = crop_box((x1, y1, x2, y2), expand)
+    out = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
+    # the box lies inside its crop for any box wider/taller than 3 px; stay safe anyway
+    sx1, sy1 = max(0, x1 - cx1), max(0, y1 - cy1)
+    sx2, sy2 = min(full.shape[1], x2 - cx1), min(full.shape[0], y2 - cy1)
+    if sx2 > sx1 and sy2 > sy1:
+        ox, oy = sx1 - (x1 - cx1), sy1 - (y1 - cy1)
+        out[oy : oy + sy2 - sy1, ox : ox + sx2 - sx1] = full[sy1:sy2, sx1:sx2]
+    return out
+
+
+def _runs(found: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open [start, end) index ranges of consecutive True values."""
+    padded = np.concatenate([[False], found.astype(bool), [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
+def smooth_landmarks(landmarks: np.ndarray, found: np.ndarray, window: int = DEFAULT_SMOOTH_WINDOW) -> np.ndarray:
+    """Centred moving average of landmarks over time, within runs of found frames.
+
+    Each run of consecutive found frames is smoothed on its own (a gap is an
+    occlusion or a cut); near a run's ends the window shrinks symmetrically so
+    no frame is pulled towards one side. Frames with ``found == False`` are
+    returned unchanged, and the output is index-aligned with the input.
+
+    Args:
+        landmarks: [N, ...] per-frame points.
+        found: [N] bool.
+        window: odd window length in frames; 1 disables smoothing.
+    """
+    lms = np.asarray(landmarks, dtype=np.float32)
+    flags = np.asarray(found, dtype=bool)
+    if window < 1 or window % 2 == 0:
+        raise TalkrtError(f"smoothing window must be a positive odd number, got {window}")
+    if flags.shape != lms.shape[:1]:
+        raise TalkrtError(f"found {flags.shape} does not match landmarks {lms.shape}")
+    out = lms.copy()
+    radius = window // 2
+    if radius == 0:
+        return out
+    for start, end in _runs(flags):
+        seg = lms[start:end].astype(np.float64)
+        csum = np.concatenate([np.zeros((1,) + seg.shape[1:]), np.cumsum(seg, axis=0)])
+        idx = np.arange(end - start)
+        r = np.minimum(radius, np.minimum(idx, end - start - 1 - idx))
+        sums = csum[idx + r + 1] - csum[idx - r]
+        out[start:end] = (sums / (2 * r + 1).reshape((-1,) + (1,) * (seg.ndim - 1))).astype(np.float32)
+    return out
+
+
+def select_largest(faces: Sequence[FaceDetection]) -> FaceDetection | None:
+    """The face whose landmark extent has the largest area (ties: higher score)."""
+    best, best_key = None, (-math.inf, -math.inf)
+    for face in faces:
+        lm = face.landmarks68
+        span = lm.max(axis=0) - lm.min(axis=0)
+        key = (float(span[0] * span[1]), face.score)
+        if key > best_key:
+            best, best_key = face, key
+    return best
+
+
+@dataclass(frozen=True)
+class TrackResult:
+    """Per-frame face geometry for a whole clip, index-aligned with its frames.
+
+    Attributes:
+        found: [N] bool, a usable face in that frame.
+        landmarks68: [N, 68, 2] float32 (smoothed); zeros where not found.
+        boxes: [N, 4] int32 MuseTalk v1.5 face boxes (x1, y1, x2, y2); zeros where not found.
+        crop_boxes: [N, 4] int32 enlarged crops (``crop_box(box, expand)``); zeros where not found.
+        scores: [N] float32 detector scores; 0 where not found.
+        frame_hw: (height, width) of the frames.
+        expand: crop expansion the crop boxes were made with.
+    """
+
+    found: np.ndarray
+    landmarks68: np.ndarray
+    boxes: np.ndarray
+    crop_boxes: np.ndarray
+    scores: np.ndarray
+    frame_hw: tuple[int, int]
+    expand: float = DEFAULT_EXPAND
+
+    def __len__(self) -> int:
+        return int(self.found.shape[0])
+
+    def blend_mask(self, index: int, upper_boundary_ratio: float = DEFAULT_UPPER_BOUNDARY_RATIO) -> np.ndarray:
+        """Face-box blend mask of frame ``index`` (see :func:`jaw_blend_mask`)."""
+        if not self.found[index]:
+            raise TalkrtError(f"frame {index} has no face")
+        return jaw_blend_mask(self.landmarks68[index], self.boxes[index], self.expand, upper_boundary_ratio)
+
+
+def track_frames(
+    frames: Iterable[np.ndarray],
+    tracker: FaceTracker,
+    extra_margin: int = DEFAULT_EXTRA_MARGIN,
+    smooth_window: int = DEFAULT_SMOOTH_WINDOW,
+    expand: float = DEFAULT_EXPAND,
+) -> TrackResult:
+    """Track the largest face through ``frames`` (uint8 RGB [H, W, 3], all one size).
+
+    Frames are consumed one at a time and not kept. Landmarks are smoothed
+    over time (:func:`smooth_landmarks`), then boxes are computed from the
+    smoothed landmarks; a frame whose box is degenerate counts as not found.
+
+    Raises:
+        TalkrtError: no frames, or frames of differing size/shape.
+    """
+    found: list[bool] = []
+    landmarks: list[np.ndarray] = []
+    scores: list[float] = []
+    frame_hw: tuple[int, int] | None = None
+    blank = np.zeros((68, 2), dtype=np.float32)
+    for i, frame in enumerate(frames):
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise TalkrtError(f"frame {i}: expected an RGB image [H, W, 3], got shape {frame.shape}")
+        hw = (int(frame.shape[0]), int(frame.shape[1]))
+        if frame_hw is None:
+            frame_hw = hw
+        elif hw != frame_hw:
+            raise TalkrtError(f"frame {i} is {hw[1]}x{hw[0]}, earlier frames are {frame_hw[1]}x{frame_hw[0]}")
+        face = select_largest(tracker.detect(frame))
+        ok = face is not None and face_box(face.landmarks68, hw, extra_margin) is not None
+        found.append(ok)
+        landmarks.append(face.landmarks68 if ok and face is not None else blank)
+        scores.append(face.score if ok and face is not None else 0.0)
+    if frame_hw is None:
+        raise TalkrtError("track_frames() got no frames")
+    n = len(found)
+    found_arr = np.array(found, dtype=bool)
+    lms = smooth_landmarks(np.stack(landmarks), found_arr, smooth_window)
+    boxes = np.zeros((n, 4), dtype=np.int32)
+    crops = np.zeros((n, 4), dtype=np.int32)
+    for i in np.flatnonzero(found_arr):
+        box = face_box(lms[i], frame_hw, extra_margin)
+        if box is None:  # smoothing can, in principle, push a marginal box out of the frame
+            found_arr[i] = False
+            continue
+        boxes[i] = box
+        crops[i] = crop_box(box, expand)
+    lms[~found_arr] = 0.0
+    score_arr = np.where(found_arr, np.array(scores, dtype=np.float32), 0.0).astype(np.float32)
+    log.info("track_frames: face in %d of %d frames", int(found_arr.sum()), n)
+    return TrackResult(found_arr, lms, boxes, crops, score_arr, frame_hw, float(expand))

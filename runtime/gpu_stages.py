@@ -1,0 +1,213 @@
+"""GPU media stages: NVDEC frames in device memory, CuPy compose into NV12, NVENC or NV12-only download.
+
+Between decode and encode the frames stay in device memory as NV12 ``[H*3//2, W]`` uint8.
+On GPUs with NVENC the encoder reads them there; on GPUs without one (H100, H200, A100)
+only the compact NV12 frame is copied, asynchronously, into pinned host memory and a
+worker thread hands it to libx264 while the GPU works on the next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from talkrt.avatar import PreparedAvatar
+from talkrt.config import SharpenConfig
+from talkrt.errors import TalkrtError
+from talkrt.media.nvcodec import open_gpu_reader
+from talkrt.media.probe import VideoInfo
+from talkrt.profiling import nvtx_range
+
+log = logging.getLogger(__name__)
+
+OUTPUT_MATRIX, OUTPUT_FULL_RANGE = "bt709", False   # what the MP4 is tagged with
+
+
+def source_colour(info: VideoInfo) -> tuple[str, bool]:
+    """The NV12 the decoder returns keeps the source's matrix/range; untagged means BT.601 (as FFmpeg)."""
+    matrix = "bt709" if info.color_matrix == "bt709" else "bt601"
+    return matrix, info.color_range == "pc"
+
+
+class GpuFrameSource:
+    """Stage 1 (GPU): source frames as device NV12, in a ring of preallocated batch buffers.
+
+    Without cycling the video is decoded once, forward, batch by batch. With cycling (audio
+    longer than video) every frame is decoded once into a device cache (bounded by
+    ``max_cache_bytes``) and the ping-pong order reads from it: nothing is decoded twice.
+    """
+
+    def __init__(self, video_path: Path, info: VideoInfo, num_out: int, batch_size: int, max_cache_bytes: int,
+                 device: torch.device, stream: torch.cuda.Stream | None, ring: int = 3):
+        self.height, self.width = info.height, info.width
+        rows = self.height * 3 // 2
+        self.reader = open_gpu_reader(video_path, device, stream, info.num_frames)
+        self.decode_path = self.reader.path_name
+        self.cycle = num_out > info.num_frames
+        self.stream = stream
+        self.cache: torch.Tensor | None = None
+        frame_bytes = rows * self.width
+        if self.cycle:
+            needed = frame_bytes * info.num_frames
+            if needed > max_cache_bytes:
+                raise TalkrtError(f"{video_path}: cycling {info.num_frames} frames needs {needed / 1e9:.2f} GB of GPU "
+                                  f"memory, over pipeline.max_cycle_cache_bytes={max_cache_bytes}")
+            self.cache = torch.empty((info.num_frames, rows, self.width), dtype=torch.uint8, device=device)
+            got = 0
+            with torch.cuda.stream(stream), nvtx_range("decode-all"):
+                while got < info.num_frames:
+                    n = self.reader.read_into(self.cache[got:])
+                    if n == 0:
+                        break
+                    got += n
+            self.num_source = got
+        else:
+            self.ring = torch.empty((ring, batch_size, rows, self.width), dtype=torch.uint8, device=device)
+            self.num_source = info.num_frames
+        self.calls = 0
+
+    def __call__(self, batch) -> None:
+        if self.cache is not None:
+            index = torch.as_tensor(batch.src_index, device=self.cache.device)
+            batch.nv12 = self.cache.index_select(0, index)   # a copy: the cache stays pristine
+        else:
+            buf = self.ring[self.calls % self.ring.shape[0], :batch.size]
+            with torch.cuda.stream(self.stream):
+                got = self.reader.read_into(buf)
+            if got != batch.size:
+                raise TalkrtError(f"decoder returned {got} frames, expected {batch.size}")
+            batch.nv12 = buf
+        self.calls += 1
+
+
+class ColourNormalizer:
+    """Converts the source's NV12 to the output's BT.709 limited range when they differ (GPU kernels)."""
+
+    def __init__(self, info: VideoInfo):
+        self.matrix, self.full_range = source_colour(info)
+        self.needed = (self.matrix, self.full_range) != (OUTPUT_MATRIX, OUTPUT_FULL_RANGE)
+        if self.needed:
+            log.info("colour: source %s %s range -> output BT.709 limited range on the GPU",
+                     self.matrix, "full" if self.full_range else "limited")
+
+    def __call__(self, batch, stream) -> None:
+        if not self.needed:
+            return
+        from talkrt import kernels
+        rgb = kernels.nv12_to_rgb(batch.nv12, matrix=self.matrix, full_range=self.full_range, stream=stream)
+        kernels.rgb_to_nv12(rgb, matrix=OUTPUT_MATRIX, full_range=OUTPUT_FULL_RANGE, out=batch.nv12, stream=stream)
+
+
+class GpuComposeStage:
+    """Stage 5 (GPU): fused resize + optional unsharp + mask blend straight into the NV12 frames."""
+
+    def __init__(self, avatar: PreparedAvatar, sharpen: SharpenConfig, device: torch.device):
+        from talkrt import kernels
+        self.kernels = kernels
+        self.avatar = avatar
+        masks = [avatar.mask(i) if avatar.found[i] else np.zeros((0, 0), np.uint8) for i in range(avatar.num_frames)]
+        self.masks = kernels.pack_masks(masks, xp=kernels.cupy_module())   # uploaded once
+        self.sharpen = kernels.SharpenParams(sharpen.amount, sharpen.sigma, sharpen.threshold) if sharpen.enabled else None
+
+    def __call__(self, batch, faces: torch.Tensor, stream) -> None:
+        rows = np.flatnonzero(batch.found)
+        src = batch.src_index[rows]
+        masks = self.kernels.Packed(self.masks.data, self.masks.offsets[src], self.masks.shapes[src])
+        boxes = np.ascontiguousarray(self.avatar.boxes[src])
+        if len(rows) == batch.size:
+            self.kernels.compose_nv12(batch.nv12, faces, boxes, masks, matrix=OUTPUT_MATRIX,
+                                      full_range=OUTPUT_FULL_RANGE, sharpen=self.sharpen, stream=stream)
+            return
+        index = torch.as_tensor(rows, device=batch.nv12.device)
+        subset = batch.nv12.index_select(0, index)
+        self.kernels.compose_nv12(subset, faces, boxes, masks, matrix=OUTPUT_MATRIX,
+                                  full_range=OUTPUT_FULL_RANGE, sharpen=self.sharpen, stream=stream)
+        batch.nv12.index_copy_(0, index, subset)
+
+
+@dataclass
+class _EncodeJob:
+    host: torch.Tensor          # pinned [b, rows, W]
+    ready: torch.cuda.Event
+    count: int
+
+
+class HostEncodeStage:
+    """Stage 6 without NVENC: async NV12 download into pinned buffers, libx264 on a worker thread.
+
+    Only the NV12 frame crosses to the host, once per frame; at most ``depth`` batches are in
+    flight, so host memory stays constant whatever the video length.
+    """
+
+    def __init__(self, writer, batch_size: int, height: int, width: int, stream: torch.cuda.Stream | None,
+                 depth: int = 3):
+        self.writer = writer
+        self.stream = stream
+        self.buffers = [torch.empty((batch_size, height * 3 // 2, width), dtype=torch.uint8).pin_memory()
+                        for _ in range(depth)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(depth):
+            self.free.put(i)
+        self.jobs: queue.Queue[tuple[int, _EncodeJob] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.bytes_downloaded = 0
+        self.worker = threading.Thread(target=self._work, name="talkrt-encode", daemon=True)
+        self.worker.start()
+
+    def __call__(self, batch) -> None:
+        self._raise_if_failed()
+        slot = self.free.get()
+        host = self.buffers[slot][:batch.size]
+        with torch.cuda.stream(self.stream):
+            host.copy_(batch.nv12[:batch.size], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self.bytes_downloaded += host.numel()
+        self.jobs.put((slot, _EncodeJob(host, ready, batch.size)))
+
+    def _work(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            slot, job = item
+            try:
+                if self.error is None:
+                    job.ready.synchronize()
+                    with nvtx_range("encode-x264"):
+                        frames = job.host.numpy()
+                        for i in range(job.count):
+                            self.writer.write_nv12(frames[i])
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+            finally:
+                self.free.put(slot)
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise TalkrtError(f"encoder failed: {self.error}") from self.error
+
+    def finish(self) -> None:
+        """Wait for every queued frame to be encoded; re-raise a worker failure."""
+        self.jobs.put(None)
+        self.worker.join()
+        self._raise_if_failed()
+
+
+class NvencEncodeStage:
+    """Stage 6 with NVENC: frames are encoded from device memory; nothing crosses to the host."""
+
+    def __init__(self, nvenc_writer):
+        self.nvenc = nvenc_writer
+        self.bytes_downloaded = 0
+
+    def __call__(self, batch) -> None:
+        with nvtx_range("encode-nvenc"):
+            for i in range(batch.size):
+                self.nvenc.write_nv12(batch.nv12[i])
+
+    def finish(self) -> None:
+        self.nvenc.close()

@@ -1,0 +1,168 @@
+"""NVDEC decode into device memory and NVENC encode from device memory (PyNvVideoCodec).
+
+* :class:`NvdecReader` decodes a file straight into GPU memory as NV12 (``[H*3//2, W]`` uint8,
+  exposed through DLPack) and copies every frame into talkrt's own buffers before the
+  decoder reuses its surface.  When NVDEC cannot serve the file (codec, chroma format, no
+  PyNvVideoCodec) :func:`open_gpu_reader` falls back to a PyAV CPU decode and one upload.
+* :class:`NvencWriter` encodes NV12 device frames with NVENC into an H.264 elementary stream
+  in a temporary file; :func:`remux_h264` then puts that stream and the audio into the MP4
+  without re-encoding.  Datacenter Hopper/Ampere GPUs (H100, H200, A100) have no NVENC:
+  :func:`nvenc_available` detects that once, and the pipeline then copies only the NV12
+  frame to the host for libx264.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from talkrt.errors import TalkrtError
+
+log = logging.getLogger(__name__)
+
+
+def _nvc():
+    import PyNvVideoCodec as nvc  # noqa: N813 - the vendor's module name
+    return nvc
+
+
+@functools.lru_cache(maxsize=None)
+def nvenc_available(gpu_id: int = 0) -> bool:
+    """True when an NVENC H.264 session can be opened on this GPU (tried once per process)."""
+    try:
+        nvc = _nvc()
+        enc = nvc.CreateEncoder(256, 256, "NV12", False, gpu_id=gpu_id, codec="h264")
+        enc.EndEncode()
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable encoder"
+        log.info("NVENC unavailable on GPU %d (%s): frames will be encoded by libx264 on the CPU",
+                 gpu_id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return False
+
+
+class NvdecReader:
+    """Sequential NVDEC decode of ``path`` into caller-owned device NV12 buffers."""
+
+    path_name = "nvdec"
+
+    def __init__(self, path: str | os.PathLike, device: torch.device, stream: torch.cuda.Stream | None):
+        nvc = _nvc()
+        self.device = device
+        self.stream = stream
+        stream_handle = stream.cuda_stream if stream is not None else 0
+        self.decoder = nvc.SimpleDecoder(str(path), gpu_id=device.index or 0, cuda_stream=stream_handle,
+                                         use_device_memory=True)
+        self.num_frames = len(self.decoder)
+        self.next_index = 0
+
+    def read_into(self, out: torch.Tensor) -> int:
+        """Decode up to ``len(out)`` next frames into ``out`` ([n, H*3//2, W] uint8); returns the count."""
+        want = min(out.shape[0], self.num_frames - self.next_index)
+        if want <= 0:
+            return 0
+        frames = self.decoder.get_batch_frames(want)
+        for i, frame in enumerate(frames):
+            out[i].copy_(torch.from_dlpack(frame), non_blocking=True)
+        self.next_index += len(frames)
+        return len(frames)
+
+
+class CpuDecodeUploadReader:
+    """Fallback: PyAV decodes on the CPU to NV12 and each frame is uploaded once."""
+
+    path_name = "pyav-cpu-upload"
+
+    def __init__(self, path: str | os.PathLike, device: torch.device, stream: torch.cuda.Stream | None,
+                 num_frames: int):
+        self.container = av.open(str(path))
+        vstream = self.container.streams.video[0]
+        vstream.thread_type = "AUTO"
+        self.frames = self.container.decode(vstream)
+        self.device, self.stream, self.num_frames = device, stream, num_frames
+        self.next_index = 0
+
+    def read_into(self, out: torch.Tensor) -> int:
+        n = 0
+        while n < out.shape[0]:
+            try:
+                frame = next(self.frames)
+            except StopIteration:
+                break
+            # FFmpeg converts any pixel format / bit depth to 8-bit NV12 (BT.709 tagged output path)
+            nv12 = frame.to_ndarray(format="nv12")
+            host = torch.from_numpy(np.ascontiguousarray(nv12)).pin_memory()
+            with torch.cuda.stream(self.stream):
+                out[n].copy_(host, non_blocking=True)
+            n += 1
+        self.next_index += n
+        return n
+
+    def close(self) -> None:
+        self.container.close()
+
+
+def open_gpu_reader(path: str | os.PathLike, device: torch.device, stream: torch.cuda.Stream | None,
+                    num_frames: int):
+    """NVDEC when it can serve the file, else the PyAV decode + upload fallback (says which)."""
+    try:
+        reader = NvdecReader(path, device, stream)
+        log.info("decode path: NVDEC into device memory (%s)", path)
+        return reader
+    except Exception as exc:  # noqa: BLE001 - missing module, unsupported codec, no decoder
+        log.warning("decode path: NVDEC cannot serve %s (%s); using PyAV CPU decode + one upload per frame",
+                    path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return CpuDecodeUploadReader(path, device, stream, num_frames)
+
+
+class NvencWriter:
+    """NVENC H.264 from device NV12 frames into an elementary-stream file (then :func:`remux_h264`)."""
+
+    def __init__(self, h264_path: Path, width: int, height: int, fps: Fraction, device: torch.device,
+                 stream: torch.cuda.Stream | None, preset: str = "p4", cq: int = 20):
+        nvc = _nvc()
+        self.file = open(h264_path, "wb")
+        self.frames_written = 0
+        try:
+            self.encoder = nvc.CreateEncoder(
+                width, height, "NV12", False, gpu_id=device.index or 0,
+                cuda_stream=stream.cuda_stream if stream is not None else 0, codec="h264", preset=preset,
+                rc="vbr", cq=str(cq), fps=str(float(fps)), gop=str(int(round(float(fps) * 2))), bf="0")
+        except Exception as exc:
+            self.file.close()
+            raise TalkrtError(f"cannot open an NVENC session: {exc}") from exc
+
+    def write_nv12(self, frame: torch.Tensor) -> None:
+        """Encode one device frame ``[H*3//2, W]`` uint8 (contiguous)."""
+        bitstream = self.encoder.Encode(frame)
+        if bitstream:
+            self.file.write(bytes(bitstream))
+        self.frames_written += 1
+
+    def close(self) -> None:
+        tail = self.encoder.EndEncode()
+        if tail:
+            self.file.write(bytes(tail))
+        self.file.close()
+
+
+def remux_h264(h264_path: Path, out_path: Path, fps: Fraction, *, audio_path: Path | None,
+               metadata: dict[str, str] | None) -> int:
+    """Put an Annex-B H.264 elementary stream (one frame per access unit, no B-frames) and the
+    audio into an MP4 without re-encoding; frame ``i`` gets pts ``i / fps``. Returns the frame count."""
+    from talkrt.media.writer import Mp4Writer
+
+    with av.open(str(h264_path), format="h264") as source:
+        vstream = source.streams.video[0]
+        with Mp4Writer(out_path, vstream.codec_context.width, vstream.codec_context.height, fps,
+                       audio_path=audio_path, metadata=metadata, video_template=vstream) as writer:
+            for packet in source.demux(vstream):
+                if packet.size:
+                    writer.write_encoded_packet(packet)
+            return writer.frames_written

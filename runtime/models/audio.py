@@ -1,0 +1,111 @@
+"""Whisper-tiny audio features and MuseTalk's per-frame audio windows.
+
+Rule (MuseTalk v1.5, ``get_whisper_chunk``):
+  * the Whisper encoder turns 16 kHz audio into 50 steps per second; talkrt stacks the
+    embedding output and every encoder layer's output, giving ``[T, L+1, D]``
+    (``[T, 5, 384]`` for Whisper-tiny), with ``T = floor(50 * seconds)``;
+  * the sequence is zero-padded by 4 steps on the left and 12 on the right;
+  * video frame ``i`` (time ``i / fps``) takes the 10 padded steps starting at
+    ``floor(50 * i / fps)`` (``2 i`` at 25 fps), reshaped to ``[10 * (L+1), D]`` = ``[50, 384]``;
+  * the video has ``floor(seconds * fps)`` frames.
+MuseTalk truncates fps to an integer first; talkrt uses the exact rational rate, so
+29.97 fps (30000/1001) stays in sync over long clips.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from talkrt.config import AudioConfig
+
+SAMPLE_RATE = 16_000
+STEPS_PER_SECOND = 50
+SEGMENT_SECONDS = 30
+SEGMENT_STEPS = SEGMENT_SECONDS * STEPS_PER_SECOND
+
+
+def num_video_frames(num_samples: int, fps: Fraction, sample_rate: int = SAMPLE_RATE) -> int:
+    """``floor(seconds * fps)`` computed exactly."""
+    fps = Fraction(fps)
+    return (num_samples * fps.numerator) // (sample_rate * fps.denominator)
+
+
+def window_start(frame_index: int | np.ndarray, fps: Fraction) -> int | np.ndarray:
+    """First padded Whisper step of video frame ``i``: ``floor(50 * i / fps)``, exactly."""
+    fps = Fraction(fps)
+    return (np.asarray(frame_index) * STEPS_PER_SECOND * fps.denominator) // fps.numerator
+
+
+def whisper_config(audio: AudioConfig) -> WhisperConfig:
+    return WhisperConfig(
+        d_model=audio.d_model,
+        encoder_layers=audio.encoder_layers,
+        encoder_attention_heads=audio.encoder_attention_heads,
+        encoder_ffn_dim=audio.encoder_ffn_dim,
+        decoder_layers=audio.encoder_layers,
+        decoder_attention_heads=audio.encoder_attention_heads,
+        decoder_ffn_dim=audio.encoder_ffn_dim,
+        num_mel_bins=audio.num_mel_bins,
+        max_source_positions=SEGMENT_STEPS,
+    )
+
+
+class WhisperStack(nn.Module):
+    """``mel [B, 80, 3000] -> stacked hidden states [B, 1500, L+1, D]`` (exportable)."""
+
+    def __init__(self, encoder: WhisperEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(mel, output_hidden_states=True, return_dict=True).hidden_states
+        return torch.stack(states, dim=2)
+
+
+class AudioFeatures:
+    """Stage object: 16 kHz mono samples -> Whisper states ``[T, L+1, D]`` -> per-frame windows."""
+
+    def __init__(self, stack: WhisperStack, audio: AudioConfig, device: torch.device, dtype: torch.dtype,
+                 segments_per_batch: int = 8):
+        self.stack = stack
+        self.cfg = audio
+        self.device = device
+        self.dtype = dtype
+        self.segments_per_batch = segments_per_batch
+        self.extractor = WhisperFeatureExtractor(feature_size=audio.num_mel_bins, sampling_rate=SAMPLE_RATE)
+
+    @torch.inference_mode()
+    def encode(self, samples: np.ndarray) -> torch.Tensor:
+        """Whisper states for the whole clip, trimmed to ``floor(50 * seconds)`` steps."""
+        seg = SEGMENT_SECONDS * SAMPLE_RATE
+        chunks = [samples[i:i + seg] for i in range(0, len(samples), seg)] or [samples[:0]]
+        states = []
+        for start in range(0, len(chunks), self.segments_per_batch):
+            batch = chunks[start:start + self.segments_per_batch]
+            mel = self.extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+            out = self.stack(mel.to(self.device, self.dtype))
+            states.append(out.reshape(-1, *out.shape[2:]))
+        steps = (len(samples) * STEPS_PER_SECOND) // SAMPLE_RATE
+        return torch.cat(states)[:steps]
+
+    def pad(self, states: torch.Tensor) -> torch.Tensor:
+        """Zero-pad ``pad_left_steps`` before and ``pad_right_steps`` after the states."""
+        left = states.new_zeros(self.cfg.pad_left_steps, *states.shape[1:])
+        right = states.new_zeros(self.cfg.pad_right_steps, *states.shape[1:])
+        return torch.cat([left, states, right])
+
+    def windows(self, padded: torch.Tensor, frame_indices: np.ndarray, fps: Fraction) -> torch.Tensor:
+        """Audio prompts ``[B, window_steps * (L+1), D]`` for the given output frame indices."""
+        starts = torch.as_tensor(window_start(frame_indices, fps), device=padded.device)
+        steps = starts[:, None] + torch.arange(self.cfg.window_steps, device=padded.device)[None]
+        if int(steps.max()) >= padded.shape[0]:
+            raise IndexError(f"frame {int(frame_indices.max())} needs audio step {int(steps.max())}, "
+                             f"only {padded.shape[0]} padded steps exist")
+        window = padded[steps]  # [B, 10, L+1, D]
+        return window.reshape(window.shape[0], -1, window.shape[-1])

@@ -1,0 +1,164 @@
+"""Load the official MuseTalk v1.5 checkpoints, or build synthetic weights of the true architecture.
+
+Official layout (what MuseTalk's download script produces), under ``--weights DIR``::
+
+    DIR/musetalkV15/unet.pth          UNet2DConditionModel state dict
+    DIR/musetalkV15/musetalk.json     its diffusers config
+    DIR/sd-vae/config.json            diffusers AutoencoderKL folder
+    DIR/sd-vae/diffusion_pytorch_model.safetensors   (or .bin)
+    DIR/whisper/config.json           Hugging Face whisper-tiny folder
+    DIR/whisper/model.safetensors     (or pytorch_model.bin)
+
+Without ``--weights`` talkrt builds SYNTHETIC weights (fixed seed): the output then has the
+right shapes and speed but is not lip-synced, and says so in its metadata.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from talkrt.config import TalkrtConfig
+from talkrt.errors import InputError
+from talkrt.models.audio import WhisperStack, whisper_config
+from talkrt.models.unet import LipSyncUNet, build_unet, unet_diffusers_config
+from talkrt.models.vae import VaeDecoder, VaeEncoder, build_vae, vae_diffusers_config
+
+log = logging.getLogger(__name__)
+
+UNET_DIR, UNET_WEIGHTS, UNET_JSON = "musetalkV15", "unet.pth", "musetalk.json"
+VAE_DIR, WHISPER_DIR = "sd-vae", "whisper"
+
+
+@dataclass
+class LipSyncModels:
+    """The four networks of the pipeline, ready for inference (eval mode, on one device)."""
+
+    unet: LipSyncUNet
+    vae_encoder: VaeEncoder
+    vae_decoder: VaeDecoder
+    whisper: WhisperStack
+    source: str          # "official" or "synthetic"
+    identity: str        # short hash identifying the weights (part of cache keys)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "LipSyncModels":
+        for net in (self.unet, self.vae_encoder, self.vae_decoder, self.whisper):
+            net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return self
+
+
+def _first_existing(folder: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise InputError(folder, f"missing weights file (expected one of {', '.join(names)})")
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise InputError(path, f"missing {what}; see README 'Official weights' for the expected layout")
+    return path
+
+
+def _file_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}".encode())
+        with open(p, "rb") as f:  # head and tail only: cheap on multi-GB files, still content-based
+            h.update(f.read(1 << 20))
+            f.seek(max(0, st.st_size - (1 << 20)))
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _assemble(cfg: TalkrtConfig, unet: UNet2DConditionModel, vae: AutoencoderKL, encoder: WhisperEncoder,
+              source: str, identity: str) -> LipSyncModels:
+    hidden = encoder.config.encoder_layers + 1
+    tokens = cfg.model.audio.window_steps * hidden
+    return LipSyncModels(
+        unet=LipSyncUNet(unet, tokens), vae_encoder=VaeEncoder(vae), vae_decoder=VaeDecoder(vae),
+        whisper=WhisperStack(encoder), source=source, identity=identity,
+    )
+
+
+def build_synthetic(cfg: TalkrtConfig, seed: int | None = None) -> LipSyncModels:
+    """Random weights of the configured architecture from a fixed seed (NOT lip-synced)."""
+    seed = cfg.pipeline.weights_seed if seed is None else seed
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = build_unet(unet_diffusers_config(cfg.model))
+        vae = build_vae(vae_diffusers_config(cfg.model))
+        encoder = WhisperEncoder(whisper_config(cfg.model.audio))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    log.warning("SYNTHETIC WEIGHTS (seed %d, config '%s'): the output will NOT be lip-synced. "
+                "Pass --weights DIR with the official MuseTalk v1.5 checkpoints for real results.", seed, cfg.name)
+    return _assemble(cfg, unet, vae, encoder, "synthetic", f"synthetic-{cfg.model_hash()}-{seed}")
+
+
+def load_official(cfg: TalkrtConfig, weights_dir: str | Path) -> LipSyncModels:
+    """Load MuseTalk v1.5 checkpoints from the official folder layout (see module docstring)."""
+    root = _require(Path(weights_dir), "weights folder")
+    unet_json_path = _require(root / UNET_DIR / UNET_JSON, "UNet config")
+    unet_path = _require(root / UNET_DIR / UNET_WEIGHTS, "UNet weights")
+    vae_dir = _require(root / VAE_DIR, "VAE folder")
+    whisper_dir = _require(root / WHISPER_DIR, "Whisper folder")
+    try:
+        unet_json = json.loads(unet_json_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(unet_json_path, f"not valid JSON ({exc})") from exc
+    unet = build_unet(unet_json)
+    try:
+        state = torch.load(unet_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise InputError(unet_path, f"cannot read the UNet checkpoint ({exc})") from exc
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(unet_path, f"state dict does not match musetalk.json: {len(missing)} missing keys "
+                                    f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
+        encoder = WhisperModel.from_pretrained(whisper_dir, local_files_only=True).encoder
+    except (OSError, ValueError) as exc:
+        raise InputError(root, f"cannot load the VAE or Whisper folder ({exc})") from exc
+    if unet_json.get("cross_attention_dim") != encoder.config.d_model:
+        raise InputError(unet_json_path, f"cross_attention_dim {unet_json.get('cross_attention_dim')} does not "
+                                         f"match the Whisper width {encoder.config.d_model}")
+    files = [unet_path, _first_existing(vae_dir, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+             _first_existing(whisper_dir, ("model.safetensors", "pytorch_model.bin"))]
+    log.info("loaded official MuseTalk v1.5 weights from %s", root)
+    return _assemble(cfg, unet, vae, encoder, "official", f"official-{_file_digest(files)}")
+
+
+def load_models(cfg: TalkrtConfig, weights_dir: str | Path | None, device: torch.device,
+                dtype: torch.dtype) -> LipSyncModels:
+    models = load_official(cfg, weights_dir) if weights_dir else build_synthetic(cfg)
+    return models.to(device, dtype)
+
+
+def save_official_layout(models: LipSyncModels, cfg: TalkrtConfig, root: str | Path) -> Path:
+    """Write ``models`` in the official folder layout (used by tests and ``make`` sample checkpoints)."""
+    root = Path(root)
+    (root / UNET_DIR).mkdir(parents=True, exist_ok=True)
+    unet = models.unet.unet
+    torch.save(unet.state_dict(), root / UNET_DIR / UNET_WEIGHTS)
+    (root / UNET_DIR / UNET_JSON).write_text(json.dumps(unet_diffusers_config(cfg.model), indent=2))
+    vae = build_vae(vae_diffusers_config(cfg.model))
+    vae.encoder, vae.quant_conv = models.vae_encoder.encoder, models.vae_encoder.quant_conv
+    vae.decoder, vae.post_quant_conv = models.vae_decoder.decoder, models.vae_decoder.post_quant_conv
+    vae.save_pretrained(root / VAE_DIR)
+    whisper = WhisperModel(whisper_config(cfg.model.audio))
+    whisper.encoder = models.whisper.encoder
+    whisper.save_pretrained(root / WHISPER_DIR)
+    return root

@@ -1,0 +1,410 @@
+"""Engines: ONNX export parity, manifests, backend selection, batch buckets; GPU parity when CUDA exists.
+
+CPU tests use the tiny config (seconds).  GPU tests (``-m gpu``) use the full-size musetalk
+config in fp16 and share one compiled build (buckets 1 and 4) across the session.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from talkrt.build_engines import cli
+from talkrt.build_engines.onnx_export import check_onnx, onnx_digest, onnx_path
+from talkrt.build_engines.specs import (
+    ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs,
+)
+from talkrt.config import load_config
+from talkrt.engines.base import EagerEngine
+from talkrt.engines.compiled import (
+    ARTIFACTS_FILE, MANIFEST_FILE, compiled_dir, expected_manifest, load_compiled_artifacts,
+)
+from talkrt.engines.graphs import EagerGraphEngine, bucket_for, plan_padding
+from talkrt.engines.manifest import ENGINES_DIR_ENV, config_dir, engines_root, sha256_files, write_manifest
+from talkrt.engines.select import create_engines
+from talkrt.engines.tensorrt import check_plan_manifest, expected_plan_manifest
+from talkrt.errors import EngineError
+from talkrt.models.weights import build_synthetic
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_cfg):
+    return build_synthetic(tiny_cfg).to(torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def onnx_root(tmp_path_factory):
+    """``talkrt-build-engines --config tiny --backends onnx`` run once (fp32 + fp16 for all four models)."""
+    root = tmp_path_factory.mktemp("engines")
+    assert cli.main(["--config", "tiny", "--backends", "onnx", "--engines-dir", str(root)]) == 0
+    return root
+
+
+# --------------------------------------------------------------------------------------- specs
+
+
+def test_specs_names_and_profiles(tiny_cfg):
+    specs = export_specs(tiny_cfg)
+    assert tuple(specs) == MODEL_NAMES
+    assert specs["unet"].input_names == ("latent_input", "audio_features")
+    assert specs["unet"].output_names == ("pred_latents",)
+    assert (specs["vae_decoder"].input_names, specs["vae_decoder"].output_names) == (("latents",), ("faces",))
+    assert (specs["vae_encoder"].input_names, specs["vae_encoder"].output_names) == (("images",), ("latents",))
+    assert (specs["whisper"].input_names, specs["whisper"].output_names) == (("mel",), ("hidden_states",))
+    assert specs["unet"].profile.max == 32 and specs["unet"].profile.opt == tiny_cfg.pipeline.batch_size
+    assert specs["whisper"].profile.max == 8
+    a, b = specs["unet"].sample_inputs(2), specs["unet"].sample_inputs(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)              # fixed seed
+
+
+def test_batch_buckets_and_default_max_batch():
+    assert batch_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert batch_buckets(1) == (1,)
+    assert default_max_batch(load_config("musetalk")) == 32
+    assert default_max_batch(load_config("musetalk", ["pipeline.batch_size=48"])) == 48
+    assert default_max_batch(load_config("musetalk", ["pipeline.batch_size=1000"])) == 128
+
+
+@pytest.mark.parametrize("batch,buckets,bucket", [(1, (1, 4), 1), (2, (1, 4), 4), (3, (1, 4), 4), (4, (1, 4), 4),
+                                                  (5, (1, 2, 4, 8), 8), (17, (1, 2, 4, 8, 16, 32), 32)])
+def test_bucket_for(batch, buckets, bucket):
+    assert bucket_for(batch, buckets) == bucket
+    plan = plan_padding(batch, buckets)
+    assert (plan.bucket, plan.pad) == (bucket, bucket - batch)
+
+
+def test_bucket_for_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        bucket_for(0, (1, 4))
+    with pytest.raises(ValueError):
+        bucket_for(5, (1, 4))
+
+
+# --------------------------------------------------------------------------------------- ONNX
+
+
+def test_cli_exports_checked_onnx(onnx_root, tiny_cfg):
+    for name in MODEL_NAMES:
+        for dtype in (torch.float32, torch.float16):
+            path = onnx_path(tiny_cfg, name, dtype, onnx_root)
+            manifest = json.loads(path.with_suffix(".json").read_text())
+            assert manifest["sha256"] == onnx_digest(path) and manifest["opset"] >= 17
+            check_onnx(path)
+
+
+# Tolerances: both sides compute in fp32; ORT's MLAS and PyTorch's oneDNN kernels differ only in
+# summation order (observed max |diff| ~2e-6 on O(1) latents, ~4e-3 on the 0..255 face scale).
+# A real export bug (wrong constant, baked batch, broken attention) gives errors of O(signal).
+PARITY_ATOL = {"unet": 1e-4, "vae_encoder": 1e-4, "whisper": 1e-4, "vae_decoder": 5e-2}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_onnx_matches_pytorch(onnx_root, tiny_cfg, tiny_models, name):
+    spec = export_specs(tiny_cfg)[name]
+    session = ort.InferenceSession(str(onnx_path(tiny_cfg, name, torch.float32, onnx_root)),
+                                   providers=["CPUExecutionProvider"])
+    module = spec.make_module(tiny_models)
+    for batch in (1, 3):                                      # neither is the traced batch (2)
+        feeds = spec.sample_inputs(batch, seed=batch)
+        with torch.no_grad():
+            expected = module(*feeds.values()).numpy()
+        (got,) = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=0, atol=PARITY_ATOL[name])
+
+
+def test_fp16_onnx_runs_close_to_fp32(onnx_root, tiny_cfg, tiny_models):
+    # fp16 has a 2^-11 relative step; through the tiny UNet ~1e-3 abs error on O(1) outputs was observed.
+    spec = export_specs(tiny_cfg)["unet"]
+    session = ort.InferenceSession(str(onnx_path(tiny_cfg, "unet", torch.float16, onnx_root)),
+                                   providers=["CPUExecutionProvider"])
+    feeds = spec.sample_inputs(3)
+    with torch.no_grad():
+        expected = spec.make_module(tiny_models)(*feeds.values()).numpy()
+    (got,) = session.run(None, {k: v.half().numpy() for k, v in feeds.items()})
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), expected, rtol=0, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------- engines on the CPU
+
+
+def test_eager_engine_validates_names_and_batch(tiny_cfg, tiny_models):
+    spec = export_specs(tiny_cfg, max_batch=4)["unet"]
+    engine = EagerEngine("unet", spec.make_module(tiny_models), spec.inputs, spec.outputs, max_batch=4)
+    feeds = spec.sample_inputs(2)
+    assert engine.run(feeds)["pred_latents"].shape == (2, 4, 32, 32)
+    with pytest.raises(ValueError, match="takes inputs"):
+        engine.run({"latent_input": feeds["latent_input"]})
+    with pytest.raises(ValueError, match="outside 1..4"):
+        engine.run(spec.sample_inputs(5))
+    with pytest.raises(ValueError, match="disagree"):
+        engine.run({"latent_input": feeds["latent_input"], "audio_features": feeds["audio_features"][:1]})
+
+
+def test_bucketed_engine_pads_to_bucket_and_matches_eager(tiny_cfg, tiny_models):
+    spec = export_specs(tiny_cfg, max_batch=4)["vae_encoder"]
+    module = spec.make_module(tiny_models)
+    engine = EagerGraphEngine("vae_encoder", module, spec.inputs, spec.outputs, (1, 4), device="cpu",
+                              dtype=torch.float32, cuda_graphs=False)
+    engine.run(spec.sample_inputs(4, seed=7))               # leaves stale rows in the padding slots
+    feeds = spec.sample_inputs(3, seed=8)
+    out = engine.run(feeds)["latents"]
+    with torch.no_grad():
+        expected = module(*feeds.values())
+    assert out.shape == expected.shape == (3, 4, 32, 32)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)   # batch 4 vs 3: kernel blocking only
+    with pytest.raises(ValueError, match="shape"):
+        engine.run({"images": torch.zeros(2, 3, 64, 64)})
+
+
+def test_engines_dir_resolution(monkeypatch, tiny_cfg, tmp_path):
+    monkeypatch.delenv(ENGINES_DIR_ENV, raising=False)
+    assert str(engines_root()) == "engines"
+    monkeypatch.setenv(ENGINES_DIR_ENV, str(tmp_path))
+    assert engines_root() == tmp_path
+    assert config_dir(tiny_cfg) == tmp_path / f"tiny-{tiny_cfg.model_hash()}"
+    assert engines_root("/x") == engines_root("/x")
+
+
+# --------------------------------------------------------------------------------------- manifests
+
+H200 = {"device_type": "cuda", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
+
+
+@pytest.mark.parametrize("field,other", [("gpu_name", "NVIDIA A100-SXM4-80GB"), ("compute_capability", "8.0"),
+                                         ("tensorrt_version", "10.0.1"), ("config_hash", "0123456789abcdef"),
+                                         ("weights_identity", "official-deadbeef"), ("precision", "float32")])
+def test_tensorrt_manifest_mismatch_is_refused(tiny_cfg, tmp_path, field, other):
+    expected = expected_plan_manifest(tiny_cfg, "unet", torch.float16, "synthetic-x", trt_version="10.9.0",
+                                      machine=H200)
+    found = {"manifest_version": 1, **expected, "profiles": {"latent_input": {"max": [32, 8, 32, 32]}}}
+    check_plan_manifest(found, expected, path=tmp_path / "unet.plan", max_batch=32)       # matches: no error
+    with pytest.raises(EngineError, match="make engines") as info:
+        check_plan_manifest({**found, field: other}, expected, path=tmp_path / "unet.plan", max_batch=32)
+    assert field in str(info.value)
+    with pytest.raises(EngineError, match="make engines"):
+        check_plan_manifest(found, expected, path=tmp_path / "unet.plan", max_batch=64)
+
+
+def _write_compiled(cfg, root, **changes):
+    folder = compiled_dir(cfg, "cpu", torch.float32, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ARTIFACTS_FILE).write_bytes(b"not torch cache artefacts")
+    manifest = {**expected_manifest(cfg, "cpu", torch.float32), "compile_mode": "default",
+                "buckets": {name: list(batch_buckets(32)) for name in ENGINE_MODELS},
+                "artifacts_sha256": sha256_files([folder / ARTIFACTS_FILE]), **changes}
+    write_manifest(folder / MANIFEST_FILE, manifest)
+    return folder
+
+
+@pytest.mark.parametrize("field,other", [("torch_version", "2.0.0"), ("gpu_name", "NVIDIA H100 80GB HBM3"),
+                                         ("config_hash", "0123456789abcdef"), ("dtype", "float16"),
+                                         ("artifacts_sha256", "0" * 64)])
+def test_compiled_manifest_mismatch_is_refused(tiny_cfg, tmp_path, field, other):
+    _write_compiled(tiny_cfg, tmp_path, **{field: other})
+    with pytest.raises(EngineError, match="make engines"):
+        load_compiled_artifacts(tiny_cfg, device="cpu", dtype=torch.float32, models=ENGINE_MODELS,
+                                buckets=(1, 2), engines_dir=tmp_path)
+
+
+def test_compiled_manifest_checks_buckets_and_corrupt_artifacts(tiny_cfg, tmp_path):
+    _write_compiled(tiny_cfg, tmp_path, buckets={name: [1, 2] for name in ENGINE_MODELS})
+    with pytest.raises(EngineError, match=r"batch size\(s\) \[4\]"):
+        load_compiled_artifacts(tiny_cfg, device="cpu", dtype=torch.float32, models=ENGINE_MODELS,
+                                buckets=(1, 2, 4), engines_dir=tmp_path)
+    with pytest.raises(EngineError, match="make engines"):       # manifest fine, bytes are not torch's
+        load_compiled_artifacts(tiny_cfg, device="cpu", dtype=torch.float32, models=ENGINE_MODELS,
+                                buckets=(1, 2), engines_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize("backend", ["compiled", "tensorrt"])
+def test_explicit_backend_without_engines_raises(tiny_cfg, tiny_models, tmp_path, backend):
+    with pytest.raises(EngineError, match="make engines|TensorRT"):
+        create_engines(tiny_cfg, tiny_models, backend=backend, engines_dir=tmp_path)
+
+
+def test_compiled_missing_says_make_engines(tiny_cfg, tiny_models, tmp_path):
+    with pytest.raises(EngineError, match="make engines"):
+        create_engines(tiny_cfg, tiny_models, backend="compiled", engines_dir=tmp_path)
+
+
+def test_auto_falls_back_to_eager_with_warning(tiny_cfg, tiny_models, tmp_path, caplog):
+    _write_compiled(tiny_cfg, tmp_path, torch_version="1.0.0")          # stale compiled build present
+    with caplog.at_level(logging.WARNING, logger="talkrt.engines.select"):
+        engines, backend = create_engines(tiny_cfg, tiny_models, backend="auto", engines_dir=tmp_path, max_batch=4)
+    assert backend == "eager"
+    assert set(engines) == set(MODEL_NAMES)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "falling back to eager" in warning and "make engines" in warning and "torch_version" in warning
+    spec = export_specs(tiny_cfg, 4)["unet"]
+    feeds = spec.sample_inputs(2)
+    with torch.no_grad():
+        expected = tiny_models.unet(*feeds.values())
+    torch.testing.assert_close(engines["unet"].run(feeds)["pred_latents"], expected)
+
+
+def test_unknown_backend_is_refused(tiny_cfg, tiny_models):
+    with pytest.raises(EngineError, match="unknown engine backend"):
+        create_engines(tiny_cfg, tiny_models, backend="onnxruntime")
+
+
+def test_cli_reports_unbuildable_backends(tmp_path):
+    if CUDA:
+        pytest.skip("on a GPU machine the compiled backend is buildable")
+    assert cli.main(["--config", "tiny", "--backends", "compiled", "--engines-dir", str(tmp_path)]) == 1
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--config", "tiny", "--backends", "onnx,bogus"])
+    assert info.value.code == 2
+
+
+# ======================================================================================= GPU
+
+GPU_BUCKETS = (1, 4)
+GPU_BATCHES = (1, 3, 4)           # 3 runs padded to bucket 4
+# fp16 tolerance rule: an engine's error against an fp32 reference (same fp16-rounded weights) may be at
+# most 2x eager fp16's own error plus a floor of 1e-3 of the output range.  Inductor / TensorRT / CUDA-graph
+# kernels accumulate in fp32 like cuBLAS/cuDNN, so their rounding error is of the same order as eager's;
+# a bucketing bug (rows mixed up, padding leaking, stale buffers) gives errors of the order of the signal.
+ERROR_FACTOR = 2.0
+
+
+def assert_fp16_close(out: torch.Tensor, eager16: torch.Tensor, ref32: torch.Tensor, what: str) -> None:
+    assert out.shape == ref32.shape and torch.isfinite(out).all(), what
+    err = (out.float() - ref32).abs().max().item()
+    base = (eager16.float() - ref32).abs().max().item()
+    floor = 1e-3 * ref32.abs().max().item()
+    assert err <= ERROR_FACTOR * base + floor, f"{what}: max error {err:.4g} vs eager fp16 {base:.4g}"
+
+
+@pytest.fixture(scope="session")
+def gpu_setup():
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    cfg = load_config("musetalk")
+    models = build_synthetic(cfg).to(torch.device("cuda"), torch.float16)
+    specs = export_specs(cfg, max(GPU_BUCKETS))
+    refs = {n: copy.deepcopy(specs[n].make_module(models)).float() for n in ENGINE_MODELS}
+    return cfg, models, specs, refs
+
+
+@pytest.fixture(scope="session")
+def compiled_root(gpu_setup, tmp_path_factory):
+    """One compiled build shared by every GPU test (mode 'default' keeps it to a few minutes on an H100;
+    the parity and bucketing logic is the same for max-autotune; override with TALKRT_TEST_COMPILE_MODE)."""
+    from talkrt.build_engines.compiled_build import build_compiled
+    cfg, models, _, _ = gpu_setup
+    root = tmp_path_factory.mktemp("gpu_engines")
+    build_compiled(cfg, models, device="cuda", dtype=torch.float16, engines_dir=root, buckets=GPU_BUCKETS,
+                   mode=os.environ.get("TALKRT_TEST_COMPILE_MODE", "default"))
+    return root
+
+
+def _expected(spec, module, ref, batch):
+    feeds = spec.sample_inputs(batch, device="cuda", dtype=torch.float16, seed=100 + batch)
+    with torch.inference_mode():
+        eager16 = module(*feeds.values())
+        ref32 = ref(*(v.float() for v in feeds.values()))
+    return feeds, eager16, ref32
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize("name", ENGINE_MODELS)
+def test_compiled_matches_eager_at_every_bucket(gpu_setup, compiled_root, name, cuda_graphs):
+    from talkrt.engines.compiled import CompiledEngine
+    cfg, models, specs, refs = gpu_setup
+    manifest = load_compiled_artifacts(cfg, device="cuda", dtype=torch.float16, models=(name,),
+                                       buckets=GPU_BUCKETS, engines_dir=compiled_root)
+    spec, module = specs[name], specs[name].make_module(models)
+    engine = CompiledEngine(name, module, spec.inputs, spec.outputs, GPU_BUCKETS, device="cuda",
+                            dtype=torch.float16, mode=manifest["compile_mode"], cuda_graphs=cuda_graphs)
+    assert engine.fresh_compiles == 0
+    for batch in GPU_BATCHES + (1,):                         # back to 1 after 4: no stale-bucket effects
+        feeds, eager16, ref32 = _expected(spec, module, refs[name], batch)
+        out = engine.run(feeds)[spec.output_names[0]]
+        assert_fp16_close(out, eager16, ref32, f"compiled {name} batch {batch} graphs={cuda_graphs}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ENGINE_MODELS)
+def test_cuda_graph_engine_matches_eager(gpu_setup, name):
+    _, models, specs, refs = gpu_setup
+    spec, module = specs[name], specs[name].make_module(models)
+    engine = EagerGraphEngine(name, module, spec.inputs, spec.outputs, GPU_BUCKETS, device="cuda",
+                              dtype=torch.float16, cuda_graphs=True)
+    assert engine.cuda_graphs
+    stream = torch.cuda.Stream()
+    for batch in GPU_BATCHES:
+        feeds, eager16, ref32 = _expected(spec, module, refs[name], batch)
+        out = engine.run(feeds, stream)[spec.output_names[0]]
+        stream.synchronize()
+        assert_fp16_close(out, eager16, ref32, f"graphs {name} batch {batch}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_on_gpu_without_engines_uses_eager_graphs(gpu_setup, tmp_path, caplog):
+    cfg, models, _, _ = gpu_setup
+    with caplog.at_level(logging.WARNING):
+        engines, backend = create_engines(cfg, models, backend="auto", engines_dir=tmp_path, max_batch=2)
+    assert backend == "eager" and all(engines[n].cuda_graphs for n in ENGINE_MODELS)
+    assert "falling back to eager" in caplog.text
+
+
+ROUND_TRIP = textwrap.dedent("""
+    import json, sys, torch
+    from talkrt.config import load_config
+    from talkrt.models.weights import build_synthetic
+    from talkrt.build_engines.specs import export_specs
+    from talkrt.engines.compiled import CompiledEngine, load_compiled_artifacts
+    cfg = load_config("musetalk")
+    models = build_synthetic(cfg).to(torch.device("cuda"), torch.float16)
+    spec = export_specs(cfg, 4)["vae_encoder"]
+    manifest = load_compiled_artifacts(cfg, device="cuda", dtype=torch.float16, models=("vae_encoder",),
+                                       buckets=(1,), engines_dir=sys.argv[1])
+    module = spec.make_module(models)
+    engine = CompiledEngine("vae_encoder", module, spec.inputs, spec.outputs, (1,), device="cuda",
+                            dtype=torch.float16, mode=manifest["compile_mode"], cuda_graphs=True)
+    feeds = spec.sample_inputs(1, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        diff = (engine.run(feeds)["latents"].float() - module(*feeds.values()).float()).abs().max().item()
+    print(json.dumps({"fresh": engine.fresh_compiles, "hits": engine.cache_hits, "diff": diff}))
+""")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_artifacts_round_trip_in_fresh_process(compiled_root, tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton")}          # empty caches: only the artefacts can hit
+    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(compiled_root)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["fresh"] == 0 and result["hits"] > 0, result
+    assert result["diff"] < 0.05, result        # compiled vs eager fp16 latents (O(1)): fp16 rounding only

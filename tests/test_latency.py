@@ -1,0 +1,45 @@
+"""Latency regression against tests/latency_baselines/<gpu-slug>.json (GPU only, ``pytest -m latency``).
+
+Never runs in CI (the ``latency`` marker is excluded by default). Record a baseline with
+``python -m talkrt.bench.latency_baseline --update``; prove the test bites with
+``TALKRT_LATENCY_SLOWDOWN="3.unet=5" pytest -m latency -o addopts=""``.
+"""
+import pytest
+import torch
+
+from talkrt.bench import latency_baseline as lb
+
+pytestmark = [pytest.mark.latency, pytest.mark.gpu]
+
+if not torch.cuda.is_available():
+    pytest.skip("latency regression needs a CUDA GPU", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def baseline() -> lb.Baseline:
+    gpu = torch.cuda.get_device_name()
+    path = lb.baseline_path(gpu)
+    if not path.is_file():
+        pytest.skip(f"no latency baseline for '{gpu}' ({path}); record one on this GPU with "
+                    f"`{lb.UPDATE_HINT}` and commit it")
+    return lb.load_baseline(path)
+
+
+@pytest.fixture(scope="module")
+def comparison(baseline) -> lb.Comparison:
+    base = baseline.measurement
+    measured = lb.measure_latency(config=base.config, device="cuda", backend=base.backend, compose=base.compose,
+                                  seconds=base.clip_seconds, repeats=base.repeats or 3)
+    result = lb.compare(baseline, measured)
+    print("\n" + result.table())
+    return result
+
+
+def test_per_stage_latency(comparison):
+    failures = comparison.failures_for(total=False)
+    assert not failures, "per-stage latency regression:\n" + "\n".join(failures)
+
+
+def test_end_to_end_latency(comparison):
+    failures = comparison.failures_for(total=True)
+    assert not failures, "end-to-end latency regression:\n" + "\n".join(failures)

@@ -1,0 +1,83 @@
+import json
+import math
+
+import pytest
+import torch
+
+from talkrt.config import load_config
+from talkrt.errors import InputError
+from talkrt.models.unet import sinusoidal_encoding
+from talkrt.models.weights import build_synthetic, load_official, save_official_layout
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config("tiny")
+    return cfg, build_synthetic(cfg).to(torch.device("cpu"), torch.float32)
+
+
+def test_positional_encoding_formula():
+    pe = sinusoidal_encoding(50, 384)
+    pos, i = 7, 10  # channel 2i -> sin(pos / 10000^(2i/d)), 2i+1 -> cos
+    angle = pos / 10000 ** (2 * i / 384)
+    assert pe[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+    assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_synthetic_weights_are_deterministic(tiny):
+    cfg, models = tiny
+    again = build_synthetic(cfg)
+    for a, b in zip(models.unet.state_dict().values(), again.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    other = build_synthetic(cfg, seed=1)
+    assert not torch.equal(next(iter(models.unet.unet.parameters())), next(iter(other.unet.unet.parameters())))
+    assert models.source == "synthetic" and "synthetic" in models.identity
+
+
+def test_shapes(tiny):
+    cfg, m = tiny
+    a = cfg.model.audio
+    x = torch.randn(3, 8, 32, 32)
+    audio = torch.randn(3, a.tokens_per_frame, a.d_model)
+    with torch.no_grad():
+        assert m.unet(x, audio).shape == (3, 4, 32, 32)
+        faces = m.vae_decoder(torch.randn(3, 4, 32, 32))
+        assert faces.shape == (3, 256, 256, 3) and faces.min() >= 0 and faces.max() <= 255
+        assert m.vae_encoder(torch.rand(2, 3, 256, 256) * 2 - 1).shape == (2, 4, 32, 32)
+        assert m.whisper(torch.randn(2, 80, 3000)).shape == (2, 1500, a.hidden_states, a.d_model)
+
+
+def test_official_layout_round_trip(tiny, tmp_path):
+    cfg, m = tiny
+    root = save_official_layout(m, cfg, tmp_path / "models")
+    assert (root / "musetalkV15" / "unet.pth").is_file()
+    assert json.loads((root / "musetalkV15" / "musetalk.json").read_text())["cross_attention_dim"] == cfg.model.audio.d_model
+    assert (root / "sd-vae" / "config.json").is_file() and (root / "whisper" / "config.json").is_file()
+    loaded = load_official(cfg, root).to(torch.device("cpu"), torch.float32)
+    assert loaded.source == "official"
+    torch.manual_seed(3)
+    x, audio = torch.randn(2, 8, 32, 32), torch.randn(2, cfg.model.audio.tokens_per_frame, cfg.model.audio.d_model)
+    lat = torch.randn(2, 4, 32, 32)
+    mel = torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        assert torch.equal(m.unet(x, audio), loaded.unet(x, audio))
+        assert torch.equal(m.vae_decoder(lat), loaded.vae_decoder(lat))
+        assert torch.allclose(m.whisper(mel), loaded.whisper(mel), atol=1e-6)
+
+
+def test_official_layout_errors(tiny, tmp_path):
+    cfg, m = tiny
+    with pytest.raises(InputError, match="missing weights folder"):
+        load_official(cfg, tmp_path / "nowhere")
+    root = save_official_layout(m, cfg, tmp_path / "models")
+    (root / "musetalkV15" / "unet.pth").unlink()
+    with pytest.raises(InputError, match="unet.pth: missing UNet weights"):
+        load_official(cfg, root)
+    state = m.unet.unet.state_dict()
+    state.pop(next(iter(state)))
+    torch.save(state, root / "musetalkV15" / "unet.pth")
+    with pytest.raises(InputError, match="does not match musetalk.json"):
+        load_official(cfg, root)
+    (root / "musetalkV15" / "unet.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot read the UNet checkpoint"):
+        load_official(cfg, root)
