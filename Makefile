@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 ENGINES_DIR ?= engines
 
-.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-engines profile sample clean
+.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-engines bench-realtime profile sample clean
 
 help:
 	@echo "make demo | test | test-gpu | engines | bench | bench-kernels | bench-engines | profile | sample | clean"
@@ -52,6 +52,10 @@ bench-engines: venv
 
 bench: venv
 	$(PY) -m talkrt.bench.pipeline --json $(OUT)/bench_pipeline.json
+	$(PY) -m talkrt.bench.report --inputs '$(OUT)/bench_*.json' --out $(OUT)/report
+
+bench-realtime: venv
+	$(PY) -m talkrt.bench.realtime --json $(OUT)/bench_realtime.json
 
 profile: venv
 	$(PY) -m talkrt.bench.profile --out $(OUT)/profile

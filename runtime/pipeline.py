@@ -37,7 +37,7 @@ from talkrt.media.frames import iter_video_frames, read_video_frames
 from talkrt.media.probe import VideoInfo
 from talkrt.media.writer import Mp4Writer
 from talkrt.models.audio import AudioFeatures, num_video_frames
-from talkrt.profiling import StageClock
+from talkrt.profiling import StageClock, nvtx_range
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,9 @@ class RunReport:
     backend: str
     compose: str
     stage_table: list[tuple[str, float, float]]
+    decode_path: str = ""
+    frame_bytes_to_host: int = 0     # bytes of frame data copied device -> host (GPU path: NV12 only)
+    gpu_stage_seconds: dict[str, float] | None = None   # CUDA-event stage times when TALKRT_GPU_EVENTS=1
 
     @property
     def fps(self) -> float:
@@ -212,6 +215,7 @@ class CpuMediaStages:
         self.writer = writer
         self.num_source = self.frames.num_source
         self.decode_path = "pyav-cpu"
+        self.frame_bytes_to_host = 0
 
     def compose(self, batch: FrameBatch) -> None:
         self.compose_stage(batch)
@@ -247,8 +251,51 @@ class GpuMediaStages:
     def encode(self, batch: FrameBatch) -> None:
         self.encoder(batch)
 
+    @property
+    def frame_bytes_to_host(self) -> int:
+        return self.encoder.bytes_downloaded
+
     def finish(self) -> None:
         self.encoder.finish()
+
+
+class BatchRunner:
+    """Stages 1-6 for one batch, shared by :func:`run_pipeline` and the real-time benchmark.
+
+    ``audio_stage`` is any callable that sets ``batch.audio`` (whole-clip windows here, a
+    streaming Whisper in ``talkrt.bench.realtime``).
+    """
+
+    def __init__(self, parts: PipelineParts, avatar: PreparedAvatar, media: CpuMediaStages | GpuMediaStages,
+                 audio_stage: Callable[[FrameBatch], None], clock: StageClock):
+        self.avatar, self.media, self.audio_stage, self.clock = avatar, media, audio_stage, clock
+        self.on_gpu = isinstance(media, GpuMediaStages)
+        self.unet = UNetStage(parts.unet, avatar, parts.device, parts.dtype, parts.stream)
+        self.vae = VaeDecodeStage(parts.vae_decoder, parts.stream, on_device=self.on_gpu)
+
+    def new_batch(self, index: int, out_index: np.ndarray) -> FrameBatch:
+        batch = FrameBatch(index=index, out_index=out_index, src_index=ping_pong_index(out_index, self.media.num_source))
+        batch.found = self.avatar.found[batch.src_index]
+        return batch
+
+    def __call__(self, batch: FrameBatch) -> None:
+        clock, media, b, n = self.clock, self.media, batch.index, batch.size
+        with nvtx_range("batch %d frames=%d", b, n):
+            with clock.stage("1.frames", b, n):
+                media.frames(batch)
+                if self.on_gpu:
+                    media.colour(batch, media.cupy_stream)
+            if batch.found.any():
+                with clock.stage("2.audio", b, n):
+                    self.audio_stage(batch)
+                with clock.stage("3.unet", b, n):
+                    self.unet(batch)
+                with clock.stage("4.vae_decode", b, n):
+                    self.vae(batch)
+                with clock.stage("5.compose", b, n):
+                    media.compose(batch)
+            with clock.stage("6.encode", b, n):
+                media.encode(batch)
 
 
 def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_path: Path, clip: AudioClip,
@@ -264,8 +311,6 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
     with clock.stage("audio_features"):
         audio_stage = AudioWindows(parts.audio_features, clip, info.fps)
     on_gpu = parts.compose == "gpu"
-    unet_stage = UNetStage(parts.unet, avatar, parts.device, parts.dtype, parts.stream)
-    vae_stage = VaeDecodeStage(parts.vae_decoder, parts.stream, on_device=on_gpu)
     bs = cfg.pipeline.batch_size
     enc = cfg.pipeline.encoder
     with Mp4Writer(out_path, info.width, info.height, info.fps, audio_path=audio_path, video_codec=enc.codec,
@@ -276,30 +321,17 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
         if media.num_source != avatar.num_frames:
             raise InputError(video_path, f"decoded {media.num_source} frames but the prepared avatar has "
                                          f"{avatar.num_frames}")
+        runner = BatchRunner(parts, avatar, media, audio_stage, clock)
         for b, first in enumerate(range(0, num_out, bs)):
             out_index = np.arange(first, min(first + bs, num_out))
-            batch = FrameBatch(index=b, out_index=out_index, src_index=ping_pong_index(out_index, media.num_source))
-            batch.found = avatar.found[batch.src_index]
-            with clock.stage("1.frames", b, batch.size):
-                media.frames(batch)
-                if on_gpu:
-                    media.colour(batch, media.cupy_stream)
-            if batch.found.any():
-                with clock.stage("2.audio", b, batch.size):
-                    audio_stage(batch)
-                with clock.stage("3.unet", b, batch.size):
-                    unet_stage(batch)
-                with clock.stage("4.vae_decode", b, batch.size):
-                    vae_stage(batch)
-                with clock.stage("5.compose", b, batch.size):
-                    media.compose(batch)
-            with clock.stage("6.encode", b, batch.size):
-                media.encode(batch)
+            runner(runner.new_batch(b, out_index))
             if progress:
-                progress(batch.size)
+                progress(len(out_index))
         with clock.stage("6.encode-drain"):
             media.finish()
     seconds = time.perf_counter() - start
     return RunReport(out_path=out_path, frames=num_out, seconds=seconds, faces_found=avatar.faces_found,
                      source_frames=avatar.num_frames, weights=parts.weights, backend=parts.backend,
-                     compose=parts.compose, stage_table=clock.table(num_out))
+                     compose=parts.compose, stage_table=clock.table(num_out), decode_path=media.decode_path,
+                     frame_bytes_to_host=media.frame_bytes_to_host,
+                     gpu_stage_seconds=clock.gpu_seconds() if clock.gpu_events else None)

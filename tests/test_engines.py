@@ -40,6 +40,21 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    """The tiny models gain nothing from intra-op threads; on 2-vCPU CI VMs two threads ran 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ort_session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 @pytest.fixture(scope="module")
 def tiny_cfg():
     return load_config("tiny")
@@ -120,8 +135,7 @@ PARITY_ATOL = {"unet": 1e-4, "vae_encoder": 1e-4, "whisper": 1e-4, "vae_decoder"
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_onnx_matches_pytorch(onnx_root, tiny_cfg, tiny_models, name):
     spec = export_specs(tiny_cfg)[name]
-    session = ort.InferenceSession(str(onnx_path(tiny_cfg, name, torch.float32, onnx_root)),
-                                   providers=["CPUExecutionProvider"])
+    session = _ort_session(onnx_path(tiny_cfg, name, torch.float32, onnx_root))
     module = spec.make_module(tiny_models)
     for batch in (1, 3):                                      # neither is the traced batch (2)
         feeds = spec.sample_inputs(batch, seed=batch)
@@ -135,8 +149,7 @@ def test_onnx_matches_pytorch(onnx_root, tiny_cfg, tiny_models, name):
 def test_fp16_onnx_runs_close_to_fp32(onnx_root, tiny_cfg, tiny_models):
     # fp16 has a 2^-11 relative step; through the tiny UNet ~1e-3 abs error on O(1) outputs was observed.
     spec = export_specs(tiny_cfg)["unet"]
-    session = ort.InferenceSession(str(onnx_path(tiny_cfg, "unet", torch.float16, onnx_root)),
-                                   providers=["CPUExecutionProvider"])
+    session = _ort_session(onnx_path(tiny_cfg, "unet", torch.float16, onnx_root))
     feeds = spec.sample_inputs(3)
     with torch.no_grad():
         expected = spec.make_module(tiny_models)(*feeds.values()).numpy()

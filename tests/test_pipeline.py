@@ -130,3 +130,30 @@ def test_output_must_be_mp4_in_existing_folder(media, tmp_path, caplog):
 def test_bad_config_override(media, tmp_path, caplog):
     out = tmp_path / "o.mp4"
     _assert_failed_cleanly(run(media, out, None, None, "--set", "pipeline.batch_size=0"), out, caplog, "batch_size")
+
+
+@pytest.mark.slow
+def test_frames_without_a_face_pass_through_unchanged(media, tmp_path, capsys):
+    """Frames 6..9 show no face: they are counted, not generated, and stay aligned with the rest."""
+    faces = moving_face_frames(seconds=0.4)          # 10 frames
+    blank = np.full_like(faces[0], 128)
+    mixed = tmp_path / "mixed.mp4"
+    with Mp4Writer(mixed, 320, 320, Fraction(FPS), crf=12) as w:
+        for i, frame in enumerate(faces):
+            w.write_rgb(blank if 6 <= i < 10 else frame)
+    audio = tmp_path / "a.wav"
+    make_audio(audio, 0.4, sample_rate=16000)
+    out = tmp_path / "mixed_out.mp4"
+    assert run(media, out, audio=audio, video=mixed) == 0
+    assert "faces_found=6/10" in capsys.readouterr().out
+    src, res = list(iter_video_frames(mixed)), list(iter_video_frames(out))
+    assert len(res) == 10
+    for i in range(6, 10):    # untouched apart from re-encoding
+        assert np.abs(src[i].astype(int) - res[i]).mean() < 1.5
+    assert np.abs(src[3].astype(int) - res[3])[200:240, 130:190].mean() > 10   # face frames are generated
+
+
+def test_odd_frame_size_is_refused(media, tmp_path, caplog):
+    odd = make_video(tmp_path / "odd.mkv", 65, 48, FPS, num_frames=4, codec="libx264", pix_fmt="yuv444p")
+    out = tmp_path / "o.mp4"
+    _assert_failed_cleanly(run(media, out, video=odd), out, caplog, "odd.mkv", "even")

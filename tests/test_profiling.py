@@ -259,7 +259,7 @@ def test_write_report_markdown_and_plots(tmp_path):
     md = md_path.read_text()
     assert "| unet | eager | 8 | 20.00 | 400.00 |" in md
     assert "| 3.unet | 4.00 |" in md and "| **total** | 6.00 |" in md
-    assert "p95 < 40.0 ms" in md and "custom" in md
+    assert "p95 < 40 ms" in md and "custom" in md
     assert sorted(p.name for p in pngs) == ["engines_fps.png", "stages.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert json.loads(json_path.read_text())["machine"]["cpu_count"] >= 1   # filled in when absent
@@ -309,8 +309,9 @@ def test_report_cli(tmp_path, capsys):
 def test_machine_info_has_versions_and_no_hostname():
     info = machine_info()
     assert info["torch"] == torch.__version__ and info["cpu_count"] >= 1
-    text = json.dumps(info)
-    assert platform.node() not in text
+    assert not {"hostname", "node", "host"} & set(info)
+    if len(platform.node()) >= 4:
+        assert platform.node() not in json.dumps(info)
 
 
 # ----------------------------------------------------------------------------- real-time audio rule

@@ -37,7 +37,6 @@ from talkrt.session import build_session
 log = logging.getLogger(__name__)
 
 RESOLUTIONS = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080), "4k": (3840, 2160)}
-SPEECH = Path(__file__).resolve().parents[2] / "tests" / "data" / "sample_speech.wav"
 
 
 def make_clip(folder: Path, name: str, seconds: float) -> Path:
@@ -65,7 +64,8 @@ def run_once(parts, video: Path, audio: Path, out: Path) -> dict:
     }
 
 
-def bench(resolutions: list[str], config: str, device: str, seconds: float, work: Path, talkrt_backend: str) -> dict:
+def bench(resolutions: list[str], config: str, device: str, seconds: float, work: Path, talkrt_backend: str,
+          speech: Path) -> dict:
     cfg = load_config(config)
     cache = work / "cache"
     paths = {
@@ -76,7 +76,7 @@ def bench(resolutions: list[str], config: str, device: str, seconds: float, work
     for name in resolutions:
         video = make_clip(work, name, seconds)
         for label, parts in paths.items():
-            run_pipeline_args = (parts, video, SPEECH)
+            run_pipeline_args = (parts, video, speech)
             run_once(*run_pipeline_args, work / f"warm_{label}_{name}.mp4")        # warm-up
             row = run_once(*run_pipeline_args, work / f"{label}_{name}.mp4")
             row.update(resolution=name, path=label, backend=parts.backend, compose=parts.compose)
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="talkrt path's engine backend")
     p.add_argument("--seconds", type=float, default=4.0, help="avatar clip length")
     p.add_argument("--work", type=Path, default=None, help="folder for clips and outputs (default: temp)")
+    p.add_argument("--audio", type=Path, default=Path("tests/data/sample_speech.wav"), help="speech track")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = bench([r.strip() for r in args.resolutions.split(",")], config, args.device, args.seconds, work,
-                    args.backend)
+                    args.backend, args.audio)
     results["wall_s"] = time.time() - started
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()

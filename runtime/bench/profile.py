@@ -3,7 +3,8 @@
     python -m talkrt.bench.profile --out DIR [--config musetalk|tiny] [--device auto|cpu|cuda]
                                    [--video V --audio A] [--seconds S] [--no-nsys]
 
-A warm-up run first (avatar cache, compilation, allocator), then the profiled run.
+A warm-up run first (avatar cache, compilation, allocator), then the profiled run, both on the
+first ``--seconds`` of the speech (default: all 6 s on CUDA, 1 s on the CPU).
 
 * ``nsys`` on PATH (and not ``--no-nsys``): the command re-executes itself under
   ``nsys profile --trace cuda,nvtx,osrt --gpu-video-device all -o DIR/talkrt`` with

@@ -183,7 +183,7 @@ class BatchSizeResult:
                                               "compute_p95_ms", "max_ms", "wall_s", "stages_ms")}
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamContext:
     parts: Any                  # talkrt.pipeline.PipelineParts
     avatar: Any                 # talkrt.avatar.PreparedAvatar
@@ -205,7 +205,7 @@ def stream_pass(ctx: StreamContext, batch_size: int, pace: str, max_batches: int
                 tag: str = "run") -> tuple[list[FrameLatency], dict[str, float], float]:
     """Feed the clip as a live stream; returns per-frame latencies, stage ms/frame and wall seconds."""
     from talkrt.media.writer import Mp4Writer
-    from talkrt.pipeline import FrameBatch, UNetStage, VaeDecodeStage, ping_pong_index
+    from talkrt.pipeline import BatchRunner
     from talkrt.profiling import StageClock
 
     parts, info = ctx.parts, ctx.info
@@ -213,17 +213,21 @@ def stream_pass(ctx: StreamContext, batch_size: int, pace: str, max_batches: int
     timing = AudioTiming(len(ctx.samples), info.fps, a.pad_left_steps, a.window_steps)
     num_out = timing.num_frames
     audio = StreamingAudio(parts.audio_features, ctx.samples, info.fps)
-    on_gpu = parts.compose == "gpu"
-    unet = UNetStage(parts.unet, ctx.avatar, parts.device, parts.dtype, parts.stream)
-    vae = VaeDecodeStage(parts.vae_decoder, parts.stream, on_device=on_gpu)
     clock = StageClock(parts.stream)
     on_stream = (lambda: torch.cuda.stream(parts.stream)) if parts.stream is not None else contextlib.nullcontext
+    arrived_now = {"samples": 0}
+
+    def streaming_audio_stage(batch) -> None:
+        with on_stream():
+            audio.update(arrived_now["samples"])
+            batch.audio = audio.windows(batch.out_index[batch.found])
     enc = parts.cfg.pipeline.encoder
     rows: list[FrameLatency] = []
     out_path = ctx.work_dir / f"realtime_{tag}_b{batch_size}.mp4"
     with Mp4Writer(out_path, info.width, info.height, info.fps, video_codec=enc.codec, preset=enc.preset,
                    crf=enc.crf) as writer:
         media = _media_stages(ctx, num_out, writer)
+        runner = BatchRunner(parts, ctx.avatar, media, streaming_audio_stage, clock)
         t0 = time.perf_counter()
         for b, first in enumerate(range(0, num_out, batch_size)):
             if max_batches is not None and b >= max_batches:
@@ -240,24 +244,9 @@ def stream_pass(ctx: StreamContext, batch_size: int, pace: str, max_batches: int
             else:
                 start = time.perf_counter()
                 arrived, need_at = need, [start] * len(idx)
-            batch = FrameBatch(index=b, out_index=idx, src_index=ping_pong_index(idx, media.num_source))
-            batch.found = ctx.avatar.found[batch.src_index]
-            with clock.stage("1.frames", b, batch.size):
-                media.frames(batch)
-                if on_gpu:
-                    media.colour(batch, media.cupy_stream)
-            if batch.found.any():
-                with clock.stage("2.audio", b, batch.size), on_stream():
-                    audio.update(arrived)
-                    batch.audio = audio.windows(idx[batch.found])
-                with clock.stage("3.unet", b, batch.size):
-                    unet(batch)
-                with clock.stage("4.vae_decode", b, batch.size):
-                    vae(batch)
-                with clock.stage("5.compose", b, batch.size):
-                    media.compose(batch)
-            with clock.stage("6.encode", b, batch.size):
-                media.encode(batch)
+            batch = runner.new_batch(b, idx)
+            arrived_now["samples"] = arrived
+            runner(batch)
             done = time.perf_counter()
             rows += [FrameLatency(int(i), b, 1000.0 * (done - t), 1000.0 * (done - start)) for i, t in zip(idx, need_at)]
         wall = time.perf_counter() - t0
@@ -343,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         section = {"config": cfg.name, "device": device, "backend": parts.backend, "compose": parts.compose,
                    "pace": args.pace, "packet_ms": PACKET_MS, "clip_seconds": clip.duration_s,
-                   "lookahead_ms": lookahead, "target_p95_ms": TARGET_P95_MS, "rows": [r.row() for r in results]}
+                   "lookahead_ms": round(lookahead, 3), "target_p95_ms": TARGET_P95_MS, "rows": [r.row() for r in results]}
         print(f"wrote {save_benchmark(args.json, 'realtime', section)}")
     return 0
 

@@ -195,6 +195,9 @@ def plot_fps_vs_batch(plt: Any, rows: list[dict[str, Any]], group_key: str, seri
             ax.plot(xs, ys, marker="o", label=name)
         ax.set(title=f"{title}: {group}", xlabel="batch size", ylabel="frames/s")
         ax.set_xscale("log", base=2)
+        batches = sorted({b for points in series.values() for b, _ in points})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -273,9 +276,11 @@ def markdown(results: dict[str, Any], pngs: dict[str, Path]) -> str:
     if isinstance(realtime, dict) and realtime.get("rows"):
         target = realtime.get("target_p95_ms")
         out += ["## Real-time latency (audio arrived -> frame encoded)", ""]
-        if target is not None:
-            out += [f"Target: p95 < {target} ms on top of the audio look-ahead "
-                    f"({realtime.get('lookahead_ms', '?')} ms).", ""]
+        if isinstance(target, (int, float)):
+            lookahead = realtime.get("lookahead_ms")
+            out += [f"Target: p95 < {target:g} ms on top of the audio look-ahead "
+                    f"({lookahead:.0f} ms)." if isinstance(lookahead, (int, float)) else
+                    f"Target: p95 < {target:g} ms on top of the audio look-ahead.", ""]
         keys = ["batch", "p50_ms", "p95_ms", "p99_ms", "compute_p95_ms"]
         out += _table(keys, [[row.get(k, "") for k in keys] for row in realtime["rows"]])
     others = [k for k in results if k not in (*SECTIONS, *META_KEYS)]
