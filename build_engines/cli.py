@@ -12,16 +12,17 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from talkrt.build_engines.compiled_build import build_compiled
 from talkrt.build_engines.onnx_export import DEFAULT_OPSET, export_onnx
-from talkrt.build_engines.specs import ENGINE_MODELS, MODEL_NAMES, default_max_batch, export_specs
+from talkrt.build_engines.specs import ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs
 from talkrt.build_engines.tensorrt_build import DEFAULT_WORKSPACE_GIB, build_plan
-from talkrt.config import PRECISIONS, load_config
+from talkrt.config import PRECISIONS, TalkrtConfig, load_config
 from talkrt.engines.compiled import DEFAULT_COMPILE_MODE
-from talkrt.engines.manifest import config_dir, engines_root
+from talkrt.engines.manifest import config_dir, dtype_name
 from talkrt.engines.tensorrt import import_tensorrt
 from talkrt.errors import EngineError, TalkrtError
 from talkrt.models.weights import load_models
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, help="engine precision (default: the config's; CPU: float32)")
     p.add_argument("--onnx-precisions", default="float32,float16", help="ONNX variants to export")
     p.add_argument("--max-batch", type=int, help="largest batch engines accept (default: max(batch_size, 32))")
+    p.add_argument("--models", help=f"comma subset of {','.join(MODEL_NAMES)} (default: all; whisper is ONNX only)")
+    p.add_argument("--buckets", help="compiled backend batch buckets, e.g. 1,4,16 (default: 1,2,4,... max batch)")
     p.add_argument("--engines-dir", help="output root (default: $TALKRT_ENGINES_DIR or ./engines)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, help="torch.compile mode for 'compiled'")
@@ -72,24 +75,44 @@ def _choose_backends(requested: str | None, device: torch.device, device_forced:
 
 
 def _onnx_dtypes(text: str, parser: argparse.ArgumentParser) -> list[torch.dtype]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in ("float32", "float16")]
-    if bad:
-        parser.error(f"--onnx-precisions: {bad} not supported (float32, float16)")
-    return [DTYPES[n] for n in names]
+    return [DTYPES[n] for n in _csv(text, ("float32", "float16"), "--onnx-precisions", parser)]
 
 
-def _export_all(cfg, models, specs, dtypes, device, args) -> dict:
+def _csv(text: str | None, allowed: tuple, what: str, parser: argparse.ArgumentParser) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()] if text else list(allowed)
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        parser.error(f"{what}: {bad or 'empty'} not in {','.join(allowed)}")
+    return names
+
+
+def _export_all(cfg, models, specs, names, dtypes, device, args) -> dict:
     exported = {}
     for dtype in dtypes:
-        for name in MODEL_NAMES:
+        for name in names:
             exported[(name, dtype)] = export_onnx(cfg, specs[name], specs[name].make_module(models), dtype=dtype,
                                                   device=device, weights_identity=models.identity,
                                                   engines_dir=args.engines_dir, opset=args.opset, force=args.force)
     return exported
 
 
-def build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+@dataclass(frozen=True)
+class BuildRequest:
+    """Validated command line: what to build, where, how."""
+
+    cfg: TalkrtConfig
+    device: torch.device
+    dtype: torch.dtype
+    backends: tuple[str, ...]
+    names: tuple[str, ...]             # models for ONNX
+    engine_names: tuple[str, ...]      # models for TensorRT / compiled
+    max_batch: int
+    buckets: tuple[int, ...]           # compiled buckets
+    onnx_dtypes: tuple[torch.dtype, ...]
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BuildRequest | None:
+    """Check the arguments (``parser.error`` on bad ones); None when nothing can be built here."""
     cfg = load_config(args.config, args.override)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -99,47 +122,63 @@ def build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         log.warning("skipping backend %s: %s", name, reason)
     if not backends:
         log.error("nothing to build: every requested backend was skipped")
-        return 1
+        return None
     precision = args.precision or cfg.pipeline.precision
     if device.type == "cpu" and precision != "float32":
         log.info("the CPU runs float32: using float32 instead of %s", precision)
         precision = "float32"
-    dtype = DTYPES[precision]
     max_batch = args.max_batch or default_max_batch(cfg)
     if max_batch < 1:
         parser.error("--max-batch must be >= 1")
-    specs = export_specs(cfg, max_batch)
-    log.info("building %s for config '%s' into %s (device %s, precision %s, max batch %d)", ",".join(backends),
-             cfg.name, config_dir(cfg, args.engines_dir or engines_root()), device, precision, max_batch)
+    names = _csv(args.models, MODEL_NAMES, "--models", parser)
+    try:
+        buckets = sorted({int(b) for b in args.buckets.split(",")}) if args.buckets else list(batch_buckets(max_batch))
+    except ValueError:
+        parser.error(f"--buckets: expected comma-separated integers, got {args.buckets!r}")
+    if buckets[0] < 1 or buckets[-1] > max_batch:
+        parser.error(f"--buckets must lie in 1..{max_batch} (--max-batch)")
+    onnx_dtypes = _onnx_dtypes(args.onnx_precisions, parser) if "onnx" in backends else []
+    if "tensorrt" in backends and torch.float32 not in onnx_dtypes:
+        onnx_dtypes.append(torch.float32)                  # TensorRT plans are built from the fp32 graph
+    engine_names = tuple(n for n in names if n in ENGINE_MODELS)
+    return BuildRequest(cfg, device, DTYPES[precision], tuple(backends),
+                        tuple(names) if "onnx" in backends else engine_names, engine_names, max_batch,
+                        tuple(buckets), tuple(onnx_dtypes))
+
+
+def build(req: BuildRequest, args: argparse.Namespace) -> int:
+    """Run the requested builds; return the exit status (library errors are logged, not raised)."""
+    cfg, specs = req.cfg, export_specs(req.cfg, req.max_batch)
+    log.info("building %s for config '%s' into %s (device %s, %s, max batch %d)", ",".join(req.backends), cfg.name,
+             config_dir(cfg, args.engines_dir), req.device, dtype_name(req.dtype), req.max_batch)
     if not args.weights:
         log.warning("NO --weights GIVEN: building engines from SYNTHETIC random weights (seed %d). They run at "
                     "full speed but produce no lip sync; rebuild with --weights DIR for real output.",
                     cfg.pipeline.weights_seed)
     models = load_models(cfg, args.weights, torch.device("cpu"), torch.float32)
-    failures = []
-    onnx_dtypes = _onnx_dtypes(args.onnx_precisions, parser) if "onnx" in backends else []
-    if "tensorrt" in backends and torch.float32 not in onnx_dtypes:
-        onnx_dtypes.append(torch.float32)                  # TensorRT plans are built from the fp32 graph
-    exported = {}
-    if onnx_dtypes:
+    failures, exported = [], {}
+    if req.onnx_dtypes:
         try:
-            exported = _export_all(cfg, models, specs, onnx_dtypes, device, args)
+            exported = _export_all(cfg, models, specs, req.names, req.onnx_dtypes, req.device, args)
         except TalkrtError as exc:
             log.error("ONNX export failed: %s", exc)
             failures.append("onnx")
-    if "tensorrt" in backends and "onnx" not in failures:
+    if "tensorrt" in req.backends:
         try:
-            for name in ENGINE_MODELS:
-                build_plan(cfg, specs[name], exported[(name, torch.float32)], dtype=dtype,
+            if "onnx" in failures:
+                raise EngineError("no ONNX to build from (the export failed)")
+            for name in req.engine_names:
+                build_plan(cfg, specs[name], exported[(name, torch.float32)], dtype=req.dtype,
                            weights_identity=models.identity, engines_dir=args.engines_dir,
                            workspace_gib=args.workspace_gib, force=args.force)
         except TalkrtError as exc:
             log.error("TensorRT build failed: %s", exc)
             failures.append("tensorrt")
-    if "compiled" in backends:
+    if "compiled" in req.backends:
         try:
-            build_compiled(cfg, models.to(device, dtype), device=device, dtype=dtype, engines_dir=args.engines_dir,
-                           buckets=specs["unet"].buckets, mode=args.compile_mode, force=args.force)
+            build_compiled(cfg, models.to(req.device, req.dtype), device=req.device, dtype=req.dtype,
+                           engines_dir=args.engines_dir, buckets=req.buckets, mode=args.compile_mode,
+                           model_names=req.engine_names, force=args.force)
         except TalkrtError as exc:
             log.error("compiled build failed: %s", exc)
             failures.append("compiled")
@@ -157,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
-        status = build(args, parser)
+        request = resolve(args, parser)
+        status = 1 if request is None else build(request, args)
     except TalkrtError as exc:
         log.error("%s", exc)
         return 1

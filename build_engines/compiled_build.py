@@ -2,13 +2,15 @@
 
 The build compiles through the very ``CompiledEngine`` the run time uses (same static
 buffers, same ``torch.compile`` call, same inference mode), so the run time's compiles hit
-the caches saved here.  Output, beside a manifest::
+the caches saved here.  Output::
 
-    <engines>/<config>-<hash>/compiled/<device>-<dtype>/artifacts.bin   torch.compiler cache bytes
     <engines>/<config>-<hash>/compiled/<device>-<dtype>/manifest.json
+    <engines>/<config>-<hash>/compiled/<device>-<dtype>/artifacts-<run id>.bin
 
-A matching manifest (same machine, torch, dtype, config, mode, covering the buckets) makes
-the build a no-op unless ``force``.
+The artefacts and manifest are rewritten after every bucket, so an interrupted build keeps
+what it finished and the next run compiles only the missing (model, bucket) pairs; runs
+can also be split with ``model_names`` / ``buckets``.  A build for another machine, torch,
+dtype, config or compile mode is discarded and rebuilt; ``force`` rebuilds everything.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from talkrt.build_engines.specs import ENGINE_MODELS, batch_buckets, default_max_batch, export_specs
 from talkrt.config import TalkrtConfig
 from talkrt.engines.compiled import (
-    ARTIFACTS_FILE, DEFAULT_COMPILE_MODE, MANIFEST_FILE, CompiledEngine, compiled_dir, expected_manifest,
+    DEFAULT_COMPILE_MODE, MANIFEST_FILE, CompiledEngine, compiled_dir, expected_manifest,
 )
 from talkrt.engines.manifest import manifest_mismatches, read_manifest, sha256_files, write_manifest
 from talkrt.errors import EngineError
@@ -31,23 +33,22 @@ from talkrt.errors import EngineError
 log = logging.getLogger(__name__)
 
 
-def _up_to_date(folder: Path, expected: dict, models: Sequence[str], buckets: Sequence[int]) -> str | None:
-    """None if the saved build covers this request, else the reason to rebuild."""
+def _previous(folder: Path, expected: dict, force: bool) -> tuple[dict, dict]:
+    """Entries and artefact digests of an earlier compatible build whose files are intact."""
     try:
         manifest = read_manifest(folder / MANIFEST_FILE, "compiled engines")
     except EngineError:
-        return "no manifest"
+        return {}, {}
     diffs = manifest_mismatches(manifest, expected)
-    if diffs:
-        return "; ".join(diffs)
-    built = manifest.get("buckets", {})
-    for name in models:
-        if not set(buckets) <= set(built.get(name, [])):
-            return f"'{name}' lacks buckets {sorted(set(buckets) - set(built.get(name, [])))}"
-    artifacts = folder / manifest.get("artifacts_file", ARTIFACTS_FILE)
-    if not artifacts.is_file() or sha256_files([artifacts]) != manifest.get("artifacts_sha256"):
-        return "artefacts missing or modified"
-    return None
+    if force or diffs:
+        if diffs:
+            log.info("discarding the compiled build in %s (%s)", folder, "; ".join(diffs))
+        return {}, {}
+    digests = {f: d for f, d in manifest.get("artifacts", {}).items()
+               if (folder / f).is_file() and sha256_files([folder / f]) == d}
+    entries = {name: {b: e for b, e in per.items() if e.get("artifacts_file") in digests}
+               for name, per in manifest.get("entries", {}).items()}
+    return entries, digests
 
 
 def _check_placement(module: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -57,67 +58,76 @@ def _check_placement(module: torch.nn.Module, name: str, device: torch.device, d
                           f"expected {device}/{dtype}; move the models first (LipSyncModels.to)")
 
 
-def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dtype: torch.dtype,
-                   engines_dir: str | Path | None = None, max_batch: int | None = None,
-                   buckets: Sequence[int] | None = None, mode: str = DEFAULT_COMPILE_MODE,
-                   model_names: Sequence[str] = ENGINE_MODELS, force: bool = False) -> Path:
-    """Compile ``model_names`` at every bucket and save the caches; return the output folder.
-
-    ``models`` (``LipSyncModels``) must already be on ``device`` in ``dtype``.
-    """
-    device = torch.device(device)
-    max_batch = max_batch or (max(buckets) if buckets else default_max_batch(cfg))
-    buckets = tuple(sorted(set(buckets or batch_buckets(max_batch))))
-    specs = export_specs(cfg, max(buckets))
-    folder = compiled_dir(cfg, device, dtype, engines_dir)
-    expected = {**expected_manifest(cfg, device, dtype), "compile_mode": mode}
-    if not force:
-        reason = _up_to_date(folder, expected, model_names, buckets)
-        if reason is None:
-            log.info("compiled engines in %s are up to date (use --force to rebuild)", folder)
-            return folder
-        log.info("building compiled engines in %s (%s)", folder, reason)
-    total = len(model_names) * len(buckets)
-    done, seconds = 0, {}
-    build_start = time.perf_counter()
-    for name in model_names:
-        spec = specs[name]
-        module = spec.make_module(models)
-        _check_placement(module, name, device, dtype)
-        engine = CompiledEngine(name, module, spec.inputs, spec.outputs, buckets, device=device, dtype=dtype,
-                                mode=mode, cuda_graphs=False, expect_cache_hits=False, warmup=False)
-        seconds[name] = {}
-        for bucket in buckets:
-            done += 1
-            log.info("[%d/%d] compiling %s at batch %d (mode %s)...", done, total, name, bucket, mode)
-            engine.prepare(bucket)
-            seconds[name][str(bucket)] = round(engine.warmup_seconds[bucket], 2)
-            log.info("[%d/%d] %s batch %d compiled in %.1f s (%.0f s elapsed)", done, total, name, bucket,
-                     engine.warmup_seconds[bucket], time.perf_counter() - build_start)
-        del engine
+def _save(folder: Path, run_file: str, expected: dict, entries: dict, digests: dict, extra: dict) -> None:
+    """Write this run's cumulative artefacts, drop unreferenced files, rewrite the manifest."""
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         raise EngineError("compiled build: torch recorded no compile-cache artefacts to save "
                           "(is the Inductor FX graph cache disabled, e.g. TORCHINDUCTOR_FX_GRAPH_CACHE=0?)")
     blob, info = saved
     folder.mkdir(parents=True, exist_ok=True)
-    artifacts = folder / ARTIFACTS_FILE
-    tmp = artifacts.with_name(ARTIFACTS_FILE + ".tmp")
+    tmp = folder / (run_file + ".tmp")
     tmp.write_bytes(blob)
-    tmp.replace(artifacts)
+    tmp.replace(folder / run_file)
+    digests[run_file] = sha256_files([folder / run_file])
+    used = {e["artifacts_file"] for per in entries.values() for e in per.values()}
+    for stale in set(digests) - used:
+        digests.pop(stale)
+    for path in folder.glob("artifacts-*.bin"):          # files of discarded or superseded builds
+        if path.name not in digests:
+            path.unlink()
     write_manifest(folder / MANIFEST_FILE, {
-        **expected,
-        "config_name": cfg.name,
-        "weights_identity": models.identity,
-        "models": list(model_names),
-        "buckets": {name: list(buckets) for name in model_names},
-        "artifacts_file": ARTIFACTS_FILE,
-        "artifacts_sha256": sha256_files([artifacts]),
-        "artifacts_bytes": len(blob),
+        **expected, **extra, "entries": entries, "artifacts": digests,
         "artifact_counts": {kind: len(keys) for kind, keys in info.artifacts.items()},
-        "compile_seconds": seconds,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
-    log.info("compiled engines saved to %s (%.0f MB of caches, %.0f s total)", folder, len(blob) / 1e6,
-             time.perf_counter() - build_start)
+
+
+def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dtype: torch.dtype,
+                   engines_dir: str | Path | None = None, max_batch: int | None = None,
+                   buckets: Sequence[int] | None = None, mode: str = DEFAULT_COMPILE_MODE,
+                   model_names: Sequence[str] = ENGINE_MODELS, force: bool = False) -> Path:
+    """Compile ``model_names`` at every bucket and save the caches; return the output folder.
+
+    ``models`` (``LipSyncModels``) must already be on ``device`` in ``dtype``.  Buckets
+    default to ``batch_buckets(max_batch)``.
+    """
+    device = torch.device(device)
+    buckets = tuple(sorted(set(buckets or batch_buckets(max_batch or default_max_batch(cfg)))))
+    specs = export_specs(cfg, max(buckets))
+    folder = compiled_dir(cfg, device, dtype, engines_dir)
+    expected = {**expected_manifest(cfg, device, dtype), "compile_mode": mode}
+    entries, digests = _previous(folder, expected, force)
+    todo = [(n, b) for n in model_names for b in buckets if str(b) not in entries.get(n, {})]
+    if not todo:
+        log.info("compiled engines in %s are up to date for %s at batches %s (use --force to rebuild)",
+                 folder, ",".join(model_names), list(buckets))
+        return folder
+    run_file = f"artifacts-{time.strftime('%Y%m%d-%H%M%S')}.bin"
+    extra = {"config_name": cfg.name, "weights_identity": models.identity}
+    log.info("compiling %d (model, batch) pair(s) into %s (mode %s); cold compiles take minutes each",
+             len(todo), folder, mode)
+    build_start = time.perf_counter()
+    for name in model_names:
+        pending = [b for n, b in todo if n == name]
+        if not pending:
+            continue
+        spec = specs[name]
+        module = spec.make_module(models)
+        _check_placement(module, name, device, dtype)
+        engine = CompiledEngine(name, module, spec.inputs, spec.outputs, pending, device=device, dtype=dtype,
+                                mode=mode, cuda_graphs=False, expect_cache_hits=False, warmup=False)
+        for bucket in pending:
+            done = todo.index((name, bucket)) + 1
+            log.info("[%d/%d] compiling %s at batch %d...", done, len(todo), name, bucket)
+            engine.prepare(bucket)
+            seconds = engine.warmup_seconds[bucket]
+            entries.setdefault(name, {})[str(bucket)] = {"artifacts_file": run_file,
+                                                         "compile_seconds": round(seconds, 2)}
+            _save(folder, run_file, expected, entries, digests, extra)
+            log.info("[%d/%d] %s batch %d compiled in %.1f s (%.0f s elapsed), saved", done, len(todo), name,
+                     bucket, seconds, time.perf_counter() - build_start)
+        del engine
+    log.info("compiled engines saved to %s (%.0f MB of caches, %.0f s)", folder,
+             sum((folder / f).stat().st_size for f in digests) / 1e6, time.perf_counter() - build_start)
     return folder

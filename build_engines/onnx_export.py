@@ -159,4 +159,5 @@ def _finalise(traced: Path, path: Path) -> bool:
         return False
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
+    data.chmod(path.stat().st_mode & 0o777)               # onnx creates it owner-only
     return True

@@ -94,6 +94,8 @@ class EncoderConfig:
     codec: str = "libx264"
     preset: str = "veryfast"
     crf: int = 20
+    workers: int = 4              # libx264 encoders running at once on segments of the output
+    segment_seconds: float = 2.0  # segment length (each starts with an IDR frame)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class PipelineConfig:
     smooth_window: int = 5
     max_cycle_cache_bytes: int = 4_000_000_000
     weights_seed: int = 0
+    stage_sync: bool = True      # sync the stream after each stage: exact per-stage times, less overlap
     sharpen: SharpenConfig = field(default_factory=SharpenConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
@@ -200,6 +203,8 @@ def validate(cfg: TalkrtConfig) -> TalkrtConfig:
         (p.encoder.preset in X264_PRESETS or p.encoder.codec != "libx264",
          f"pipeline.encoder.preset must be one of {X264_PRESETS} for libx264"),
         (0 <= p.encoder.crf <= 51, "pipeline.encoder.crf must be in [0, 51]"),
+        (p.encoder.workers >= 1 and p.encoder.segment_seconds > 0,
+         "pipeline.encoder needs workers >= 1 and segment_seconds > 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,6 +35,7 @@ from talkrt.errors import InputError, TalkrtError
 from talkrt.media.audio import AudioClip
 from talkrt.media.frames import iter_video_frames, read_video_frames
 from talkrt.media.probe import VideoInfo
+from talkrt.media.segments import SegmentedMp4Writer
 from talkrt.media.writer import Mp4Writer
 from talkrt.models.audio import AudioFeatures, num_video_frames
 from talkrt.profiling import StageClock, nvtx_range
@@ -209,7 +210,7 @@ class CpuMediaStages:
     """Stages 1, 5, 6 on the host: PyAV decode to RGB, numpy/reference compose, libx264 from RGB."""
 
     def __init__(self, parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int,
-                 avatar: PreparedAvatar, writer: Mp4Writer):
+                 avatar: PreparedAvatar, writer: Mp4Writer | SegmentedMp4Writer):
         self.frames = FrameSource(video_path, info, num_out, parts.cfg.pipeline.max_cycle_cache_bytes)
         self.compose_stage = ComposeStage(avatar, parts.compose)
         self.writer = writer
@@ -232,7 +233,7 @@ class GpuMediaStages:
     """Stages 1, 5, 6 on the GPU: NVDEC (or upload) to NV12, fused compose kernel, NVENC or NV12 download."""
 
     def __init__(self, parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int,
-                 avatar: PreparedAvatar, writer: Mp4Writer):
+                 avatar: PreparedAvatar, writer: Mp4Writer | SegmentedMp4Writer):
         from talkrt.gpu_stages import ColourNormalizer, GpuComposeStage, GpuFrameSource, HostEncodeStage
         from talkrt.kernels import cupy_stream
         p = parts.cfg.pipeline
@@ -257,6 +258,19 @@ class GpuMediaStages:
 
     def finish(self) -> None:
         self.encoder.finish()
+
+
+def open_writer(cfg: TalkrtConfig, out_path: Path, info: VideoInfo, audio_path: Path, metadata: dict[str, str],
+                nv12_input: bool) -> Mp4Writer | SegmentedMp4Writer:
+    """The MP4 writer: one libx264, or ``encoder.workers`` of them on segments of the output."""
+    enc = cfg.pipeline.encoder
+    common = dict(audio_path=audio_path, video_codec=enc.codec, preset=enc.preset, crf=enc.crf, metadata=metadata,
+                  pix_fmt="nv12" if nv12_input else "yuv420p")
+    if enc.workers == 1:
+        return Mp4Writer(out_path, info.width, info.height, info.fps, **common)
+    segment_frames = max(1, round(enc.segment_seconds * info.fps))
+    return SegmentedMp4Writer(out_path, info.width, info.height, info.fps, workers=enc.workers,
+                              segment_frames=segment_frames, **common)
 
 
 class BatchRunner:
@@ -307,14 +321,13 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
         raise InputError(audio_path, f"audio ({clip.duration_s:.3f} s) is shorter than one video frame")
     start = time.perf_counter()
     avatar = parts.preparer(video_path, info)
-    clock = StageClock(parts.stream)
+    clock = StageClock(parts.stream, sync=cfg.pipeline.stage_sync,
+                       gpu_events=None if cfg.pipeline.stage_sync else parts.stream is not None)
     with clock.stage("audio_features"):
         audio_stage = AudioWindows(parts.audio_features, clip, info.fps)
     on_gpu = parts.compose == "gpu"
     bs = cfg.pipeline.batch_size
-    enc = cfg.pipeline.encoder
-    with Mp4Writer(out_path, info.width, info.height, info.fps, audio_path=audio_path, video_codec=enc.codec,
-                   preset=enc.preset, crf=enc.crf, metadata=output_metadata(parts, avatar)) as writer:
+    with open_writer(cfg, out_path, info, audio_path, output_metadata(parts, avatar), on_gpu) as writer:
         media = (GpuMediaStages if on_gpu else CpuMediaStages)(parts, video_path, info, num_out, avatar, writer)
         log.info("media path: decode=%s compose=%s encode=%s", media.decode_path, parts.compose,
                  "libx264 (NV12 from the GPU)" if on_gpu else "libx264 (RGB)")

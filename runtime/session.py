@@ -51,13 +51,15 @@ def resolve_compose(mode: str, device: torch.device) -> str:
 
 def build_session(cfg: TalkrtConfig, *, device: str = "auto", weights_dir: str | None = None,
                   backend: str | None = None, compose: str | None = None, cache_dir: str | Path | None = None,
-                  engines_dir: str | Path | None = None, tracker: str = DEFAULT_TRACKER) -> PipelineParts:
+                  engines_dir: str | Path | None = None, tracker: str = DEFAULT_TRACKER,
+                  cuda_graphs: bool = True) -> PipelineParts:
     dev = resolve_device(device)
     dtype = getattr(torch, cfg.pipeline.precision) if dev.type == "cuda" else torch.float32
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     models = load_models(cfg, weights_dir, dev, dtype)
     engines, chosen = create_engines(cfg, models, backend=backend or cfg.pipeline.backend, device=dev, dtype=dtype,
-                                     engines_dir=engines_dir, max_batch=cfg.pipeline.batch_size)
+                                     engines_dir=engines_dir, max_batch=cfg.pipeline.batch_size,
+                                     cuda_graphs=cuda_graphs)
     face_tracker = create_tracker(tracker)
     preparer = AvatarPreparer(cfg, face_tracker, tracker, engines["vae_encoder"], models.identity, dev, dtype,
                               Path(cache_dir) if cache_dir else default_cache_dir(),

@@ -27,7 +27,7 @@ from talkrt.build_engines.specs import (
 from talkrt.config import load_config
 from talkrt.engines.base import EagerEngine
 from talkrt.engines.compiled import (
-    ARTIFACTS_FILE, MANIFEST_FILE, compiled_dir, expected_manifest, load_compiled_artifacts,
+    MANIFEST_FILE, compiled_dir, expected_manifest, load_compiled_artifacts, usable_buckets,
 )
 from talkrt.engines.graphs import EagerGraphEngine, bucket_for, plan_padding
 from talkrt.engines.manifest import ENGINES_DIR_ENV, config_dir, engines_root, sha256_files, write_manifest
@@ -219,35 +219,44 @@ def test_tensorrt_manifest_mismatch_is_refused(tiny_cfg, tmp_path, field, other)
         check_plan_manifest(found, expected, path=tmp_path / "unet.plan", max_batch=64)
 
 
-def _write_compiled(cfg, root, **changes):
+def _write_compiled(cfg, root, buckets=batch_buckets(32), **changes):
     folder = compiled_dir(cfg, "cpu", torch.float32, root)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ARTIFACTS_FILE).write_bytes(b"not torch cache artefacts")
+    (folder / "artifacts-test.bin").write_bytes(b"not torch cache artefacts")
     manifest = {**expected_manifest(cfg, "cpu", torch.float32), "compile_mode": "default",
-                "buckets": {name: list(batch_buckets(32)) for name in ENGINE_MODELS},
-                "artifacts_sha256": sha256_files([folder / ARTIFACTS_FILE]), **changes}
+                "entries": {n: {str(b): {"artifacts_file": "artifacts-test.bin"} for b in buckets}
+                            for n in ENGINE_MODELS},
+                "artifacts": {"artifacts-test.bin": sha256_files([folder / "artifacts-test.bin"])}, **changes}
     write_manifest(folder / MANIFEST_FILE, manifest)
     return folder
 
 
 @pytest.mark.parametrize("field,other", [("torch_version", "2.0.0"), ("gpu_name", "NVIDIA H100 80GB HBM3"),
                                          ("config_hash", "0123456789abcdef"), ("dtype", "float16"),
-                                         ("artifacts_sha256", "0" * 64)])
+                                         ("artifacts", {"artifacts-test.bin": "0" * 64})])
 def test_compiled_manifest_mismatch_is_refused(tiny_cfg, tmp_path, field, other):
     _write_compiled(tiny_cfg, tmp_path, **{field: other})
     with pytest.raises(EngineError, match="make engines"):
         load_compiled_artifacts(tiny_cfg, device="cpu", dtype=torch.float32, models=ENGINE_MODELS,
-                                buckets=(1, 2), engines_dir=tmp_path)
+                                max_batch=2, engines_dir=tmp_path)
 
 
 def test_compiled_manifest_checks_buckets_and_corrupt_artifacts(tiny_cfg, tmp_path):
-    _write_compiled(tiny_cfg, tmp_path, buckets={name: [1, 2] for name in ENGINE_MODELS})
-    with pytest.raises(EngineError, match=r"batch size\(s\) \[4\]"):
+    _write_compiled(tiny_cfg, tmp_path, buckets=(1, 2))
+    with pytest.raises(EngineError, match="no build for batch 4"):
         load_compiled_artifacts(tiny_cfg, device="cpu", dtype=torch.float32, models=ENGINE_MODELS,
-                                buckets=(1, 2, 4), engines_dir=tmp_path)
+                                max_batch=4, engines_dir=tmp_path)
     with pytest.raises(EngineError, match="make engines"):       # manifest fine, bytes are not torch's
         load_compiled_artifacts(tiny_cfg, device="cpu", dtype=torch.float32, models=ENGINE_MODELS,
-                                buckets=(1, 2), engines_dir=tmp_path)
+                                max_batch=2, engines_dir=tmp_path)
+
+
+def test_usable_buckets():
+    assert usable_buckets([16, 1, 4], 3) == (1, 4)
+    assert usable_buckets([1, 4, 16], 16) == (1, 4, 16)
+    assert usable_buckets([1, 4, 16], 5) == (1, 4, 16)
+    assert usable_buckets([1, 4, 16], 17) is None
+    assert usable_buckets([1, 4, 16], None) == (1, 4, 16)
 
 
 # --------------------------------------------------------------------------------------- selection
@@ -350,11 +359,12 @@ def _expected(spec, module, ref, batch):
 def test_compiled_matches_eager_at_every_bucket(gpu_setup, compiled_root, name, cuda_graphs):
     from talkrt.engines.compiled import CompiledEngine
     cfg, models, specs, refs = gpu_setup
-    manifest = load_compiled_artifacts(cfg, device="cuda", dtype=torch.float16, models=(name,),
-                                       buckets=GPU_BUCKETS, engines_dir=compiled_root)
+    build = load_compiled_artifacts(cfg, device="cuda", dtype=torch.float16, models=(name,),
+                                    max_batch=max(GPU_BUCKETS), engines_dir=compiled_root)
+    assert build.buckets[name] == GPU_BUCKETS
     spec, module = specs[name], specs[name].make_module(models)
     engine = CompiledEngine(name, module, spec.inputs, spec.outputs, GPU_BUCKETS, device="cuda",
-                            dtype=torch.float16, mode=manifest["compile_mode"], cuda_graphs=cuda_graphs)
+                            dtype=torch.float16, mode=build.mode, cuda_graphs=cuda_graphs)
     assert engine.fresh_compiles == 0
     for batch in GPU_BATCHES + (1,):                         # back to 1 after 4: no stale-bucket effects
         feeds, eager16, ref32 = _expected(spec, module, refs[name], batch)
@@ -398,11 +408,11 @@ ROUND_TRIP = textwrap.dedent("""
     cfg = load_config("musetalk")
     models = build_synthetic(cfg).to(torch.device("cuda"), torch.float16)
     spec = export_specs(cfg, 4)["vae_encoder"]
-    manifest = load_compiled_artifacts(cfg, device="cuda", dtype=torch.float16, models=("vae_encoder",),
-                                       buckets=(1,), engines_dir=sys.argv[1])
+    build = load_compiled_artifacts(cfg, device="cuda", dtype=torch.float16, models=("vae_encoder",),
+                                    max_batch=1, engines_dir=sys.argv[1])
     module = spec.make_module(models)
-    engine = CompiledEngine("vae_encoder", module, spec.inputs, spec.outputs, (1,), device="cuda",
-                            dtype=torch.float16, mode=manifest["compile_mode"], cuda_graphs=True)
+    engine = CompiledEngine("vae_encoder", module, spec.inputs, spec.outputs, build.buckets["vae_encoder"],
+                            device="cuda", dtype=torch.float16, mode=build.mode, cuda_graphs=True)
     feeds = spec.sample_inputs(1, device="cuda", dtype=torch.float16)
     with torch.inference_mode():
         diff = (engine.run(feeds)["latents"].float() - module(*feeds.values()).float()).abs().max().item()
@@ -421,3 +431,28 @@ def test_compiled_artifacts_round_trip_in_fresh_process(compiled_root, tmp_path)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["fresh"] == 0 and result["hits"] > 0, result
     assert result["diff"] < 0.05, result        # compiled vs eager fp16 latents (O(1)): fp16 rounding only
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_tensorrt_plan_matches_eager(tmp_path):
+    pytest.importorskip("tensorrt")
+    from talkrt.build_engines.onnx_export import export_onnx
+    from talkrt.build_engines.tensorrt_build import build_plan
+    from talkrt.engines.tensorrt import TensorRTEngine
+    cfg = load_config("tiny")
+    models = build_synthetic(cfg).to(torch.device("cuda"), torch.float32)
+    specs = export_specs(cfg, max(GPU_BUCKETS))
+    for name in ENGINE_MODELS:
+        spec = specs[name]
+        exported = export_onnx(cfg, spec, spec.make_module(models), dtype=torch.float32, device="cuda",
+                               weights_identity=models.identity, engines_dir=tmp_path)
+        build_plan(cfg, spec, exported, dtype=torch.float16, weights_identity=models.identity, engines_dir=tmp_path)
+        engine = TensorRTEngine(cfg, name, spec.inputs, spec.outputs, dtype=torch.float16,
+                                weights_identity=models.identity, max_batch=max(GPU_BUCKETS), buckets=GPU_BUCKETS,
+                                engines_dir=tmp_path, device="cuda", cuda_graphs=True)
+        module16 = copy.deepcopy(spec.make_module(models)).half()
+        for batch in GPU_BATCHES:
+            feeds, eager16, ref32 = _expected(spec, module16, spec.make_module(models), batch)
+            out = engine.run(feeds)[spec.output_names[0]]
+            assert_fp16_close(out, eager16, ref32, f"tensorrt {name} batch {batch}")

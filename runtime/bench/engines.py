@@ -121,16 +121,17 @@ def _compiled(cfg, models, specs, args, batches, device, dtype, started: float, 
     """Compiled engines (from artefacts, else compiled here within the budget) with ``.ready`` batches."""
     mode, from_artifacts = args.compile_mode, False
     try:
-        wanted = _covered(lambda bs: load_compiled_artifacts(cfg, device=device, dtype=dtype, models=MODELS,
-                                                             buckets=bs, engines_dir=args.engines_dir),
-                          batches)
-        manifest = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=MODELS, buckets=wanted,
-                                           engines_dir=args.engines_dir)
-        mode, from_artifacts = manifest["compile_mode"], True
+        build = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=MODELS, max_batch=None,
+                                        engines_dir=args.engines_dir)
+        wanted = [b for b in batches if all(b in build.buckets[m] for m in MODELS)]
+        if not wanted:
+            raise EngineError(f"the artefacts hold batches {build.buckets}, none of {batches}")
+        mode, from_artifacts = build.mode, True
         report.notes.append(f"compiled: from `make engines` artefacts (mode {mode}), batches {wanted}")
     except EngineError as exc:
         if args.quick or device.type != "cuda":
-            report.notes.append(f"compiled skipped (no usable artefacts, and no cold compiles with --quick or on the CPU): {exc}")
+            report.notes.append(f"compiled skipped (no usable artefacts; no cold compiles with --quick or on "
+                                f"the CPU): {exc}")
             return None
         wanted = [b for b in args.compiled_batches if b in batches]
         report.notes.append(f"compiled: no usable artefacts, compiled in this run (mode {mode}) for batches "
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE)
     p.add_argument("--compiled-batches", type=_ints, default=[16],
                    help="batches to compile in this run when no artefacts exist (cold compiles take minutes)")
-    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting cold compiles after this")
+    p.add_argument("--budget-s", type=float, default=300.0, help="stop starting cold compiles after this")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="batches 1,16, fewer iterations, no cold compiles")

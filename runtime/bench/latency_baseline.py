@@ -33,7 +33,9 @@ from talkrt.bench.common import REPO_ROOT, gpu_slug
 
 log = logging.getLogger(__name__)
 
-BASELINE_DIR = REPO_ROOT / "tests" / "latency_baselines"
+# The checkout's baselines; an installed (non-editable) copy looks in ./tests/latency_baselines.
+BASELINE_DIR = next((d for d in (REPO_ROOT / "tests" / "latency_baselines", Path.cwd() / "tests" / "latency_baselines")
+                     if d.is_dir()), REPO_ROOT / "tests" / "latency_baselines")
 TOTAL = "total"                     # the end-to-end figure's name in comparisons
 SETUP_KEYS = ("config", "backend", "compose", "batch_size", "clip_seconds")
 UPDATE_HINT = "python -m talkrt.bench.latency_baseline --update"

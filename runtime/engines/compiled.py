@@ -1,7 +1,9 @@
 """The ``compiled`` backend: ``torch.compile`` per batch bucket, warmed from saved cache artefacts.
 
 ``make engines`` compiles every bucket once and saves ``torch.compiler.save_cache_artifacts()``
-(Inductor FX-graph, AOTAutograd and autotuning caches) beside a manifest.  At start-up
+(Inductor FX-graph, AOTAutograd and autotuning caches) beside a manifest whose ``entries``
+map model -> bucket -> artefacts file (one file per build run, so builds can be resumed or
+split across runs) and whose ``artifacts`` map file -> sha256.  At start-up
 ``load_compiled_artifacts`` checks the manifest against this machine and config and hot-loads
 the bytes; ``CompiledEngine`` then compiles its module per bucket, which now hits the caches
 (seconds instead of minutes), and optionally captures one CUDA graph per bucket.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,6 @@ from talkrt.errors import EngineError
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
-ARTIFACTS_FILE = "artifacts.bin"
 MANIFEST_FILE = "manifest.json"
 _loaded_artifacts: set[str] = set()   # sha256 of artefacts already hot-loaded in this process
 
@@ -50,8 +52,10 @@ def expected_manifest(cfg: TalkrtConfig, device: torch.device | str, dtype: torc
 def raise_recompile_limit(needed: int) -> None:
     """Each bucket is one static-shape recompile of the same ``forward``; allow them all."""
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, needed)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)
+    for name, value in (("recompile_limit", needed), ("accumulated_recompile_limit", 4 * needed)):
+        if not hasattr(config, name):                     # torch < 2.6 spelled it cache_size_limit
+            name = name.replace("recompile_limit", "cache_size_limit")
+        setattr(config, name, max(getattr(config, name), value))
 
 
 def compile_module(module: torch.nn.Module, mode: str):
@@ -72,48 +76,76 @@ def from_scratch_compiles(before: dict[str, int], after: dict[str, int]) -> int:
     return (after["fx_miss"] - before["fx_miss"]) + (after["fx_bypass"] - before["fx_bypass"])
 
 
+@dataclass(frozen=True)
+class CompiledBuild:
+    """A checked compiled build: its compile mode and, per model, the buckets to run."""
+
+    folder: Path
+    mode: str
+    buckets: dict[str, tuple[int, ...]]
+    manifest: dict[str, Any]
+
+
+def usable_buckets(built: Sequence[int], max_batch: int | None) -> tuple[int, ...] | None:
+    """Built buckets up to the smallest one holding ``max_batch`` (all when None); None if none does."""
+    built = sorted(built)
+    if max_batch is None:
+        return tuple(built) or None
+    cover = next((b for b in built if b >= max_batch), None)
+    return None if cover is None else tuple(b for b in built if b <= cover)
+
+
 def load_compiled_artifacts(cfg: TalkrtConfig, *, device: torch.device | str, dtype: torch.dtype,
-                            models: Sequence[str], buckets: Sequence[int],
-                            engines_dir: str | Path | None = None) -> dict[str, Any]:
-    """Check the saved manifest and hot-load the cache artefacts; return the manifest.
+                            models: Sequence[str], max_batch: int | None,
+                            engines_dir: str | Path | None = None) -> CompiledBuild:
+    """Check the saved manifest, hot-load the cache artefacts ``models`` need, return what to run.
 
     Raises ``EngineError`` (saying to run ``make engines``) if they are missing, built on
-    another GPU / torch / dtype / config, or do not cover ``models`` at ``buckets``.
+    another GPU / torch / dtype / config, corrupt, or have no bucket holding ``max_batch``.
     """
     folder = compiled_dir(cfg, device, dtype, engines_dir)
     manifest = read_manifest(folder / MANIFEST_FILE, "compiled engines", cfg.name)
     check_manifest(manifest, expected_manifest(cfg, device, dtype), what="compiled engines",
                    path=folder, cfg_name=cfg.name)
-    built = manifest.get("buckets", {})
+    entries, digests = manifest.get("entries", {}), manifest.get("artifacts", {})
+    buckets, files = {}, set()
     for name in models:
-        missing = sorted(set(buckets) - set(built.get(name, [])))
-        if missing:
-            raise EngineError(f"compiled engines at {folder}: '{name}' was not built for batch size(s) {missing} "
-                              f"(built: {built.get(name, [])}); {rebuild_hint(cfg.name)} with --max-batch "
-                              f"{max(buckets)}")
-    artifacts = folder / manifest.get("artifacts_file", ARTIFACTS_FILE)
-    if not artifacts.is_file():
-        raise EngineError(f"compiled engines: {artifacts} is missing; {rebuild_hint(cfg.name)}")
-    digest = sha256_files([artifacts])
-    if digest != manifest.get("artifacts_sha256"):
-        raise EngineError(f"compiled engines: {artifacts} does not match its manifest (corrupt or partly "
-                          f"written); {rebuild_hint(cfg.name)}")
-    if digest not in _loaded_artifacts:
-        start = time.perf_counter()
-        info = torch.compiler.load_cache_artifacts(artifacts.read_bytes())
-        if info is None:
-            raise EngineError(f"compiled engines: torch could not read {artifacts}; {rebuild_hint(cfg.name)}")
-        _loaded_artifacts.add(digest)
-        log.info("loaded compile caches from %s (%.0f MB) in %.1f s", artifacts,
-                 artifacts.stat().st_size / 1e6, time.perf_counter() - start)
-    return manifest
+        built = [int(b) for b in entries.get(name, {})]
+        usable = usable_buckets(built, max_batch)
+        if usable is None:
+            raise EngineError(f"compiled engines at {folder}: '{name}' has no build for batch {max_batch} "
+                              f"(built: {sorted(built)}); {rebuild_hint(cfg.name)} with --max-batch {max_batch}")
+        buckets[name] = usable
+        files.update(entries[name][str(b)]["artifacts_file"] for b in usable)
+    for file in sorted(files):
+        _load_artifacts_file(folder / file, digests.get(file), cfg.name)
+    return CompiledBuild(folder, manifest["compile_mode"], buckets, manifest)
+
+
+def _load_artifacts_file(path: Path, expected_sha: str | None, cfg_name: str) -> None:
+    if not path.is_file():
+        raise EngineError(f"compiled engines: {path} is missing; {rebuild_hint(cfg_name)}")
+    digest = sha256_files([path])
+    if digest != expected_sha:
+        raise EngineError(f"compiled engines: {path} does not match its manifest (corrupt or partly written); "
+                          f"{rebuild_hint(cfg_name)}")
+    if digest in _loaded_artifacts:
+        return
+    start = time.perf_counter()
+    info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    if info is None:
+        raise EngineError(f"compiled engines: torch could not read {path}; {rebuild_hint(cfg_name)}")
+    _loaded_artifacts.add(digest)
+    log.info("loaded compile caches from %s (%.0f MB) in %.1f s", path, path.stat().st_size / 1e6,
+             time.perf_counter() - start)
 
 
 class CompiledEngine(BucketedEngine):
     """``torch.compile``d module at fixed batch buckets (pads a smaller batch up to its bucket).
 
     Construct after ``load_compiled_artifacts`` (or in the build, which compiles from
-    scratch on purpose: ``expect_cache_hits=False``).
+    scratch on purpose: ``expect_cache_hits=False``).  Puts ``module`` in eval mode without
+    gradients, as the build does, since graph cache keys depend on both.
     """
 
     backend = "compiled"
@@ -121,6 +153,7 @@ class CompiledEngine(BucketedEngine):
     def __init__(self, name: str, module: torch.nn.Module, inputs, outputs, buckets: Sequence[int], *,
                  device, dtype, mode: str = DEFAULT_COMPILE_MODE, cuda_graphs: bool = False,
                  expect_cache_hits: bool = True, warmup: bool = True, graph_fallback: bool = False):
+        module.eval().requires_grad_(False)     # the state the build compiled in; else every graph misses
         self.module = module
         self.mode = mode
         raise_recompile_limit(len(buckets) + 4)

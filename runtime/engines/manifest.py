@@ -61,8 +61,9 @@ def machine_info(device: torch.device | str) -> dict[str, str]:
         major, minor = torch.cuda.get_device_capability(index)
         return {"device_type": "cuda", "gpu_name": torch.cuda.get_device_name(index),
                 "compute_capability": f"{major}.{minor}"}
+    # Inductor's CPU code is specialised to the thread count, so it is part of the cache key.
     return {"device_type": device.type, "gpu_name": "none", "compute_capability": "none",
-            "cpu_arch": platform.machine()}
+            "cpu_arch": platform.machine(), "cpu_threads": str(torch.get_num_threads())}
 
 
 def sha256_files(paths: list[Path]) -> str:

@@ -60,14 +60,13 @@ def tensorrt_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, 
 
 def compiled_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, device: torch.device,
                      dtype: torch.dtype, engines_dir, cuda_graphs: bool) -> dict[str, Engine]:
-    buckets = specs["unet"].buckets
-    manifest = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=ENGINE_MODELS, buckets=buckets,
-                                       engines_dir=engines_dir)
+    build = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=ENGINE_MODELS,
+                                    max_batch=specs["unet"].profile.max, engines_dir=engines_dir)
     engines: dict[str, Engine] = {}
     for name in ENGINE_MODELS:
         spec = specs[name]
-        engines[name] = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs, spec.buckets,
-                                       device=device, dtype=dtype, mode=manifest["compile_mode"],
+        engines[name] = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs,
+                                       build.buckets[name], device=device, dtype=dtype, mode=build.mode,
                                        cuda_graphs=cuda_graphs, graph_fallback=True)
     return engines
 
@@ -97,6 +96,13 @@ def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: 
                 raise
             log.info("backend %s not usable: %s", candidate, exc)
             reasons.append(f"{candidate}: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - e.g. a torch.compile or CUDA failure while loading
+            if backend != "auto":
+                raise EngineError(f"{candidate} engines failed to load ({type(exc).__name__}: {exc}); "
+                                  f"{rebuild_hint(cfg.name)}") from exc
+            log.warning("backend %s failed to load: %s: %s", candidate, type(exc).__name__, exc)
+            reasons.append(f"{candidate}: {type(exc).__name__}: {exc}")
             continue
         return _finish(engines, specs, models, cfg, candidate, graphs, engines_dir)
     if backend == "auto":

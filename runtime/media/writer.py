@@ -68,14 +68,22 @@ class Mp4Writer:
         crf: int = 20,
         metadata: dict[str, str] | None = None,
         video_template: Any = None,
+        pix_fmt: str = "yuv420p",
+        encoder_options: dict[str, str] | None = None,
     ) -> None:
         """``video_template``: an input video stream whose packets will be copied with
-        :meth:`write_encoded_packet` instead of encoding frames (e.g. NVENC's H.264)."""
+        :meth:`write_encoded_packet` instead of encoding frames (e.g. NVENC's H.264).
+        ``pix_fmt``: the encoder's input format, ``yuv420p`` or ``nv12`` (then :meth:`write_nv12`
+        hands frames to libx264 without a repack; the bitstream is 4:2:0 either way)."""
+        if pix_fmt not in ("yuv420p", "nv12"):
+            raise ValueError(f"pix_fmt must be yuv420p or nv12, got {pix_fmt!r}")
+        self.pix_fmt = pix_fmt
+        self._encoder_options = dict(encoder_options or {})
         self.out_path = Path(out_path)
         self.width, self.height = int(width), int(height)
         self.fps = _exact_fps(fps)
         self.audio_path = Path(audio_path) if audio_path is not None else None
-        self._validate(metadata)
+        validate_output(self.out_path, self.width, self.height, metadata)
 
         self._frames_written = 0
         self._closed = False
@@ -126,7 +134,7 @@ class Mp4Writer:
                 f"write_rgb expects uint8 [{self.height}, {self.width}, 3], got {arr.dtype} {list(arr.shape)}"
             )
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
-        yuv = self._reformatter.reformat(vf, format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+        yuv = self._reformatter.reformat(vf, format=self.pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
         self._encode(yuv)
 
     def write_nv12(self, nv12: np.ndarray) -> None:
@@ -142,17 +150,21 @@ class Mp4Writer:
                 f"write_nv12 expects uint8 [{self.height * 3 // 2}, {self.width}], got {arr.dtype} {list(arr.shape)}"
             )
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="nv12")
-        yuv = self._reformatter.reformat(vf, format="yuv420p")
-        self._encode(yuv)
+        self._encode(vf if self.pix_fmt == "nv12" else self._reformatter.reformat(vf, format="yuv420p"))
 
-    def write_encoded_packet(self, packet: av.Packet) -> None:
-        """Append one already-encoded video packet (one frame, decode order = display order)."""
+    def write_encoded_packet(self, packet: av.Packet, pts: int | None = None, dts: int | None = None) -> None:
+        """Append one already-encoded video packet (one frame).
+
+        ``pts``/``dts`` are in frames (time base ``1/fps``); when omitted the packet is taken to be
+        in display order without reordering (pts = dts = its index), as NVENC without B-frames emits.
+        """
         self._check_open()
         if not self._copying:
             raise TalkrtError(f"{self.out_path}: write_encoded_packet needs a writer opened with video_template")
         packet.stream = self._video
         packet.time_base = self._time_base
-        packet.pts = packet.dts = self._frames_written
+        packet.pts = self._frames_written if pts is None else pts
+        packet.dts = packet.pts if dts is None else dts
         packet.duration = 1
         self._container.mux(packet)
         self._frames_written += 1
@@ -214,36 +226,17 @@ class Mp4Writer:
             pass
 
     # ------------------------------------------------------------------ internals
-    def _validate(self, metadata: dict[str, str] | None) -> None:
-        if self.out_path.suffix.lower() != ".mp4":
-            raise InputError(self.out_path, "output file name must end with .mp4")
-        parent = self.out_path.parent
-        if not parent.is_dir():
-            problem = "is not a directory" if parent.exists() else "output directory does not exist"
-            raise InputError(parent, problem)
-        if self.out_path.is_dir():
-            raise InputError(self.out_path, "output path is a directory")
-        if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
-            raise InputError(
-                self.out_path,
-                f"frame size {self.width}x{self.height} is not allowed: H.264 4:2:0 output needs "
-                "positive, even width and height",
-            )
-        for key, value in (metadata or {}).items():
-            if not isinstance(key, str) or not key or not isinstance(value, str):
-                raise ValueError(f"metadata must map non-empty str to str, got {key!r}: {value!r}")
-
     def _add_video_stream(self, codec: str, preset: str, crf: int) -> Any:
         options: dict[str, str] = {}
         if codec in ("libx264", "libx265"):
-            options = {"preset": str(preset), "crf": str(crf)}
+            options = {"preset": str(preset), "crf": str(crf), **self._encoder_options}
         try:
             stream = self._container.add_stream(codec, rate=self.fps, options=options)
         except (av.FFmpegError, ValueError) as exc:
             raise TalkrtError(f"video encoder {codec!r} is not available in this FFmpeg: {exc_message(exc)}") from exc
         stream.width = self.width
         stream.height = self.height
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = self.pix_fmt
         cc = stream.codec_context
         cc.time_base = self._time_base
         for attr, value in (
@@ -287,6 +280,27 @@ class Mp4Writer:
             pass
         except OSError as exc:
             log.warning("could not delete temporary file %s: %s", self._temp_path, exc)
+
+
+def validate_output(out_path: Path, width: int, height: int, metadata: dict[str, str] | None = None) -> None:
+    """Refuse an output path/size/metadata that cannot work, before any work is done."""
+    if out_path.suffix.lower() != ".mp4":
+        raise InputError(out_path, "output file name must end with .mp4")
+    parent = out_path.parent
+    if not parent.is_dir():
+        problem = "is not a directory" if parent.exists() else "output directory does not exist"
+        raise InputError(parent, problem)
+    if out_path.is_dir():
+        raise InputError(out_path, "output path is a directory")
+    if width <= 0 or height <= 0 or width % 2 or height % 2:
+        raise InputError(
+            out_path,
+            f"frame size {width}x{height} is not allowed: H.264 4:2:0 output needs "
+            "positive, even width and height",
+        )
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise ValueError(f"metadata must map non-empty str to str, got {key!r}: {value!r}")
 
 
 class _AudioTrack:
