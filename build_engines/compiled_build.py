@@ -5,12 +5,15 @@ buffers, same ``torch.compile`` call, same inference mode), so the run time's co
 the caches saved here.  Output::
 
     <engines>/<config>-<hash>/compiled/<device>-<dtype>/manifest.json
-    <engines>/<config>-<hash>/compiled/<device>-<dtype>/artifacts-<run id>.bin
+    <engines>/<config>-<hash>/compiled/<device>-<dtype>/artifacts-<model>-b<bucket>-<run id>.bin
 
-The artefacts and manifest are rewritten after every bucket, so an interrupted build keeps
-what it finished and the next run compiles only the missing (model, bucket) pairs; runs
-can also be split with ``model_names`` / ``buckets``.  A build for another machine, torch,
-dtype, config or compile mode is discarded and rebuilt; ``force`` rebuilds everything.
+Each (model, bucket) is compiled under a fresh artefact recorder and saved once to its own
+file (a recorder saved repeatedly yields a blob that ``torch.compiler.load_cache_artifacts``
+only partly loads: see ``talkrt.engines.compiled``).  The manifest is rewritten after every
+bucket, so an interrupted build keeps what it finished and the next run compiles only the
+missing (model, bucket) pairs; runs can also be split with ``model_names`` / ``buckets``.
+A build for another machine, torch, dtype, config or compile mode is discarded and rebuilt;
+``force`` rebuilds everything.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from talkrt.build_engines.specs import ENGINE_MODELS, batch_buckets, default_max_batch, export_specs
 from talkrt.config import TalkrtConfig
 from talkrt.engines.compiled import (
-    DEFAULT_COMPILE_MODE, MANIFEST_FILE, CompiledEngine, compiled_dir, expected_manifest,
+    DEFAULT_COMPILE_MODE, MANIFEST_FILE, CompiledEngine, compiled_dir, expected_manifest, fresh_artifact_recording,
 )
 from talkrt.engines.manifest import manifest_mismatches, read_manifest, sha256_files, write_manifest
 from talkrt.errors import EngineError
@@ -58,18 +61,22 @@ def _check_placement(module: torch.nn.Module, name: str, device: torch.device, d
                           f"expected {device}/{dtype}; move the models first (LipSyncModels.to)")
 
 
-def _save(folder: Path, run_file: str, expected: dict, entries: dict, digests: dict, extra: dict) -> None:
-    """Write this run's cumulative artefacts, drop unreferenced files, rewrite the manifest."""
+def _save_bucket(folder: Path, file: str) -> tuple[str, dict[str, int]]:
+    """Write the artefacts recorded since ``fresh_artifact_recording`` began; return sha256 and per-kind counts."""
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         raise EngineError("compiled build: torch recorded no compile-cache artefacts to save "
                           "(is the Inductor FX graph cache disabled, e.g. TORCHINDUCTOR_FX_GRAPH_CACHE=0?)")
     blob, info = saved
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (run_file + ".tmp")
+    tmp = folder / (file + ".tmp")
     tmp.write_bytes(blob)
-    tmp.replace(folder / run_file)
-    digests[run_file] = sha256_files([folder / run_file])
+    tmp.replace(folder / file)
+    return sha256_files([folder / file]), {kind: len(keys) for kind, keys in info.artifacts.items()}
+
+
+def _write(folder: Path, expected: dict, entries: dict, digests: dict, extra: dict) -> None:
+    """Drop artefact files no entry references, rewrite the manifest."""
     used = {e["artifacts_file"] for per in entries.values() for e in per.values()}
     for stale in set(digests) - used:
         digests.pop(stale)
@@ -78,7 +85,6 @@ def _save(folder: Path, run_file: str, expected: dict, entries: dict, digests: d
             path.unlink()
     write_manifest(folder / MANIFEST_FILE, {
         **expected, **extra, "entries": entries, "artifacts": digests,
-        "artifact_counts": {kind: len(keys) for kind, keys in info.artifacts.items()},
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
 
@@ -103,7 +109,7 @@ def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dty
         log.info("compiled engines in %s are up to date for %s at batches %s (use --force to rebuild)",
                  folder, ",".join(model_names), list(buckets))
         return folder
-    run_file = f"artifacts-{time.strftime('%Y%m%d-%H%M%S')}.bin"
+    run_id = time.strftime("%Y%m%d-%H%M%S")
     extra = {"config_name": cfg.name, "weights_identity": models.identity}
     log.info("compiling %d (model, batch) pair(s) into %s (mode %s); cold compiles take minutes each",
              len(todo), folder, mode)
@@ -120,13 +126,17 @@ def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dty
         for bucket in pending:
             done = todo.index((name, bucket)) + 1
             log.info("[%d/%d] compiling %s at batch %d...", done, len(todo), name, bucket)
-            engine.prepare(bucket)
+            file = f"artifacts-{name}-b{bucket}-{run_id}.bin"
+            with fresh_artifact_recording():        # this bucket's artefacts only, saved once
+                engine.prepare(bucket)
+                digests[file], counts = _save_bucket(folder, file)
             seconds = engine.warmup_seconds[bucket]
-            entries.setdefault(name, {})[str(bucket)] = {"artifacts_file": run_file,
-                                                         "compile_seconds": round(seconds, 2)}
-            _save(folder, run_file, expected, entries, digests, extra)
-            log.info("[%d/%d] %s batch %d compiled in %.1f s (%.0f s elapsed), saved", done, len(todo), name,
-                     bucket, seconds, time.perf_counter() - build_start)
+            entries.setdefault(name, {})[str(bucket)] = {"artifacts_file": file, "compile_seconds": round(seconds, 2),
+                                                         "artifact_counts": counts,
+                                                         "cache": engine.bucket_cache.get(bucket, {})}
+            _write(folder, expected, entries, digests, extra)
+            log.info("[%d/%d] %s batch %d compiled in %.1f s (%.0f s elapsed), saved %s %s", done, len(todo),
+                     name, bucket, seconds, time.perf_counter() - build_start, file, counts)
         del engine
     log.info("compiled engines saved to %s (%.0f MB of caches, %.0f s)", folder,
              sum((folder / f).stat().st_size for f in digests) / 1e6, time.perf_counter() - build_start)

@@ -2,21 +2,30 @@
 
 ``make engines`` compiles every bucket once and saves ``torch.compiler.save_cache_artifacts()``
 (Inductor FX-graph, AOTAutograd and autotuning caches) beside a manifest whose ``entries``
-map model -> bucket -> artefacts file (one file per build run, so builds can be resumed or
-split across runs) and whose ``artifacts`` map file -> sha256.  At start-up
+map model -> bucket -> artefacts file (one self-contained file per (model, bucket), so builds
+can be resumed or split across runs) and whose ``artifacts`` map file -> sha256.  At start-up
 ``load_compiled_artifacts`` checks the manifest against this machine and config and hot-loads
 the bytes; ``CompiledEngine`` then compiles its module per bucket, which now hits the caches
 (seconds instead of minutes), and optionally captures one CUDA graph per bucket.
 
 A cache miss during warm-up means Inductor compiled from scratch; that is logged as a
 warning, never silent.
+
+Why one file per bucket, each saved once: torch's mega-cache recorder appends a chunk per
+artefact kind on every ``save_cache_artifacts()`` call, but ``load_cache_artifacts()`` folds
+the chunks with ``dict()``, so from a blob saved N times only the LAST chunk of each kind is
+loaded (torch 2.11 and 2.13).  The build therefore records each bucket in a fresh recorder
+(``fresh_artifact_recording``) and saves it once, and the loader here merges every chunk
+anyway (``read_cache_artifacts``), so older multi-save files load completely too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +80,65 @@ def cache_counters() -> dict[str, int]:
             "aot_miss": aot["autograd_cache_miss"]}
 
 
-def from_scratch_compiles(before: dict[str, int], after: dict[str, int]) -> int:
-    """Graphs Inductor had to compile because no cache entry matched."""
-    return (after["fx_miss"] - before["fx_miss"]) + (after["fx_bypass"] - before["fx_bypass"])
+def cache_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Non-zero counter changes between two ``cache_counters()`` snapshots."""
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@contextlib.contextmanager
+def fresh_artifact_recording() -> Iterator[None]:
+    """Record compile-cache artefacts from scratch inside the block (for one self-contained save).
+
+    Outside it torch keeps one process-wide recorder whose saves accumulate chunks that
+    ``load_cache_artifacts`` partly drops (see the module docstring); inside it, artefacts
+    already recorded earlier in the process (a kernel shared with another bucket, a graph this
+    process hit in its local cache) are recorded again, so the block's save stands alone.
+    """
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+    except ImportError:                      # layout changed: the loader still merges every chunk
+        yield
+        return
+    if hasattr(CacheArtifactManager, "with_fresh_cache"):
+        with CacheArtifactManager.with_fresh_cache():
+            yield
+    else:
+        CacheArtifactManager.clear()
+        yield
+
+
+def read_cache_artifacts(blob: bytes) -> dict[str, list] | None:
+    """The artefacts in a ``save_cache_artifacts()`` blob, every chunk merged per kind; None if unreadable.
+
+    ``torch.compiler.load_cache_artifacts`` keeps only the last chunk of each kind, which
+    loses all but the last save of a recorder that was saved several times.
+    """
+    from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache
+    from torch.utils._appending_byte_serializer import AppendingByteSerializer
+    CacheArtifactManager._ensure_cache_artifacts_registered()     # private API: ImportError/AttributeError
+    to_list = AppendingByteSerializer.to_list                       # propagate, see hot_load_artifacts
+    try:
+        chunks = to_list(blob, deserialize_fn=_deserialize_single_cache)
+    except Exception:  # noqa: BLE001 - a corrupt blob fails in many ways (assert, struct, pickle)
+        return None
+    merged: dict[str, list] = defaultdict(list)
+    for kind, artifacts in chunks:
+        merged[kind].extend(artifacts)
+    return dict(merged)
+
+
+def hot_load_artifacts(blob: bytes) -> dict[str, int] | None:
+    """Write every artefact of ``blob`` into this process's local caches; per kind counts, None if unreadable."""
+    try:
+        artifacts = read_cache_artifacts(blob)
+    except (ImportError, AttributeError):    # private layout changed: torch's own (last-chunk) loader
+        info = torch.compiler.load_cache_artifacts(blob)
+        return None if info is None else {kind: len(keys) for kind, keys in info.artifacts.items()}
+    if artifacts is None:
+        return None
+    from torch.compiler._cache import CacheArtifactManager
+    info = CacheArtifactManager.populate_caches(artifacts)
+    return {kind: len(keys) for kind, keys in info.artifacts.items()}
 
 
 @dataclass(frozen=True)
@@ -132,12 +197,12 @@ def _load_artifacts_file(path: Path, expected_sha: str | None, cfg_name: str) ->
     if digest in _loaded_artifacts:
         return
     start = time.perf_counter()
-    info = torch.compiler.load_cache_artifacts(path.read_bytes())
-    if info is None:
+    counts = hot_load_artifacts(path.read_bytes())
+    if counts is None:
         raise EngineError(f"compiled engines: torch could not read {path}; {rebuild_hint(cfg_name)}")
     _loaded_artifacts.add(digest)
-    log.info("loaded compile caches from %s (%.0f MB) in %.1f s", path, path.stat().st_size / 1e6,
-             time.perf_counter() - start)
+    log.info("loaded compile caches from %s (%.1f MB, %s) in %.1f s", path.name, path.stat().st_size / 1e6,
+             counts, time.perf_counter() - start)
 
 
 class CompiledEngine(BucketedEngine):
@@ -156,19 +221,38 @@ class CompiledEngine(BucketedEngine):
         module.eval().requires_grad_(False)     # the state the build compiled in; else every graph misses
         self.module = module
         self.mode = mode
+        self.expect_cache_hits = expect_cache_hits
+        self.bucket_cache: dict[int, dict[str, int]] = {}   # per bucket: cache counter deltas of its warm-up
         raise_recompile_limit(len(buckets) + 4)
         compiled = compile_module(module, mode)
-        before = cache_counters()
         start = time.perf_counter()
         super().__init__(name, compiled, inputs, outputs, buckets, device=device, dtype=dtype,
                          cuda_graphs=cuda_graphs, warmup=warmup, graph_fallback=graph_fallback)
-        after = cache_counters()
-        self.fresh_compiles = from_scratch_compiles(before, after)
-        self.cache_hits = (after["fx_hit"] - before["fx_hit"]) + (after["aot_hit"] - before["aot_hit"])
         if warmup:
             log.info("compiled engine %s: %d bucket(s) ready in %.1f s (%d cache hit(s), %d fresh compile(s))",
                      name, len(self.buckets), time.perf_counter() - start, self.cache_hits, self.fresh_compiles)
-        if expect_cache_hits and self.fresh_compiles:
-            log.warning("compiled engine %s: %d graph(s) were compiled from scratch (cache miss): the saved "
-                        "artefacts do not match this torch/Inductor setup; %s", name, self.fresh_compiles,
-                        rebuild_hint())
+
+    @property
+    def fresh_compiles(self) -> int:
+        """Graphs compiled from scratch (cache miss or bypass) while preparing buckets so far."""
+        return sum(d.get("fx_miss", 0) + d.get("fx_bypass", 0) for d in self.bucket_cache.values())
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(d.get("fx_hit", 0) + d.get("aot_hit", 0) for d in self.bucket_cache.values())
+
+    def prepare(self, bucket: int) -> None:
+        before = cache_counters()
+        super().prepare(bucket)
+        delta = cache_delta(before, cache_counters())
+        if not delta:
+            return
+        stats = self.bucket_cache.setdefault(bucket, {})
+        for key, value in delta.items():
+            stats[key] = stats.get(key, 0) + value
+        misses = delta.get("fx_miss", 0) + delta.get("fx_bypass", 0)
+        log.info("compiled engine %s batch %d: cache %s", self.name, bucket, delta)
+        if self.expect_cache_hits and misses:
+            log.warning("compiled engine %s: %d graph(s) at batch %d were compiled from scratch (cache miss): "
+                        "the saved artefacts do not match this torch/Inductor setup; %s", self.name, misses,
+                        bucket, rebuild_hint())
