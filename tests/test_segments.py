@@ -45,11 +45,17 @@ def test_failure_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_frame_is_reported(tmp_path):
+def test_bad_frame_and_dead_worker_are_reported(tmp_path):
     from talkrt.errors import TalkrtError
     out = tmp_path / "out.mp4"
     w = SegmentedMp4Writer(out, 96, 64, Fraction(25), workers=1, segment_frames=4)
-    w.write_rgb(np.zeros((10, 10, 3), np.uint8))        # wrong size: the worker fails
+    with pytest.raises(ValueError, match="expects uint8"):
+        w.write_rgb(np.zeros((10, 10, 3), np.uint8))
+    w.workers[0].process.kill()                         # an encoder process dies mid-run
+    w.workers[0].process.join()
     with pytest.raises(TalkrtError, match="segment encoder failed"):
+        for f in _frames(40):
+            w.write_rgb(f)
         w.close()
+    w.abort()
     assert list(tmp_path.iterdir()) == []

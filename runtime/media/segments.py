@@ -4,8 +4,10 @@ joined without re-encoding.
 One libx264 instance stops scaling well past a handful of cores, and on GPUs without NVENC the
 CPU encoder is what limits throughput. :class:`SegmentedMp4Writer` cuts the frame sequence into
 segments of ``segment_frames`` (each starts with an IDR frame, like a streaming GOP); segment
-``k`` is encoded by worker ``k % workers`` into its own hidden MP4, so several encoders run at
-once. :meth:`close` copies every segment's packets, in order and with their timestamps offset
+``k`` is encoded by worker process ``k % workers`` into its own hidden MP4, so several encoders
+run at once. Workers are processes (spawned, so they never inherit CUDA state) because PyAV
+holds the GIL while it encodes: threads would take turns. Frames reach them through a ring of
+shared-memory slots per worker (one copy per frame, bounded: constant memory). :meth:`close` copies every segment's packets, in order and with their timestamps offset
 by the segment's first frame, into the final MP4 together with the audio, and renames it into
 place; on failure nothing is left behind.
 
@@ -16,10 +18,11 @@ It has :class:`~talkrt.media.writer.Mp4Writer`'s interface (``write_nv12``, ``wr
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import queue
 import tempfile
-import threading
+from multiprocessing import shared_memory
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -33,37 +36,77 @@ from talkrt.media.writer import Mp4Writer, validate_output
 log = logging.getLogger(__name__)
 
 
-class _Worker:
-    """One encoder thread; encodes the segments it is given, one at a time, in order."""
+_SPAWN = mp.get_context("spawn")
+SLOT_BUDGET_BYTES = 128 * 2**20          # shared memory per worker
 
-    def __init__(self, owner: SegmentedMp4Writer, index: int, queue_frames: int):
-        self.owner = owner
-        self.jobs: queue.Queue = queue.Queue(maxsize=queue_frames)   # bounded: constant memory
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"talkrt-x264-{index}", daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        writer: Mp4Writer | None = None
-        while True:
-            item = self.jobs.get()
-            if item is None:
-                break
-            kind, segment, payload = item
-            if self.error is not None:
-                continue
-            try:
-                if kind == "open":
-                    writer = self.owner.open_segment(segment)
-                elif kind == "close":
-                    writer.close()
-                    writer = None
-                else:
-                    (writer.write_nv12 if kind == "nv12" else writer.write_rgb)(payload)
-            except BaseException as exc:  # noqa: BLE001 - reported to the producer
-                self.error = exc
+def _encoder_process(spec: dict, shm_name: str, slot_bytes: int, tasks, free, errors) -> None:
+    """Worker process: open/close segment writers and encode frames found in shared-memory slots."""
+    shm = shared_memory.SharedMemory(name=shm_name)
+    writer: Mp4Writer | None = None
+    try:
+        while (task := tasks.get()) is not None:
+            kind, arg, shape = task
+            if kind == "open":
+                writer = Mp4Writer(Path(arg), **spec)
+            elif kind == "close":
+                writer.close()
+                writer = None
+            else:
+                view = np.ndarray(shape, np.uint8, buffer=shm.buf, offset=arg * slot_bytes)
+                (writer.write_nv12 if kind == "nv12" else writer.write_rgb)(view)   # PyAV copies the frame
+                del view
+                free.put(arg)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises TalkrtError
+        errors.put(f"{type(exc).__name__}: {exc}")
+    finally:
         if writer is not None:
             writer.abort()
+        shm.close()
+
+
+class _Worker:
+    """One encoder process with its shared-memory slots and queues."""
+
+    def __init__(self, spec: dict, slot_bytes: int, slots: int):
+        self.slot_bytes = slot_bytes
+        self.shm = shared_memory.SharedMemory(create=True, size=slot_bytes * slots)
+        self.tasks, self.free, self.errors = _SPAWN.Queue(), _SPAWN.Queue(), _SPAWN.Queue()
+        for slot in range(slots):
+            self.free.put(slot)
+        self.process = _SPAWN.Process(target=_encoder_process, daemon=True, name="talkrt-x264",
+                                      args=(spec, self.shm.name, slot_bytes, self.tasks, self.free, self.errors))
+        self.process.start()
+        self.error: str | None = None
+
+    def check(self) -> None:
+        if self.error is None and not self.errors.empty():
+            self.error = self.errors.get()
+        if self.error is None and not self.process.is_alive() and self.process.exitcode not in (None, 0):
+            self.error = f"encoder process exited with code {self.process.exitcode}"
+
+    def acquire_slot(self) -> int:
+        while True:
+            try:
+                return self.free.get(timeout=0.5)
+            except queue.Empty:
+                self.check()
+                if self.error is not None:
+                    raise TalkrtError(f"segment encoder failed: {self.error}") from None
+
+    def send_frame(self, kind: str, frame: np.ndarray) -> None:
+        slot = self.acquire_slot()
+        view = np.ndarray(frame.shape, np.uint8, buffer=self.shm.buf, offset=slot * self.slot_bytes)
+        np.copyto(view, frame)
+        del view
+        self.tasks.put((kind, slot, frame.shape))
+
+    def stop(self) -> None:
+        self.tasks.put(None)
+        self.process.join()
+        self.check()
+        self.shm.close()
+        self.shm.unlink()
 
 
 class SegmentedMp4Writer:
@@ -72,8 +115,7 @@ class SegmentedMp4Writer:
     def __init__(self, out_path: str | os.PathLike, width: int, height: int, fps: Fraction, *,
                  audio_path: str | os.PathLike | None = None, video_codec: str = "libx264", preset: str = "veryfast",
                  crf: int = 20, metadata: dict[str, str] | None = None, pix_fmt: str = "yuv420p",
-                 workers: int = 4, segment_frames: int = 50, threads_per_worker: int | None = None,
-                 queue_frames: int = 8):
+                 workers: int = 4, segment_frames: int = 50, threads_per_worker: int | None = None):
         if workers < 1 or segment_frames < 1:
             raise ValueError("workers and segment_frames must be >= 1")
         self.out_path = Path(out_path)
@@ -88,30 +130,39 @@ class SegmentedMp4Writer:
         self.segments: list[Path] = []
         self.frames_written = 0
         self._closed = False
-        self.workers = [_Worker(self, i, queue_frames) for i in range(workers)]
+        spec = dict(width=width, height=height, fps=self.fps, video_codec=video_codec, preset=preset, crf=crf,
+                    pix_fmt=pix_fmt, encoder_options=self.options)
+        slot_bytes = width * height * 3
+        slots = max(2, min(8, SLOT_BUDGET_BYTES // slot_bytes))
+        self.workers: list[_Worker] = []
+        try:
+            for _ in range(workers):
+                self.workers.append(_Worker(spec, slot_bytes, slots))
+        except BaseException:
+            self.abort()
+            raise
 
-    # ------------------------------------------------------------------ worker side
     def segment_path(self, segment: int) -> Path:
         return self.tmp_dir / f"segment{segment:06d}.mp4"
-
-    def open_segment(self, segment: int) -> Mp4Writer:
-        return Mp4Writer(self.segment_path(segment), self.width, self.height, self.fps, video_codec=self.codec,
-                         preset=self.preset, crf=self.crf, pix_fmt=self.pix_fmt, encoder_options=self.options)
 
     # ------------------------------------------------------------------ producer side
     def _put(self, kind: str, frame: np.ndarray) -> None:
         if self._closed:
             raise TalkrtError(f"{self.out_path}: writer is already closed")
+        frame = np.asarray(frame)
+        expected = (self.height * 3 // 2, self.width) if kind == "nv12" else (self.height, self.width, 3)
+        if frame.dtype != np.uint8 or frame.shape != expected:
+            raise ValueError(f"write_{kind} expects uint8 {list(expected)}, got {frame.dtype} {list(frame.shape)}")
         segment, offset = divmod(self.frames_written, self.segment_frames)
         worker = self.workers[segment % len(self.workers)]
         self._raise_if_failed()
         if offset == 0:
             self.segments.append(self.segment_path(segment))
-            worker.jobs.put(("open", segment, None))
-        worker.jobs.put((kind, segment, np.array(frame, copy=True)))   # caller may reuse its buffer
+            worker.tasks.put(("open", str(self.segment_path(segment)), None))
+        worker.send_frame(kind, frame)      # one copy into shared memory: the caller may reuse its buffer
         self.frames_written += 1
         if offset == self.segment_frames - 1:
-            worker.jobs.put(("close", segment, None))
+            worker.tasks.put(("close", None, None))
 
     def write_nv12(self, nv12: np.ndarray) -> None:
         self._put("nv12", nv12)
@@ -121,17 +172,16 @@ class SegmentedMp4Writer:
 
     def _raise_if_failed(self) -> None:
         for w in self.workers:
+            w.check()
             if w.error is not None:
-                raise TalkrtError(f"{self.out_path}: segment encoder failed: {w.error}") from w.error
+                raise TalkrtError(f"{self.out_path}: segment encoder failed: {w.error}")
 
-    def _stop_workers(self) -> None:
-        if self.frames_written % self.segment_frames:
+    def _stop_workers(self, finish_last: bool = True) -> None:
+        if finish_last and self.frames_written % self.segment_frames:
             last = (self.frames_written - 1) // self.segment_frames
-            self.workers[last % len(self.workers)].jobs.put(("close", last, None))
+            self.workers[last % len(self.workers)].tasks.put(("close", None, None))
         for w in self.workers:
-            w.jobs.put(None)
-        for w in self.workers:
-            w.thread.join()
+            w.stop()
 
     def close(self) -> None:
         """Finish every segment, join them with the audio into ``out_path`` (atomic rename)."""
@@ -167,11 +217,12 @@ class SegmentedMp4Writer:
                             out.write_encoded_packet(packet, pts=pts, dts=dts)
 
     def abort(self) -> None:
+        """Stop the encoders without finishing any segment; leave no file behind (idempotent)."""
         if not self._closed:
             self._closed = True
             for w in self.workers:
-                w.error = w.error or TalkrtError("aborted")
-            self._stop_workers()
+                w.process.terminate()
+            self._stop_workers(finish_last=False)
         self._cleanup()
 
     def _cleanup(self) -> None:
