@@ -52,7 +52,7 @@ def test_bad_frame_and_dead_worker_are_reported(tmp_path):
     with pytest.raises(ValueError, match="expects uint8"):
         w.write_rgb(np.zeros((10, 10, 3), np.uint8))
     w.workers[0].process.kill()                         # an encoder process dies mid-run
-    w.workers[0].process.join()
+    w.workers[0].process.wait()
     with pytest.raises(TalkrtError, match="segment encoder failed"):
         for f in _frames(40):
             w.write_rgb(f)

@@ -8,9 +8,9 @@ Both paths run the same synthetic full-size model after a warm-up run (avatar ca
 engines loaded), and report end-to-end frames/s, per-stage ms/frame and peak memory:
 
 * ``baseline``: MuseTalk's way: eager model (no CUDA graphs), frames decoded on the CPU, cv2 resize + PIL paste per
-  frame (``compose=reference``), RGB frames encoded by libx264.
+  frame (``compose=reference``), RGB frames encoded by one libx264.
 * ``talkrt``: NVDEC (or upload) to NV12, the fused CuPy compose kernel into NV12, only NV12 to the
-  host for libx264 (no NVENC on H100/H200), best available engine backend, stages overlapping
+  host for libx264 segment encoders (no NVENC on H100/H200), best available engine backend, stages overlapping
   (``stage_sync=false``: its per-stage figures are GPU times from CUDA events, not wall times).
 """
 
@@ -68,16 +68,19 @@ def run_once(parts, video: Path, audio: Path, out: Path) -> dict:
 
 
 def bench(resolutions: list[str], config: str, device: str, seconds: float, work: Path, talkrt_backend: str,
-          speech: Path) -> dict:
-    cfg = load_config(config)
-    overlapped = load_config(config, ["pipeline.stage_sync=false"])
+          speech: Path, compare_single_encoder: bool = False) -> dict:
+    single = ["pipeline.encoder.workers=1"]
     cache = work / "cache"
     paths = {
-        "baseline": build_session(cfg, device=device, backend="eager", compose="reference", cache_dir=cache,
-                                  cuda_graphs=False),
-        "talkrt": build_session(overlapped, device=device, backend=talkrt_backend, compose="auto", cache_dir=cache),
+        "baseline": build_session(load_config(config, single), device=device, backend="eager", compose="reference",
+                                  cache_dir=cache, cuda_graphs=False),
+        "talkrt": build_session(load_config(config, ["pipeline.stage_sync=false"]), device=device,
+                                backend=talkrt_backend, compose="auto", cache_dir=cache),
     }
-    results: dict = {"config": cfg.name, "device": str(paths["talkrt"].device), "rows": []}
+    if compare_single_encoder:
+        paths["talkrt-1enc"] = build_session(load_config(config, ["pipeline.stage_sync=false", *single]),
+                                             device=device, backend=talkrt_backend, compose="auto", cache_dir=cache)
+    results: dict = {"config": paths["talkrt"].cfg.name, "device": str(paths["talkrt"].device), "rows": []}
     for name in resolutions:
         video = make_clip(work, name, seconds)
         for label, parts in paths.items():
@@ -89,7 +92,8 @@ def bench(resolutions: list[str], config: str, device: str, seconds: float, work
             log.info("%s %s: %.1f frames/s", name, label, row["fps"])
     for name in resolutions:
         rows = {r["path"]: r for r in results["rows"] if r["resolution"] == name}
-        rows["talkrt"]["speedup_vs_baseline"] = rows["talkrt"]["fps"] / rows["baseline"]["fps"]
+        for label, row in rows.items():
+            row["speedup_vs_baseline"] = row["fps"] / rows["baseline"]["fps"]
     return results
 
 
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="avatar clip length")
     p.add_argument("--work", type=Path, default=None, help="folder for clips and outputs (default: temp)")
     p.add_argument("--audio", type=Path, default=Path("tests/data/sample_speech.wav"), help="speech track")
+    p.add_argument("--compare-single-encoder", action="store_true",
+                   help="also run talkrt with one libx264 instead of the segment encoders")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = bench([r.strip() for r in args.resolutions.split(",")], config, args.device, args.seconds, work,
-                    args.backend, args.audio)
+                    args.backend, args.audio, args.compare_single_encoder)
     results["wall_s"] = time.time() - started
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()

@@ -5,8 +5,9 @@ One libx264 instance stops scaling well past a handful of cores, and on GPUs wit
 CPU encoder is what limits throughput. :class:`SegmentedMp4Writer` cuts the frame sequence into
 segments of ``segment_frames`` (each starts with an IDR frame, like a streaming GOP); segment
 ``k`` is encoded by worker process ``k % workers`` into its own hidden MP4, so several encoders
-run at once. Workers are processes (spawned, so they never inherit CUDA state) because PyAV
-holds the GIL while it encodes: threads would take turns. Frames reach them through a ring of
+run at once. Workers are processes because PyAV holds the GIL while it encodes (threads would
+take turns); they are plain subprocesses running :mod:`talkrt.media.segment_worker`, which
+imports only PyAV and numpy and never touches CUDA. Frames reach them through a ring of
 shared-memory slots per worker (one copy per frame, bounded: constant memory). :meth:`close` copies every segment's packets, in order and with their timestamps offset
 by the segment's first frame, into the final MP4 together with the audio, and renames it into
 place; on failure nothing is left behind.
@@ -17,10 +18,12 @@ It has :class:`~talkrt.media.writer.Mp4Writer`'s interface (``write_nv12``, ``wr
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing as mp
 import os
-import queue
+import select
+import subprocess
+import sys
 import tempfile
 from multiprocessing import shared_memory
 from fractions import Fraction
@@ -36,81 +39,91 @@ from talkrt.media.writer import Mp4Writer, validate_output
 log = logging.getLogger(__name__)
 
 
-_SPAWN = mp.get_context("spawn")
 SLOT_BUDGET_BYTES = 128 * 2**20          # shared memory per worker
 
 
-def _encoder_process(spec: dict, shm_name: str, slot_bytes: int, tasks, free, errors) -> None:
-    """Worker process: open/close segment writers and encode frames found in shared-memory slots."""
-    shm = shared_memory.SharedMemory(name=shm_name)
-    writer: Mp4Writer | None = None
-    try:
-        while (task := tasks.get()) is not None:
-            kind, arg, shape = task
-            if kind == "open":
-                writer = Mp4Writer(Path(arg), **spec)
-            elif kind == "close":
-                writer.close()
-                writer = None
-            else:
-                view = np.ndarray(shape, np.uint8, buffer=shm.buf, offset=arg * slot_bytes)
-                (writer.write_nv12 if kind == "nv12" else writer.write_rgb)(view)   # PyAV copies the frame
-                del view
-                free.put(arg)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises TalkrtError
-        errors.put(f"{type(exc).__name__}: {exc}")
-    finally:
-        if writer is not None:
-            writer.abort()
-        shm.close()
-
-
 class _Worker:
-    """One encoder process with its shared-memory slots and queues."""
+    """One encoder process (:mod:`talkrt.media.segment_worker`) with its shared-memory slots."""
 
     def __init__(self, spec: dict, slot_bytes: int, slots: int):
         self.slot_bytes = slot_bytes
         self.shm = shared_memory.SharedMemory(create=True, size=slot_bytes * slots)
-        self.tasks, self.free, self.errors = _SPAWN.Queue(), _SPAWN.Queue(), _SPAWN.Queue()
-        for slot in range(slots):
-            self.free.put(slot)
-        self.process = _SPAWN.Process(target=_encoder_process, daemon=True, name="talkrt-x264",
-                                      args=(spec, self.shm.name, slot_bytes, self.tasks, self.free, self.errors))
-        self.process.start()
+        self.free = list(range(slots))
         self.error: str | None = None
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "talkrt.media.segment_worker", self.shm.name, str(slot_bytes), json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
-    def check(self) -> None:
-        if self.error is None and not self.errors.empty():
-            self.error = self.errors.get()
-        if self.error is None and not self.process.is_alive() and self.process.exitcode not in (None, 0):
-            self.error = f"encoder process exited with code {self.process.exitcode}"
+    def send(self, **command) -> None:
+        try:
+            self.process.stdin.write(json.dumps(command) + "\n")
+        except (BrokenPipeError, OSError):
+            self.check(wait=True)
+            raise TalkrtError(f"segment encoder failed: {self.error or 'worker is gone'}") from None
+
+    def _read_answer(self, timeout: float) -> bool:
+        """Read one answer if one arrives within ``timeout``; False on timeout."""
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            return False
+        line = self.process.stdout.readline()
+        if line.startswith("free "):
+            self.free.append(int(line.split()[1]))
+        elif line.startswith("error "):
+            self.error = line[6:].strip()
+        elif not line:                                   # EOF: the worker exited
+            self.check(wait=True)
+            self.error = self.error or f"encoder process exited with code {self.process.returncode}"
+        return True
+
+    def check(self, wait: bool = False) -> None:
+        code = self.process.wait() if wait else self.process.poll()
+        if self.error is None and code not in (None, 0):
+            self.error = f"encoder process exited with code {code}"
 
     def acquire_slot(self) -> int:
-        while True:
-            try:
-                return self.free.get(timeout=0.5)
-            except queue.Empty:
+        self.process.stdin.flush()
+        while not self.free:
+            if not self._read_answer(timeout=0.5):
                 self.check()
-                if self.error is not None:
-                    raise TalkrtError(f"segment encoder failed: {self.error}") from None
+            if self.error is not None:
+                raise TalkrtError(f"segment encoder failed: {self.error}")
+        return self.free.pop()
 
     def send_frame(self, kind: str, frame: np.ndarray) -> None:
         slot = self.acquire_slot()
         view = np.ndarray(frame.shape, np.uint8, buffer=self.shm.buf, offset=slot * self.slot_bytes)
         np.copyto(view, frame)
         del view
-        self.tasks.put((kind, slot, frame.shape))
+        self.send(op="frame", kind=kind, slot=slot, shape=list(frame.shape))
 
-    def stop(self) -> None:
-        self.tasks.put(None)
-        self.process.join()
-        self.check()
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        else:
+            try:
+                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.process.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+        try:
+            self.process.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        for line in self.process.stdout:               # drain: the last answers may carry an error
+            if line.startswith("error ") and self.error is None:
+                self.error = line[6:].strip()
+        self.process.stdout.close()
+        if not kill:
+            self.check(wait=True)
+        else:
+            self.process.wait()
         self.shm.close()
         self.shm.unlink()
 
 
 class SegmentedMp4Writer:
-    """Drop-in for :class:`Mp4Writer` that encodes segments of the output on ``workers`` threads."""
+    """Drop-in for :class:`Mp4Writer` that encodes segments of the output in ``workers`` processes."""
 
     def __init__(self, out_path: str | os.PathLike, width: int, height: int, fps: Fraction, *,
                  audio_path: str | os.PathLike | None = None, video_codec: str = "libx264", preset: str = "veryfast",
@@ -130,8 +143,8 @@ class SegmentedMp4Writer:
         self.segments: list[Path] = []
         self.frames_written = 0
         self._closed = False
-        spec = dict(width=width, height=height, fps=self.fps, video_codec=video_codec, preset=preset, crf=crf,
-                    pix_fmt=pix_fmt, encoder_options=self.options)
+        spec = dict(width=width, height=height, fps=[self.fps.numerator, self.fps.denominator],
+                    video_codec=video_codec, preset=preset, crf=crf, pix_fmt=pix_fmt, encoder_options=self.options)
         slot_bytes = width * height * 3
         slots = max(2, min(8, SLOT_BUDGET_BYTES // slot_bytes))
         self.workers: list[_Worker] = []
@@ -158,11 +171,11 @@ class SegmentedMp4Writer:
         self._raise_if_failed()
         if offset == 0:
             self.segments.append(self.segment_path(segment))
-            worker.tasks.put(("open", str(self.segment_path(segment)), None))
+            worker.send(op="open", path=str(self.segment_path(segment)))
         worker.send_frame(kind, frame)      # one copy into shared memory: the caller may reuse its buffer
         self.frames_written += 1
         if offset == self.segment_frames - 1:
-            worker.tasks.put(("close", None, None))
+            worker.send(op="close")
 
     def write_nv12(self, nv12: np.ndarray) -> None:
         self._put("nv12", nv12)
@@ -172,16 +185,15 @@ class SegmentedMp4Writer:
 
     def _raise_if_failed(self) -> None:
         for w in self.workers:
-            w.check()
             if w.error is not None:
                 raise TalkrtError(f"{self.out_path}: segment encoder failed: {w.error}")
 
     def _stop_workers(self, finish_last: bool = True) -> None:
         if finish_last and self.frames_written % self.segment_frames:
             last = (self.frames_written - 1) // self.segment_frames
-            self.workers[last % len(self.workers)].tasks.put(("close", None, None))
+            self.workers[last % len(self.workers)].send(op="close")
         for w in self.workers:
-            w.stop()
+            w.stop(kill=not finish_last)
 
     def close(self) -> None:
         """Finish every segment, join them with the audio into ``out_path`` (atomic rename)."""
@@ -220,8 +232,6 @@ class SegmentedMp4Writer:
         """Stop the encoders without finishing any segment; leave no file behind (idempotent)."""
         if not self._closed:
             self._closed = True
-            for w in self.workers:
-                w.process.terminate()
             self._stop_workers(finish_last=False)
         self._cleanup()
 
