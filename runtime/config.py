@@ -94,7 +94,7 @@ class EncoderConfig:
     codec: str = "libx264"
     preset: str = "veryfast"
     crf: int = 20
-    workers: int = 4              # libx264 encoders running at once on segments of the output
+    workers: int = 1              # > 1: that many libx264 processes encode segments of the output at once
     segment_seconds: float = 2.0  # segment length (each starts with an IDR frame)
 
 

@@ -200,14 +200,17 @@ class HostEncodeStage:
 class NvencEncodeStage:
     """Stage 6 with NVENC: frames are encoded from device memory; nothing crosses to the host."""
 
-    def __init__(self, nvenc_writer):
+    def __init__(self, nvenc_writer, stream: torch.cuda.Stream | None):
         self.nvenc = nvenc_writer
+        self.stream = stream
         self.bytes_downloaded = 0
 
     def __call__(self, batch) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()        # compose must have finished before NVENC reads the frames
         with nvtx_range("encode-nvenc"):
             for i in range(batch.size):
-                self.nvenc.write_nv12(batch.nv12[i])
+                self.nvenc.write_nv12_device(batch.nv12[i])
 
     def finish(self) -> None:
-        self.nvenc.close()
+        """The writer's close() (at the end of the run) flushes NVENC and muxes."""

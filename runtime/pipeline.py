@@ -210,12 +210,13 @@ class CpuMediaStages:
     """Stages 1, 5, 6 on the host: PyAV decode to RGB, numpy/reference compose, libx264 from RGB."""
 
     def __init__(self, parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int,
-                 avatar: PreparedAvatar, writer: Mp4Writer | SegmentedMp4Writer):
+                 avatar: PreparedAvatar, writer):
         self.frames = FrameSource(video_path, info, num_out, parts.cfg.pipeline.max_cycle_cache_bytes)
         self.compose_stage = ComposeStage(avatar, parts.compose)
         self.writer = writer
         self.num_source = self.frames.num_source
         self.decode_path = "pyav-cpu"
+        self.encode_path = "libx264 (RGB)"
         self.frame_bytes_to_host = 0
 
     def compose(self, batch: FrameBatch) -> None:
@@ -233,16 +234,23 @@ class GpuMediaStages:
     """Stages 1, 5, 6 on the GPU: NVDEC (or upload) to NV12, fused compose kernel, NVENC or NV12 download."""
 
     def __init__(self, parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int,
-                 avatar: PreparedAvatar, writer: Mp4Writer | SegmentedMp4Writer):
-        from talkrt.gpu_stages import ColourNormalizer, GpuComposeStage, GpuFrameSource, HostEncodeStage
+                 avatar: PreparedAvatar, writer):
+        from talkrt.gpu_stages import (ColourNormalizer, GpuComposeStage, GpuFrameSource, HostEncodeStage,
+                                       NvencEncodeStage)
         from talkrt.kernels import cupy_stream
+        from talkrt.media.nvcodec import NvencMp4Writer
         p = parts.cfg.pipeline
         self.frames = GpuFrameSource(video_path, info, num_out, p.batch_size, p.max_cycle_cache_bytes,
                                      parts.device, parts.stream)
         self.colour = ColourNormalizer(info)
         self.cupy_stream = cupy_stream(parts.stream)
         self.compose_stage = GpuComposeStage(avatar, p.sharpen, parts.device)
-        self.encoder = HostEncodeStage(writer, p.batch_size, info.height, info.width, parts.stream)
+        if isinstance(writer, NvencMp4Writer):
+            self.encoder = NvencEncodeStage(writer, parts.stream)
+            self.encode_path = "nvenc (device NV12)"
+        else:
+            self.encoder = HostEncodeStage(writer, p.batch_size, info.height, info.width, parts.stream)
+            self.encode_path = "libx264 (NV12 from the GPU)"
         self.num_source = self.frames.num_source
         self.decode_path = self.frames.decode_path
 
@@ -260,10 +268,16 @@ class GpuMediaStages:
         self.encoder.finish()
 
 
-def open_writer(cfg: TalkrtConfig, out_path: Path, info: VideoInfo, audio_path: Path, metadata: dict[str, str],
-                nv12_input: bool) -> Mp4Writer | SegmentedMp4Writer:
-    """The MP4 writer: one libx264, or ``encoder.workers`` of them on segments of the output."""
-    enc = cfg.pipeline.encoder
+def open_writer(parts: PipelineParts, out_path: Path, info: VideoInfo, audio_path: Path, metadata: dict[str, str],
+                nv12_input: bool):
+    """The MP4 writer: NVENC on a GPU that has one (GPU path), else one libx264, or
+    ``encoder.workers`` of them on segments of the output."""
+    enc = parts.cfg.pipeline.encoder
+    if nv12_input:
+        from talkrt.media.nvcodec import NvencMp4Writer, nvenc_available
+        if nvenc_available(parts.device.index or 0):
+            return NvencMp4Writer(out_path, info.width, info.height, info.fps, audio_path=audio_path,
+                                  metadata=metadata, device=parts.device, stream=parts.stream)
     common = dict(audio_path=audio_path, video_codec=enc.codec, preset=enc.preset, crf=enc.crf, metadata=metadata,
                   pix_fmt="nv12" if nv12_input else "yuv420p")
     if enc.workers == 1:
@@ -327,10 +341,9 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
         audio_stage = AudioWindows(parts.audio_features, clip, info.fps)
     on_gpu = parts.compose == "gpu"
     bs = cfg.pipeline.batch_size
-    with open_writer(cfg, out_path, info, audio_path, output_metadata(parts, avatar), on_gpu) as writer:
+    with open_writer(parts, out_path, info, audio_path, output_metadata(parts, avatar), on_gpu) as writer:
         media = (GpuMediaStages if on_gpu else CpuMediaStages)(parts, video_path, info, num_out, avatar, writer)
-        log.info("media path: decode=%s compose=%s encode=%s", media.decode_path, parts.compose,
-                 "libx264 (NV12 from the GPU)" if on_gpu else "libx264 (RGB)")
+        log.info("media path: decode=%s compose=%s encode=%s", media.decode_path, parts.compose, media.encode_path)
         if media.num_source != avatar.num_frames:
             raise InputError(video_path, f"decoded {media.num_source} frames but the prepared avatar has "
                                          f"{avatar.num_frames}")

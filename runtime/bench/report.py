@@ -114,7 +114,8 @@ def stage_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         items = next((section[k] for k in ("runs", "rows") if isinstance(section.get(k), list)), [section])
         for i, run in enumerate(items):
-            stages = (run.get("stages") or run.get("stages_ms_per_frame")) if isinstance(run, dict) else None
+            stages = (run.get("stages") or run.get("gpu_stages_ms_per_frame")
+                      or run.get("stages_ms_per_frame")) if isinstance(run, dict) else None
             if not isinstance(stages, dict) or not stages:
                 continue
             clean = {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float))}

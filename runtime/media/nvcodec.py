@@ -4,7 +4,7 @@
   exposed through DLPack) and copies every frame into talkrt's own buffers before the
   decoder reuses its surface.  When NVDEC cannot serve the file (codec, chroma format, no
   PyNvVideoCodec) :func:`open_gpu_reader` falls back to a PyAV CPU decode and one upload.
-* :class:`NvencWriter` encodes NV12 device frames with NVENC into an H.264 elementary stream
+* :class:`NvencMp4Writer` encodes NV12 device frames with NVENC into an H.264 elementary stream
   in a temporary file; :func:`remux_h264` then puts that stream and the audio into the MP4
   without re-encoding.  Datacenter Hopper/Ampere GPUs (H100, H200, A100) have no NVENC:
   :func:`nvenc_available` detects that once, and the pipeline then copies only the NV12
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -121,35 +122,74 @@ def open_gpu_reader(path: str | os.PathLike, device: torch.device, stream: torch
         return CpuDecodeUploadReader(path, device, stream, num_frames)
 
 
-class NvencWriter:
-    """NVENC H.264 from device NV12 frames into an elementary-stream file (then :func:`remux_h264`)."""
+class NvencMp4Writer:
+    """NVENC H.264 from device NV12 frames, then remuxed with the audio into an MP4 (atomic).
 
-    def __init__(self, h264_path: Path, width: int, height: int, fps: Fraction, device: torch.device,
-                 stream: torch.cuda.Stream | None, preset: str = "p4", cq: int = 20):
-        nvc = _nvc()
-        self.file = open(h264_path, "wb")
+    The elementary stream goes to a hidden temporary file beside ``out_path``; :meth:`close`
+    remuxes it (no re-encode) with the audio and ``metadata`` through :func:`remux_h264`;
+    :meth:`abort` or an exception leaves no file. NVENC runs without B-frames, so decode order is
+    display order and frame ``i`` gets pts ``i / fps``. (Written against PyNvVideoCodec 2.x; not
+    run here: the H100/H200 we test on have no NVENC.)
+    """
+
+    def __init__(self, out_path: Path, width: int, height: int, fps: Fraction, *, audio_path: Path | None,
+                 metadata: dict[str, str] | None, device: torch.device, stream: torch.cuda.Stream | None,
+                 preset: str = "p4", cq: int = 20):
+        from talkrt.media.writer import validate_output
+        validate_output(Path(out_path), width, height, metadata)
+        self.out_path, self.fps, self.audio_path, self.metadata = Path(out_path), Fraction(fps), audio_path, metadata
+        fd, name = tempfile.mkstemp(prefix=f".{self.out_path.stem}.nvenc-", suffix=".h264", dir=self.out_path.parent)
+        self.h264_path = Path(name)
+        self.file = os.fdopen(fd, "wb")
         self.frames_written = 0
+        self._closed = False
         try:
-            self.encoder = nvc.CreateEncoder(
+            self.encoder = _nvc().CreateEncoder(
                 width, height, "NV12", False, gpu_id=device.index or 0,
                 cuda_stream=stream.cuda_stream if stream is not None else 0, codec="h264", preset=preset,
                 rc="vbr", cq=str(cq), fps=str(float(fps)), gop=str(int(round(float(fps) * 2))), bf="0")
         except Exception as exc:
-            self.file.close()
+            self.abort()
             raise TalkrtError(f"cannot open an NVENC session: {exc}") from exc
 
-    def write_nv12(self, frame: torch.Tensor) -> None:
-        """Encode one device frame ``[H*3//2, W]`` uint8 (contiguous)."""
+    def write_nv12_device(self, frame: torch.Tensor) -> None:
+        """Encode one device frame ``[H*3//2, W]`` uint8 (contiguous) straight from GPU memory."""
         bitstream = self.encoder.Encode(frame)
         if bitstream:
             self.file.write(bytes(bitstream))
         self.frames_written += 1
 
     def close(self) -> None:
-        tail = self.encoder.EndEncode()
-        if tail:
-            self.file.write(bytes(tail))
-        self.file.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            tail = self.encoder.EndEncode()
+            if tail:
+                self.file.write(bytes(tail))
+            self.file.close()
+            count = remux_h264(self.h264_path, self.out_path, self.fps, audio_path=self.audio_path,
+                               metadata=self.metadata)
+            if count != self.frames_written:
+                self.out_path.unlink(missing_ok=True)
+                raise TalkrtError(f"{self.out_path}: NVENC produced {count} frames for {self.frames_written} sent")
+        finally:
+            self.h264_path.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._closed = True
+        if not self.file.closed:
+            self.file.close()
+        self.h264_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "NvencMp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
 
 def remux_h264(h264_path: Path, out_path: Path, fps: Fraction, *, audio_path: Path | None,
