@@ -166,7 +166,7 @@ class RunReport:
     stage_table: list[tuple[str, float, float]]
     decode_path: str = ""
     frame_bytes_to_host: int = 0     # bytes of frame data copied device -> host (GPU path: NV12 only)
-    gpu_stage_seconds: dict[str, float] | None = None   # CUDA-event stage times when TALKRT_GPU_EVENTS=1
+    gpu_stage_seconds: dict[str, float] | None = None   # CUDA-event stage times (stage_sync off or TALKRT_GPU_EVENTS=1)
 
     @property
     def fps(self) -> float:
