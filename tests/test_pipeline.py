@@ -157,3 +157,9 @@ def test_odd_frame_size_is_refused(media, tmp_path, caplog):
     odd = make_video(tmp_path / "odd.mkv", 65, 48, FPS, num_frames=4, codec="libx264", pix_fmt="yuv444p")
     out = tmp_path / "o.mp4"
     _assert_failed_cleanly(run(media, out, video=odd), out, caplog, "odd.mkv", "even")
+
+
+def test_requested_engine_backend_missing_is_refused(media, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("TALKRT_ENGINES_DIR", str(tmp_path / "no-engines"))
+    out = tmp_path / "o.mp4"
+    _assert_failed_cleanly(run(media, out, None, None, "--backend", "compiled"), out, caplog, "make engines")
