@@ -38,7 +38,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_compose(mode: str, device: torch.device) -> str:
-    """``auto`` -> ``gpu`` on CUDA when the CuPy kernels can run, else ``numpy``."""
+    """``auto`` -> ``gpu`` on CUDA when the CuPy kernels can run, else ``numpy``; an explicit
+    ``gpu`` that cannot run is refused rather than silently replaced."""
+    if mode == "gpu":
+        from talkrt.kernels import gpu_available, unavailable_reason
+        if device.type != "cuda":
+            raise TalkrtError("--compose gpu needs --device cuda")
+        if not gpu_available():
+            raise TalkrtError(f"--compose gpu: the CuPy kernels cannot run here ({unavailable_reason()})")
     if mode != "auto":
         return mode
     if device.type == "cuda":
