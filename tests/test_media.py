@@ -405,3 +405,19 @@ def test_writer_rejects_bad_arguments(tmp_path):
         writer.write_rgb(np.zeros((H, W, 3), np.float32))
     writer.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["silent.mp4"]
+
+
+def test_rotated_video_is_refused_with_a_hint(tmp_path):
+    import av as _av
+    path = tmp_path / "phone.mp4"
+    with _av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.set_display_rotation(90)
+        for i in range(5):
+            f = _av.VideoFrame.from_ndarray(pattern_frame(i, 64, 48), format="rgb24")
+            f.pts = i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    with pytest.raises(InputError, match="phone.mp4: the video carries a 90 degree display rotation"):
+        probe_video(path)

@@ -94,8 +94,9 @@ def probe_video(path: PathLike, *, allow_vfr: bool = False, allow_odd_size: bool
     Demuxes (does not decode) every video packet once: this counts frames exactly
     and checks that timestamps are evenly spaced.  Raises :class:`InputError` for a
     missing file, a directory, a file FFmpeg cannot read, no video stream, zero
-    frames, unknown frame rate, odd width/height (unless ``allow_odd_size``) and
-    variable frame rate (unless ``allow_vfr``; then ``is_vfr`` is reported).
+    frames, unknown frame rate, odd width/height (unless ``allow_odd_size``), a display
+    rotation (decoding the first frame tells) and variable frame rate (unless ``allow_vfr``;
+    then ``is_vfr`` is reported).
     10-bit and 4:2:2/4:4:4 sources are accepted (decoded to 8-bit RGB).
     """
     p = Path(path)
@@ -116,6 +117,7 @@ def probe_video(path: PathLike, *, allow_vfr: bool = False, allow_odd_size: bool
         avg_rate = to_fraction(stream.average_rate)
         guessed_rate = to_fraction(stream.guessed_rate)
         pts_list = _demux_video_pts(container, stream, p)
+        rotation = _display_rotation(container, stream) if pts_list else 0
 
     num_frames = len(pts_list)
     if num_frames == 0:
@@ -132,6 +134,13 @@ def probe_video(path: PathLike, *, allow_vfr: bool = False, allow_odd_size: bool
             f"odd frame size {width}x{height}: H.264 4:2:0 output needs even width and height; "
             "pad or crop it first, e.g. ffmpeg -i in.mp4 -vf "
             "\"pad=ceil(iw/2)*2:ceil(ih/2)*2\" out.mp4 (or crop=trunc(iw/2)*2:trunc(ih/2)*2)",
+        )
+    if rotation % 360:
+        raise InputError(
+            p,
+            f"the video carries a {rotation} degree display rotation (phone video?), which talkrt does not "
+            "apply: it would process and write the frames sideways; re-encode it upright first, e.g. "
+            "ffmpeg -i in.mp4 -c:v libx264 -crf 18 -c:a copy upright.mp4 (ffmpeg applies the rotation)",
         )
     if is_vfr and not allow_vfr:
         lo, hi = min(deltas), max(deltas)
@@ -236,6 +245,17 @@ def _demux_video_pts(container: Any, stream: Any, path: Path) -> list[int | None
     except av.FFmpegError as exc:
         raise InputError(path, f"corrupt or truncated video (demuxing failed: {exc_message(exc)})") from exc
     return pts
+
+
+def _display_rotation(container: Any, stream: Any) -> int:
+    """Degrees of display rotation of the first frame (0 when PyAV cannot tell)."""
+    try:
+        container.seek(0, stream=stream)
+        for frame in container.decode(stream):
+            return int(round(getattr(frame, "rotation", 0) or 0))
+    except (av.FFmpegError, OSError, ValueError) as exc:   # unseekable/undecodable: decode errors surface later
+        log.debug("cannot read the display rotation: %s", exc)
+    return 0
 
 
 def _pts_deltas(pts_list: list[int | None]) -> list[int]:
