@@ -67,6 +67,7 @@ class GpuFrameSource:
                         break
                     got += n
             self.num_source = got
+            self.reader.close()                      # everything is cached: the decoder is done
         else:
             self.ring = torch.empty((ring, batch_size, rows, self.width), dtype=torch.uint8, device=device)
             self.num_source = info.num_frames
@@ -84,6 +85,10 @@ class GpuFrameSource:
                 raise TalkrtError(f"decoder returned {got} frames, expected {batch.size}")
             batch.nv12 = buf
         self.calls += 1
+
+    def close(self) -> None:
+        """Release the decoder (idempotent)."""
+        self.reader.close()
 
 
 class ColourNormalizer:

@@ -266,6 +266,7 @@ class GpuMediaStages:
 
     def finish(self) -> None:
         self.encoder.finish()
+        self.frames.close()
 
 
 def open_writer(parts: PipelineParts, out_path: Path, info: VideoInfo, audio_path: Path, metadata: dict[str, str],

@@ -1,5 +1,4 @@
 """GPU media path: NVDEC decode, fused compose into NV12, NV12-only download to libx264 (GPU only)."""
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,7 @@ def test_gpu_compose_path_matches_host_path_and_downloads_only_nv12(sessions, tm
     info, clip = probe_video(SAMPLE), load_audio(SPEECH)
     out_gpu, out_host = tmp_path / "gpu.mp4", tmp_path / "host.mp4"
     rep_gpu = run_pipeline(gpu, SAMPLE, info, SPEECH, clip, out_gpu)
-    rep_host = run_pipeline(host, SAMPLE, info, SPEECH, clip, out_host)
+    run_pipeline(host, SAMPLE, info, SPEECH, clip, out_host)
     assert rep_gpu.decode_path == "nvdec" and rep_gpu.compose == "gpu"
     nv12_bytes = info.width * info.height * 3 // 2
     assert rep_gpu.frame_bytes_to_host == rep_gpu.frames * nv12_bytes      # NV12 only, once per frame

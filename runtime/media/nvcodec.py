@@ -63,6 +63,10 @@ class NvdecReader:
         self.num_frames = len(self.decoder)
         self.next_index = 0
 
+    def close(self) -> None:
+        """Release the decoder session now rather than at garbage collection."""
+        self.decoder = None
+
     def read_into(self, out: torch.Tensor) -> int:
         """Decode up to ``len(out)`` next frames into ``out`` ([n, H*3//2, W] uint8); returns the count."""
         want = min(out.shape[0], self.num_frames - self.next_index)
@@ -96,7 +100,8 @@ class CpuDecodeUploadReader:
                 frame = next(self.frames)
             except StopIteration:
                 break
-            # FFmpeg converts any pixel format / bit depth to 8-bit NV12 (BT.709 tagged output path)
+            # FFmpeg repacks any pixel format / bit depth to 8-bit NV12, keeping the source matrix
+            # (ColourNormalizer converts it to BT.709 afterwards when needed)
             nv12 = frame.to_ndarray(format="nv12")
             host = torch.from_numpy(np.ascontiguousarray(nv12)).pin_memory()
             with torch.cuda.stream(self.stream):
