@@ -124,3 +124,26 @@ __device__ __forceinline__ u8 blend_u8(int body, int face, int m) {
     const int mixed = body * (255 - m) + face * m;
     return (u8)((2 * mixed + 255) / 510);
 }
+
+// ---------------------------------------------------------------- exact conversions without I2F/F2I
+
+// The conversion instructions (I2F, F2I, FRND) run at a small fraction of the FP32 rate; kernels
+// bound by them use these equivalents, which give identical results with FP32 adds only.
+
+__device__ __forceinline__ bool aligned8(const void* p) {
+    return (((unsigned long long)p) & 7ull) == 0ull;
+}
+
+// (float)n, exactly, for |n| < 2^22: the float of value 1.5 * 2^23 + n has the bits
+// 0x4B400000 + n, and subtracting 1.5 * 2^23 again is exact.
+__device__ __forceinline__ float exact_float(int n) {
+    return __fsub_rn(__int_as_float(0x4B400000 + n), 12582912.0f);
+}
+
+// round_u8(x), bit for bit: floor clamped to [0, 255] equals floor of the value clamped to
+// [0, 255] (integer bounds; NaN -> 0 in both), and for z in [0, 255] the sum z + 2^23 rounded
+// down is the float 2^23 + floor(z), whose low mantissa byte is floor(z).
+__device__ __forceinline__ u8 round_u8_fast(float x) {
+    const float z = fminf(fmaxf(__fadd_rn(x, 0.5f), 0.0f), 255.0f);
+    return (u8)__float_as_int(__fadd_rd(z, 8388608.0f));
+}

@@ -124,23 +124,36 @@ extern "C" __global__ void compose_nv12_kernel(
     const u8* face = faces + (size_t)b * face_h * face_w * 3;
     const float scale_x = __fdiv_rn((float)face_w, (float)w);
     const float scale_y = __fdiv_rn((float)face_h, (float)h);
+    // The block's two columns and two rows share their taps: 2 + 2 instead of 4 + 4.
+    const LinearTap tx[2] = {linear_tap(px0 - box.x1, face_w, scale_x),
+                             linear_tap(px0 + 1 - box.x1, face_w, scale_x)};
+    const LinearTap ty[2] = {linear_tap(py0 - box.y1, face_h, scale_y),
+                             linear_tap(py0 + 1 - box.y1, face_h, scale_y)};
 
     int r_sum = 0, g_sum = 0, b_sum = 0;
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-        const int x = px0 + (p & 1), y = py0 + (p >> 1);
-        u8* luma = frame + (size_t)y * width + x;
-        u8 rgb[3];
-        decode_pixel(dk, *luma, u, v, rgb[0], rgb[1], rgb[2]);
-        if (m[p] > 0) {
-            u8 f[3];
-            sample_rgb(face, face_w, linear_tap(x - box.x1, face_w, scale_x),
-                       linear_tap(y - box.y1, face_h, scale_y), f);
+    for (int row = 0; row < 2; ++row) {
+        // both luma bytes of the row in one 16-bit access (px0 and the frame pitch are even)
+        unsigned short* luma2 = reinterpret_cast<unsigned short*>(frame + (size_t)(py0 + row) * width + px0);
+        const unsigned short pair = *luma2;
+        u8 luma[2] = {(u8)(pair & 0xff), (u8)(pair >> 8)};
+        bool changed = false;
 #pragma unroll
-            for (int c = 0; c < 3; ++c) rgb[c] = blend_u8(rgb[c], f[c], m[p]);
-            *luma = encode_y(ek, rgb[0], rgb[1], rgb[2]);
+        for (int col = 0; col < 2; ++col) {
+            const int p = 2 * row + col;
+            u8 rgb[3];
+            decode_pixel(dk, luma[col], u, v, rgb[0], rgb[1], rgb[2]);
+            if (m[p] > 0) {
+                u8 f[3];
+                sample_rgb(face, face_w, tx[col], ty[row], f);
+#pragma unroll
+                for (int c = 0; c < 3; ++c) rgb[c] = blend_u8(rgb[c], f[c], m[p]);
+                luma[col] = encode_y(ek, rgb[0], rgb[1], rgb[2]);
+                changed = true;
+            }
+            r_sum += rgb[0]; g_sum += rgb[1]; b_sum += rgb[2];
         }
-        r_sum += rgb[0]; g_sum += rgb[1]; b_sum += rgb[2];
+        if (changed) *luma2 = (unsigned short)(luma[0] | (luma[1] << 8));
     }
     u8 nu, nv;
     encode_uv(ek, r_sum, g_sum, b_sum, nu, nv);

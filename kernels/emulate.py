@@ -48,6 +48,17 @@ static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+static inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+// a + b rounded toward -inf: the double sum rounded down to float; correct whenever the double
+// sum is exact, and for the kernels' z + 2^23 with z in [0, 255] (round_u8_fast)
+static inline float __fadd_rd(float a, float b) {
+    const double s = (double)a + (double)b;
+    float f = (float)s;
+    if ((double)f > s) f = std::nextafter(f, -INFINITY);
+    return f;
+}
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 static inline void __syncthreads() {}
 using std::min; using std::max;
 alignas(16) static unsigned char g_smem[1 << 17];

@@ -13,12 +13,14 @@ import numpy as np
 from .resize_tables import ResizePlan, plan_resize
 
 __all__ = [
-    "BLOCK", "FILTER_TILE", "PARAM_STRIDE", "grid_2d", "color_grid", "CropTables", "crop_tables",
-    "box_params", "nv12_block_extent", "filter_grid", "filter_smem_bytes",
+    "BLOCK", "COLOR_GROUP", "FILTER_TILE", "PARAM_STRIDE", "grid_2d", "color_grid", "CropTables",
+    "crop_tables", "box_params", "nv12_block_extent", "filter_grid", "filter_smem_bytes",
 ]
 
 BLOCK = (32, 8, 1)          #: thread block of every talkrt kernel
-FILTER_TILE = (128, 16)     #: (elements, rows) per block in filter.cu (TILE_X, TILE_Y)
+COLOR_GROUP = 8             #: pixels per thread and row in color.cu (GROUP)
+FILTER_TILE = (256, 32)     #: (elements, rows) per block in filter.cu (TILE_X, TILE_Y)
+FILTER_MIN_HALO = 3         #: filter.cu's halo rows never go below its fast-path radius
 PARAM_STRIDE = 8            #: int64 per frame in compose.cu's params table
 MAX_GRID_YZ = 65535
 
@@ -36,8 +38,8 @@ def grid_2d(items_x: int, items_y: int, batch: int) -> tuple[int, int, int]:
 
 
 def color_grid(height: int, width: int, batch: int) -> tuple[int, int, int]:
-    """color.cu: one thread per 4 pixels x 2 rows."""
-    return grid_2d(_ceil_div(width, 4), height // 2, batch)
+    """color.cu: one thread per :data:`COLOR_GROUP` pixels x 2 rows."""
+    return grid_2d(_ceil_div(width, COLOR_GROUP), height // 2, batch)
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,10 @@ def filter_grid(height: int, width: int, channels: int, batch: int) -> tuple[int
 
 
 def filter_smem_bytes(radius: int, channels: int) -> int:
-    """Dynamic shared memory of filter.cu: input tile + halo (bytes, padded to 16) + uint16 rows."""
+    """Dynamic shared memory of filter.cu: the source tile + halo (bytes, padded to 16), then the
+    uint16 vertical sums of its TILE_Y rows. Halo: R = max(radius, 3) rows and
+    H = round_up(R * channels, 16) elements each side; shared row stride S = TILE_X + 2H."""
     tile_x, tile_y = FILTER_TILE
-    in_rows = tile_y + 2 * radius
-    in_cols = tile_x + 2 * radius * channels
-    return (in_rows * in_cols + 15) // 16 * 16 + in_rows * tile_x * 2
+    rows = max(int(radius), FILTER_MIN_HALO)
+    stride = tile_x + 2 * (-(-rows * int(channels) // 16) * 16)
+    return ((tile_y + 2 * rows) * stride + 15) // 16 * 16 + tile_y * stride * 2

@@ -155,6 +155,20 @@ def _color_cases() -> list[Case]:
                 lambda rng: {"nv12": _nv12(rng, 3, 16, 24)},
                 lambda K, d, kw=kw: [K.rgb_to_nv12(K.nv12_to_rgb(d["nv12"], **kw), **kw)],
                 lambda d, kw=kw: [ref.rgb_to_nv12(ref.nv12_to_rgb(d["nv12"], **kw), **kw)]))
+    # color.cu converts groups of 8 pixels: frames narrower than a group, rows ending in 2, 4 or
+    # 6 pixels (byte accesses), single frames, rows of every alignment (8-, 4- and 2-byte paths)
+    sizes = ((2, 2), (4, 6), (6, 18), (2, 20), (4, 28))   # (height, width)
+    variants = [(layout, order) for layout in ("hwc", "chw") for order in ("rgb", "bgr")]
+    cases.append(Case(
+        "color_group_tails",
+        lambda rng: {**{f"nv12_{h}x{w}": _nv12(rng, 1, h, w)[0] for h, w in sizes},
+                     **{f"rgb_{h}x{w}": _frames(rng, 1, h, w)[0] for h, w in sizes}},
+        lambda K, d: [K.nv12_to_rgb(d[f"nv12_{h}x{w}"], layout=lo, order=o, matrix="bt601")
+                      for h, w in sizes for lo, o in variants]
+        + [K.rgb_to_nv12(d[f"rgb_{h}x{w}"], order=o) for h, w in sizes for o in ("rgb", "bgr")],
+        lambda d: [ref.nv12_to_rgb(d[f"nv12_{h}x{w}"], layout=lo, order=o, matrix="bt601")
+                   for h, w in sizes for lo, o in variants]
+        + [ref.rgb_to_nv12(d[f"rgb_{h}x{w}"], order=o) for h, w in sizes for o in ("rgb", "bgr")]))
     cases.append(Case(
         "color_batch64_out",
         lambda rng: {"nv12": _nv12(rng, 64, 6, 10), "out": np.zeros((64, 6, 10, 3), np.uint8),
@@ -208,7 +222,12 @@ def _resize_cases() -> list[Case]:
 
 def _filter_cases() -> list[Case]:
     cases = []
-    shapes = ((2, 37, 53, 3), (1, 3, 2, 3), (64, 9, 11, 3), (2, 40, 33, 1), (1, 20, 130, 4))
+    # filter.cu: tiles of 256 elements x 32 rows; a tile whose halo lies inside the frame is
+    # copied without reflection: frames of > 2 * 256 + 16 elements and > 32 + 32 + 3 rows have
+    # such tiles, with rows 16-byte aligned (560; 768 below), 4-byte aligned (600) or not (543);
+    # the fast path (ksize <= 7) is compiled per channel count.
+    shapes = ((2, 37, 53, 3), (1, 3, 2, 3), (64, 9, 11, 3), (2, 40, 33, 1), (1, 20, 130, 4),
+              (1, 70, 181, 3), (1, 67, 300, 2), (1, 40, 600, 1), (2, 70, 140, 4))
     for shape in shapes:
         build = lambda rng, s=shape: {"images": rng.integers(0, 256, s, dtype=np.uint8)}
         cases.append(Case(
@@ -224,6 +243,15 @@ def _filter_cases() -> list[Case]:
                           K.unsharp_mask(d["images"], amount=0.5, sigma=1.5, threshold=0)],
             lambda d: [ref.unsharp_mask(d["images"]),
                        ref.unsharp_mask(d["images"], amount=0.5, sigma=1.5, threshold=0)]))
+    cases.append(Case(
+        "gaussian_blur_ksizes",   # fast path with zero-padded taps (1, 3), generic up to 31
+        lambda rng: {"rgb": rng.integers(0, 256, (1, 70, 181, 3), dtype=np.uint8),
+                     "rgba": rng.integers(0, 256, (2, 50, 140, 4), dtype=np.uint8)},
+        lambda K, d: [K.gaussian_blur(d[key], sigma=s, ksize=k) for key in ("rgb", "rgba")
+                      for s, k in ((0.8, 1), (0.8, 3), (5.0, 19), (8.0, 31))],
+        lambda d: [ref.gaussian_blur(d[key], sigma=s, ksize=k) for key in ("rgb", "rgba")
+                   for s, k in ((0.8, 1), (0.8, 3), (5.0, 19), (8.0, 31))],
+        why="integer fixed-point blur, bit-exact with cv2.GaussianBlur"))
     cases.append(Case(
         "unsharp_mask_face_out",
         lambda rng: {"images": rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8),
