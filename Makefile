@@ -42,7 +42,8 @@ test-latency: venv
 	$(PY) -m pytest -q -m latency -p no:cacheprovider -o addopts=""
 
 engines: venv
-	$(PY) -m talkrt.build_engines --config $${CONFIG:-musetalk} --engines-dir $(ENGINES_DIR)
+	$(PY) -m talkrt.build_engines --config $${CONFIG:-musetalk} --engines-dir $(ENGINES_DIR) \
+	  $(if $(COMPILE_MODE),--compile-mode $(COMPILE_MODE))
 
 bench-kernels: venv
 	$(PY) -m talkrt.bench.kernels --json $(OUT)/bench_kernels.json

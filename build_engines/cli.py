@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engines-dir", help="output root (default: $TALKRT_ENGINES_DIR or ./engines)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, help="torch.compile mode for 'compiled'")
+    p.add_argument("--no-freezing", dest="freezing", action="store_false",
+                   help="compile without Inductor freezing (weights stay parameters)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB, help="TensorRT workspace")
     p.add_argument("--force", action="store_true", help="rebuild even when manifests match")
@@ -178,7 +180,7 @@ def build(req: BuildRequest, args: argparse.Namespace) -> int:
         try:
             build_compiled(cfg, models.to(req.device, req.dtype), device=req.device, dtype=req.dtype,
                            engines_dir=args.engines_dir, buckets=req.buckets, mode=args.compile_mode,
-                           model_names=req.engine_names, force=args.force)
+                           freezing=args.freezing, model_names=req.engine_names, force=args.force)
         except TalkrtError as exc:
             log.error("compiled build failed: %s", exc)
             failures.append("compiled")

@@ -381,9 +381,11 @@ def test_compiled_matches_eager_at_every_bucket(gpu_setup, compiled_root, name, 
     build = load_compiled_artifacts(cfg, device="cuda", dtype=torch.float16, models=(name,),
                                     max_batch=max(GPU_BUCKETS), engines_dir=compiled_root)
     assert build.buckets[name] == GPU_BUCKETS
+    assert build.freezing is True                            # the default build freezes the weights
     spec, module = specs[name], specs[name].make_module(models)
     engine = CompiledEngine(name, module, spec.inputs, spec.outputs, GPU_BUCKETS, device="cuda",
-                            dtype=torch.float16, mode=build.mode, cuda_graphs=cuda_graphs)
+                            dtype=torch.float16, mode=build.mode, freezing=build.freezing,
+                            cuda_graphs=cuda_graphs)
     assert engine.fresh_compiles == 0
     for batch in GPU_BATCHES + (1,):                         # back to 1 after 4: no stale-bucket effects
         feeds, eager16, ref32 = _expected(spec, module, refs[name], batch)

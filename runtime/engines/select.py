@@ -67,6 +67,7 @@ def compiled_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, 
         spec = specs[name]
         engines[name] = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs,
                                        build.buckets[name], device=device, dtype=dtype, mode=build.mode,
+                                       freezing=build.freezing,
                                        cuda_graphs=cuda_graphs, graph_fallback=True)
     return engines
 
