@@ -37,7 +37,7 @@ from talkrt.media.frames import iter_video_frames, read_video_frames
 from talkrt.media.probe import VideoInfo
 from talkrt.media.segments import SegmentedMp4Writer
 from talkrt.media.writer import Mp4Writer
-from talkrt.models.audio import AudioFeatures, num_video_frames
+from talkrt.models.audio import AudioFeatures, StreamingAudioStates, num_video_frames
 from talkrt.profiling import StageClock, nvtx_range
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,15 @@ class FrameSource:
 
 
 class AudioWindows:
-    """Stage 2: per-frame Whisper windows, from states computed once for the whole clip."""
+    """Stage 2: per-frame Whisper windows; states are encoded a group of 30-s segments at a time
+    as the frames advance, so memory does not grow with the clip's length."""
 
     def __init__(self, features: AudioFeatures, clip: AudioClip, fps: Fraction):
-        self.features = features
+        self.states = StreamingAudioStates(features, clip.samples)
         self.fps = fps
-        self.padded = features.pad(features.encode(clip.samples))
 
     def __call__(self, batch: FrameBatch) -> None:
-        batch.audio = self.features.windows(self.padded, batch.out_index[batch.found], self.fps)
+        batch.audio = self.states.windows(batch.out_index[batch.found], self.fps)
 
 
 class UNetStage:
@@ -165,6 +165,7 @@ class RunReport:
     compose: str
     stage_table: list[tuple[str, float, float]]
     decode_path: str = ""
+    encode_path: str = ""
     frame_bytes_to_host: int = 0     # bytes of frame data copied device -> host (GPU path: NV12 only)
     gpu_stage_seconds: dict[str, float] | None = None   # CUDA-event stage times (stage_sync off or TALKRT_GPU_EVENTS=1)
 
@@ -175,7 +176,7 @@ class RunReport:
     def summary(self) -> str:
         return (f"frames={self.frames} seconds={self.seconds:.2f} fps={self.fps:.1f} "
                 f"faces_found={self.faces_found}/{self.source_frames} weights={self.weights} "
-                f"backend={self.backend} compose={self.compose} out={self.out_path}")
+                f"backend={self.backend} compose={self.compose} encode={self.encode_path} out={self.out_path}")
 
 
 @dataclass
@@ -360,5 +361,6 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
     return RunReport(out_path=out_path, frames=num_out, seconds=seconds, faces_found=avatar.faces_found,
                      source_frames=avatar.num_frames, weights=parts.weights, backend=parts.backend,
                      compose=parts.compose, stage_table=clock.table(num_out), decode_path=media.decode_path,
+                     encode_path=media.encode_path,
                      frame_bytes_to_host=media.frame_bytes_to_host,
                      gpu_stage_seconds=clock.gpu_seconds() if clock.gpu_events else None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from talkrt.config import load_config
-from talkrt.models.audio import AudioFeatures, num_video_frames, window_start
+from talkrt.models.audio import AudioFeatures, StreamingAudioStates, num_video_frames, window_start
 from talkrt.models.weights import build_synthetic
 
 
@@ -75,3 +75,27 @@ def test_long_audio_spans_several_whisper_segments(tiny_features):
     assert states.shape[0] == 31 * 50
     # the second segment (steps 1500..) is encoded from real audio, not padding
     assert not torch.allclose(states[1500:1550], states[1500:1550] * 0)
+
+
+def test_streaming_states_equal_whole_clip_windows_and_stay_bounded(tiny_features):
+    cfg, whole_features = tiny_features
+    # one 30-s segment per group, so 95 s of speech spans 4 groups and the stream must drop some
+    feats = AudioFeatures(whole_features.stack, cfg.model.audio, torch.device("cpu"), torch.float32,
+                          segments_per_batch=1)
+    samples = (np.random.default_rng(3).standard_normal(16000 * 95 + 7) * 0.05).astype(np.float32)
+    fps = Fraction(30000, 1001)
+    expected_padded = feats.pad(feats.encode(samples))
+    stream = StreamingAudioStates(feats, samples)
+    n = num_video_frames(len(samples), fps)
+    held_steps = []
+    for first in range(0, n, 16):
+        frames = np.arange(first, min(first + 16, n))
+        got = stream.windows(frames, fps)
+        assert torch.equal(got, feats.windows(expected_padded, frames, fps)), f"frames {frames[0]}..{frames[-1]}"
+        held_steps.append(stream.table.shape[0])
+    assert max(held_steps) <= 2 * feats.group_steps + 1          # never more than two groups (+ the zero row)
+    assert stream.first_group == 3                               # the earlier groups were dropped
+    with pytest.raises(ValueError, match="in order"):
+        stream.windows(np.array([0]), fps)
+    with pytest.raises(IndexError):
+        stream.windows(np.array([n + 10]), fps)

@@ -80,19 +80,29 @@ class AudioFeatures:
         self.segments_per_batch = segments_per_batch
         self.extractor = WhisperFeatureExtractor(feature_size=audio.num_mel_bins, sampling_rate=SAMPLE_RATE)
 
+    @property
+    def group_steps(self) -> int:
+        """Whisper steps encoded per call: ``segments_per_batch`` 30-s segments."""
+        return self.segments_per_batch * SEGMENT_STEPS
+
     @torch.inference_mode()
+    def encode_group(self, samples: np.ndarray, group: int) -> torch.Tensor:
+        """States ``[group_steps or fewer, L+1, D]`` of the ``group``-th run of ``segments_per_batch``
+        30-s segments (the last group is shorter; nothing is trimmed here)."""
+        seg = SEGMENT_SECONDS * SAMPLE_RATE
+        first = group * self.segments_per_batch * seg
+        chunks = [samples[i:i + seg] for i in range(first, min(len(samples), first + self.segments_per_batch * seg),
+                                                      seg)] or [samples[:0]]
+        mel = self.extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        out = self.stack(mel.to(self.device, self.dtype))
+        return out.reshape(-1, *out.shape[2:])
+
     def encode(self, samples: np.ndarray) -> torch.Tensor:
         """Whisper states for the whole clip, trimmed to ``floor(50 * seconds)`` steps."""
         seg = SEGMENT_SECONDS * SAMPLE_RATE
-        chunks = [samples[i:i + seg] for i in range(0, len(samples), seg)] or [samples[:0]]
-        states = []
-        for start in range(0, len(chunks), self.segments_per_batch):
-            batch = chunks[start:start + self.segments_per_batch]
-            mel = self.extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-            out = self.stack(mel.to(self.device, self.dtype))
-            states.append(out.reshape(-1, *out.shape[2:]))
+        groups = max(1, -(-len(samples) // (seg * self.segments_per_batch)))
         steps = (len(samples) * STEPS_PER_SECOND) // SAMPLE_RATE
-        return torch.cat(states)[:steps]
+        return torch.cat([self.encode_group(samples, g) for g in range(groups)])[:steps]
 
     def pad(self, states: torch.Tensor) -> torch.Tensor:
         """Zero-pad ``pad_left_steps`` before and ``pad_right_steps`` after the states."""
@@ -108,4 +118,62 @@ class AudioFeatures:
             raise IndexError(f"frame {int(frame_indices.max())} needs audio step {int(steps.max())}, "
                              f"only {padded.shape[0]} padded steps exist")
         window = padded[steps]  # [B, 10, L+1, D]
+        return window.reshape(window.shape[0], -1, window.shape[-1])
+
+
+class StreamingAudioStates:
+    """Per-frame windows of a long clip with GPU memory independent of its length.
+
+    Equal to ``features.windows(features.pad(features.encode(samples)), frames, fps)`` (the
+    same Whisper calls on the same segment groups), but a group of ``segments_per_batch``
+    30-s segments is encoded only when a frame first needs it, and groups before the earliest
+    step a call asks for are dropped, so frames must come in non-decreasing order (the
+    pipeline's order). At most two groups are held: ~92 MB for Whisper-tiny in fp16 with the
+    default 8 segments per group, instead of 0.19 MB per second of speech.
+    """
+
+    def __init__(self, features: AudioFeatures, samples: np.ndarray):
+        self.features, self.samples = features, samples
+        self.total_steps = (len(samples) * STEPS_PER_SECOND) // SAMPLE_RATE
+        cfg = features.cfg
+        self.padded_steps = cfg.pad_left_steps + self.total_steps + cfg.pad_right_steps
+        self.groups: dict[int, torch.Tensor] = {}
+        self.first_group = 0                # group at row 1 of self.table
+        self.table: torch.Tensor | None = None   # [1 zero row + held groups' steps, L+1, D]
+        self.low_water = 0                  # smallest padded step asked for so far
+
+    def _hold(self, lo: int, hi: int) -> None:
+        """Make ``self.table`` hold exactly groups ``lo..hi``."""
+        if self.table is not None and self.first_group == lo and lo + len(self.groups) - 1 == hi:
+            return
+        self.groups = {g: self.groups.get(g) if g in self.groups else self.features.encode_group(self.samples, g)
+                       for g in range(lo, hi + 1)}
+        first = self.groups[lo]
+        zero = first.new_zeros(1, *first.shape[1:])
+        self.table = None                   # free the old table before building the new one
+        self.table = torch.cat([zero, *self.groups.values()])
+        self.first_group = lo
+
+    def windows(self, frame_indices: np.ndarray, fps: Fraction) -> torch.Tensor:
+        cfg = self.features.cfg
+        starts = np.asarray(window_start(frame_indices, fps), dtype=np.int64)
+        steps = starts[:, None] + np.arange(cfg.window_steps)[None]
+        if steps.size == 0:
+            raise ValueError("no frames asked for")
+        if int(steps.max()) >= self.padded_steps:
+            raise IndexError(f"frame {int(np.max(frame_indices))} needs audio step {int(steps.max())}, "
+                             f"only {self.padded_steps} padded steps exist")
+        if int(steps.min()) < self.low_water:
+            raise ValueError(f"frames must come in order: step {int(steps.min())} was already dropped")
+        self.low_water = int(steps.min())
+        raw = steps - cfg.pad_left_steps                      # step in the unpadded states
+        valid = (raw >= 0) & (raw < self.total_steps)
+        group_steps = self.features.group_steps
+        groups = raw[valid] // group_steps
+        if groups.size:
+            self._hold(int(groups.min()), int(groups.max()))
+        elif self.table is None:
+            self._hold(0, 0)
+        rows = np.where(valid, raw - self.first_group * group_steps + 1, 0)
+        window = self.table[torch.as_tensor(rows, device=self.table.device)]   # [B, 10, L+1, D]
         return window.reshape(window.shape[0], -1, window.shape[-1])
