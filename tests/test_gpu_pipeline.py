@@ -82,3 +82,27 @@ def test_memory_stays_constant_with_length(sessions, tmp_path):
         peaks.append(torch.cuda.max_memory_allocated())
     # 10x longer output: only the Whisper states grow (tiny config: ~2.5 MB per 40 s); frames are in fixed rings
     assert peaks[1] <= peaks[0] * 1.10 + 8 * 2**20, peaks
+
+
+def test_nvenc_probe_leaves_torch_streams_usable():
+    """Regression: probing NVENC in-process left PyNvVideoCodec's own CUDA context current, and the
+    next event recorded on a torch stream failed with 'invalid resource handle'."""
+    from talkrt.media.nvcodec import nvenc_available, torch_cuda_context
+    nvenc_available.cache_clear()
+    before = torch_cuda_context(torch.device("cuda", 0))
+    assert isinstance(nvenc_available(0), bool)
+    stream = torch.cuda.Stream()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    event.synchronize()
+    assert torch_cuda_context(torch.device("cuda", 0)) == before
+
+
+def test_overlapped_stages_with_gpu_events_run_on_the_gpu_path(tmp_path):
+    """stage_sync=false (CUDA events per stage) on the full GPU path, as the benchmark runs it."""
+    parts = build_session(load_config("tiny", ["pipeline.stage_sync=false"]), device="cuda", backend="eager",
+                          compose="gpu", cache_dir=tmp_path / "cache")
+    out = tmp_path / "events.mp4"
+    report = run_pipeline(parts, SAMPLE, probe_video(SAMPLE), SPEECH, load_audio(SPEECH), out)
+    assert report.gpu_stage_seconds and report.gpu_stage_seconds.get("3.unet", 0) > 0
+    assert probe_output(out).num_frames == report.frames

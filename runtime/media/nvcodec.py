@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -34,18 +36,52 @@ def _nvc():
     return nvc
 
 
+# Opening (or failing to open) an encoder without a context argument makes PyNvVideoCodec
+# create a CUDA context of its own and leave it current on the calling thread; torch's streams
+# then fail with "invalid resource handle" (seen on an H200, which has no NVENC, 2026-11-22).
+# So the capability probe runs in a child process, and the real encoder is handed torch's context.
+_NVENC_PROBE = """
+import sys
+import PyNvVideoCodec as nvc
+enc = nvc.CreateEncoder(256, 256, "NV12", False, gpu_id=int(sys.argv[1]), codec="h264")
+enc.EndEncode()
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def nvenc_available(gpu_id: int = 0) -> bool:
-    """True when an NVENC H.264 session can be opened on this GPU (tried once per process)."""
+    """True when an NVENC H.264 session can be opened on this GPU (tried once per process, in a
+    child process so that this process's CUDA state is untouched)."""
     try:
-        nvc = _nvc()
-        enc = nvc.CreateEncoder(256, 256, "NV12", False, gpu_id=gpu_id, codec="h264")
-        enc.EndEncode()
-        return True
-    except Exception as exc:  # noqa: BLE001 - any failure means "no usable encoder"
-        log.info("NVENC unavailable on GPU %d (%s): frames will be encoded by libx264 on the CPU",
-                 gpu_id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _nvc()
+    except ImportError as exc:
+        log.info("NVENC unavailable (%s): frames will be encoded by libx264 on the CPU", exc)
         return False
+    try:
+        probe = subprocess.run([sys.executable, "-c", _NVENC_PROBE, str(gpu_id)], capture_output=True,
+                               text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.info("NVENC probe on GPU %d failed (%s): frames will be encoded by libx264 on the CPU", gpu_id, exc)
+        return False
+    if probe.returncode == 0:
+        return True
+    lines = [line for line in probe.stderr.strip().splitlines() if line.strip()]
+    log.info("NVENC unavailable on GPU %d (%s): frames will be encoded by libx264 on the CPU",
+             gpu_id, lines[-1] if lines else f"probe exit {probe.returncode}")
+    return False
+
+
+def torch_cuda_context(device: torch.device) -> int:
+    """Handle of the CUDA context torch uses on ``device`` (its primary context), for libraries
+    that would otherwise create their own."""
+    import ctypes
+    with torch.cuda.device(device):
+        torch.cuda.current_stream().synchronize()          # makes torch's context current here
+        context = ctypes.c_void_p()
+        status = ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent(ctypes.byref(context))
+    if status != 0 or not context.value:
+        raise TalkrtError(f"cannot read torch's CUDA context on {device} (cuCtxGetCurrent returned {status})")
+    return context.value
 
 
 class NvdecReader:
@@ -151,7 +187,7 @@ class NvencMp4Writer:
         try:
             self.encoder = _nvc().CreateEncoder(
                 width, height, "NV12", False, gpu_id=device.index or 0,
-                cuda_stream=stream.cuda_stream if stream is not None else 0, codec="h264", preset=preset,
+                cuda_context=torch_cuda_context(device), cuda_stream=stream.cuda_stream if stream is not None else 0, codec="h264", preset=preset,
                 rc="vbr", cq=str(cq), fps=str(float(fps)), gop=str(int(round(float(fps) * 2))), bf="0")
         except Exception as exc:
             self.abort()
@@ -187,7 +223,7 @@ class NvencMp4Writer:
             self.file.close()
         self.h264_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "NvencMp4Writer":
+    def __enter__(self) -> NvencMp4Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
