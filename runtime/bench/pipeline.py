@@ -1,17 +1,24 @@
 """End-to-end benchmark: MuseTalk-style baseline vs talkrt, same process, same inputs.
 
-    python -m talkrt.bench.pipeline [--resolutions 720p,1080p,4k] [--config musetalk] [--json PATH]
+    python -m talkrt.bench.pipeline [--resolutions 720p,1080p,4k] [--speech-seconds 20]
+        [--extra NAME=KEY=VALUE[,KEY=VALUE...]] [--long-minutes 10] [--json PATH]
 
 For each resolution a real-face clip (the bundled astronaut photo with head motion, 4 s at
-25 fps) and the bundled 6 s speech are used, so the avatar cycles (ping-pong) as in MuseTalk.
-Both paths run the same synthetic full-size model after a warm-up run (avatar cache filled,
-engines loaded), and report end-to-end frames/s, per-stage ms/frame and peak memory:
+25 fps) is driven by the bundled speech tiled to ``--speech-seconds``, so the avatar cycles
+(ping-pong) as in MuseTalk. Every path runs the same synthetic full-size model after a warm-up
+run (avatar cache filled, engines loaded), and reports end-to-end frames/s, per-stage ms/frame,
+peak GPU memory (torch allocator) and peak host RSS sampled during the run:
 
-* ``baseline``: MuseTalk's way: eager model (no CUDA graphs), frames decoded on the CPU, cv2 resize + PIL paste per
-  frame (``compose=reference``), RGB frames encoded by one libx264.
-* ``talkrt``: NVDEC (or upload) to NV12, the fused CuPy compose kernel into NV12, only NV12 to the
-  host for libx264 segment encoders (no NVENC on H100/H200), best available engine backend, stages overlapping
-  (``stage_sync=false``: its per-stage figures are GPU times from CUDA events, not wall times).
+* ``baseline``: MuseTalk's way: eager model (no CUDA graphs), frames decoded on the CPU, cv2
+  resize + PIL paste per frame (``compose=reference``), RGB frames encoded by one libx264.
+* ``talkrt``: NVDEC (or upload) to NV12, the fused CuPy compose kernel into NV12, the best engine
+  backend, stages overlapping (``stage_sync=false``: its per-stage figures are GPU times from CUDA
+  events, not wall times), NVENC where the GPU has one, else only NV12 to the host for libx264.
+* ``--extra NAME=overrides``: talkrt again with config overrides (e.g.
+  ``ultrafast=pipeline.encoder.preset=ultrafast``), one more row each.
+
+``--long-minutes M`` then runs talkrt alone at ``--long-resolution`` on 10 s and on M minutes of
+speech and reports both peaks, to show that memory does not grow with the video's length.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
+import os
 import tempfile
+import threading
 import time
+import wave
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from talkrt.config import load_config
@@ -50,43 +60,95 @@ def make_clip(folder: Path, name: str, seconds: float) -> Path:
     return path
 
 
+def tiled_speech(source: Path, seconds: float, folder: Path) -> Path:
+    """``source`` repeated to ``seconds`` of 16 kHz mono PCM (a long speech track from the bundled one)."""
+    path = folder / f"speech_{seconds:g}s.wav"
+    if not path.exists():
+        clip = load_audio(source)
+        n = int(round(seconds * clip.sample_rate))
+        tiled = np.resize(clip.samples, n)
+        with wave.open(str(path), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(clip.sample_rate)
+            out.writeframes((np.clip(tiled, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+    return path
+
+
+class PeakRss:
+    """Peak resident set size of this process while the block runs (sampled every 20 ms)."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s, self.peak_mb = interval_s, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") / 2**20)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, self.current_mb())
+
+    def __enter__(self) -> PeakRss:
+        self.peak_mb = self.current_mb()
+        self._thread = threading.Thread(target=self._sample, name="talkrt-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.current_mb())
+
+
 def run_once(parts, video: Path, audio: Path, out: Path) -> dict:
     info, clip = probe_video(video), load_audio(audio)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    report = run_pipeline(parts, video, info, audio, clip, out)
+    with PeakRss() as rss:
+        report = run_pipeline(parts, video, info, audio, clip, out)
     return {
         "frames": report.frames, "seconds": report.seconds, "fps": report.fps,
         "stages_ms_per_frame": {name: ms for name, ms, _ in report.stage_table},
         # with stage_sync off the wall times above are launch times; CUDA events give the GPU time per stage
         "gpu_stages_ms_per_frame": {k: 1000 * v / report.frames for k, v in (report.gpu_stage_seconds or {}).items()},
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
-        "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "width": info.width, "height": info.height,
+        "peak_host_rss_mb": rss.peak_mb,
+        "width": info.width, "height": info.height, "encode_path": report.encode_path,
     }
+
+
+def parse_extra(text: str) -> tuple[str, list[str]]:
+    """``NAME=KEY=VALUE[,KEY=VALUE...]`` -> (``talkrt-NAME``, overrides)."""
+    name, _, overrides = text.partition("=")
+    if not name or "=" not in overrides:
+        raise argparse.ArgumentTypeError(f"--extra wants NAME=KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    return f"talkrt-{name}", overrides.split(",")
 
 
 def bench(resolutions: list[str], config: str, device: str, seconds: float, work: Path, talkrt_backend: str,
-          speech: Path, compare_single_encoder: bool = False) -> dict:
-    single = ["pipeline.encoder.workers=1"]
+          speech: Path, extras: list[tuple[str, list[str]]] = ()) -> dict:
     cache = work / "cache"
+    talkrt = ["pipeline.stage_sync=false"]
     paths = {
-        "baseline": build_session(load_config(config, single), device=device, backend="eager", compose="reference",
-                                  cache_dir=cache, cuda_graphs=False),
-        "talkrt": build_session(load_config(config, ["pipeline.stage_sync=false"]), device=device,
-                                backend=talkrt_backend, compose="auto", cache_dir=cache),
+        "baseline": build_session(load_config(config, ["pipeline.encoder.workers=1"]), device=device,
+                                  backend="eager", compose="reference", cache_dir=cache, cuda_graphs=False),
+        "talkrt": build_session(load_config(config, talkrt), device=device, backend=talkrt_backend,
+                                compose="auto", cache_dir=cache),
     }
-    if compare_single_encoder:
-        paths["talkrt-1enc"] = build_session(load_config(config, ["pipeline.stage_sync=false", *single]),
-                                             device=device, backend=talkrt_backend, compose="auto", cache_dir=cache)
-    results: dict = {"config": paths["talkrt"].cfg.name, "device": str(paths["talkrt"].device), "rows": []}
+    for label, overrides in extras:
+        paths[label] = build_session(load_config(config, [*talkrt, *overrides]), device=device,
+                                     backend=talkrt_backend, compose="auto", cache_dir=cache)
+    results: dict = {"config": paths["talkrt"].cfg.name, "device": str(paths["talkrt"].device),
+                     "speech": str(speech), "extras": {k: v for k, v in extras}, "rows": []}
     for name in resolutions:
         video = make_clip(work, name, seconds)
         for label, parts in paths.items():
-            run_pipeline_args = (parts, video, speech)
-            run_once(*run_pipeline_args, work / f"warm_{label}_{name}.mp4")        # warm-up
-            row = run_once(*run_pipeline_args, work / f"{label}_{name}.mp4")
+            run_once(parts, video, speech, work / f"warm_{label}_{name}.mp4")        # warm-up
+            row = run_once(parts, video, speech, work / f"{label}_{name}.mp4")
             row.update(resolution=name, path=label, backend=parts.backend, compose=parts.compose)
             results["rows"].append(row)
             log.info("%s %s: %.1f frames/s", name, label, row["fps"])
@@ -95,6 +157,23 @@ def bench(resolutions: list[str], config: str, device: str, seconds: float, work
         for label, row in rows.items():
             row["speedup_vs_baseline"] = row["fps"] / rows["baseline"]["fps"]
     return results
+
+
+def bench_length(config: str, device: str, backend: str, resolution: str, minutes: float, work: Path,
+                 speech: Path) -> list[dict]:
+    """talkrt on 10 s and on ``minutes`` of speech: peaks must not grow with the length."""
+    parts = build_session(load_config(config, ["pipeline.stage_sync=false"]), device=device, backend=backend,
+                          compose="auto", cache_dir=work / "cache")
+    video = make_clip(work, resolution, 4.0)
+    rows = []
+    for seconds in (10.0, 60.0 * minutes):
+        track = tiled_speech(speech, seconds, work)
+        row = run_once(parts, video, track, work / f"length_{seconds:g}s.mp4")
+        row.update(resolution=resolution, speech_s=seconds)
+        rows.append(row)
+        log.info("%s, %g s of speech: %.1f frames/s, peak GPU %.0f MB, peak RSS %.0f MB", resolution, seconds,
+                 row["fps"], row["peak_gpu_mb"], row["peak_host_rss_mb"])
+    return rows
 
 
 def markdown_table(results: dict) -> str:
@@ -111,17 +190,29 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def length_table(rows: list[dict]) -> str:
+    lines = ["| resolution | speech | frames | frames/s | peak GPU MB | peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['resolution']} | {r['speech_s']:g} s | {r['frames']} | {r['fps']:.1f} "
+                     f"| {r['peak_gpu_mb']:.0f} | {r['peak_host_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--resolutions", default="720p,1080p,4k")
+    p.add_argument("--resolutions", default="720p,1080p,4k", help="comma list; empty: skip the comparison")
     p.add_argument("--config", default=None, help="default: musetalk on CUDA, tiny on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", help="talkrt path's engine backend")
     p.add_argument("--seconds", type=float, default=4.0, help="avatar clip length")
+    p.add_argument("--speech-seconds", type=float, default=20.0,
+                   help="speech length: the --audio track tiled (steady state, not start-up)")
     p.add_argument("--work", type=Path, default=None, help="folder for clips and outputs (default: temp)")
     p.add_argument("--audio", type=Path, default=Path("tests/data/sample_speech.wav"), help="speech track")
-    p.add_argument("--compare-single-encoder", action="store_true",
-                   help="also run talkrt with one libx264 instead of the segment encoders")
+    p.add_argument("--extra", type=parse_extra, action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="one more talkrt row with config overrides, e.g. ultrafast=pipeline.encoder.preset=ultrafast")
+    p.add_argument("--long-minutes", type=float, default=0.0, help="also run talkrt on 10 s and on this many minutes")
+    p.add_argument("--long-resolution", default="720p")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,13 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="talkrt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results = bench([r.strip() for r in args.resolutions.split(",")], config, args.device, args.seconds, work,
-                    args.backend, args.audio, args.compare_single_encoder)
+    speech = tiled_speech(args.audio, args.speech_seconds, work)
+    resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
+    results = bench(resolutions, config, args.device, args.seconds, work, args.backend, speech, args.extra) \
+        if resolutions else {"rows": []}
+    if args.long_minutes > 0:
+        results["length_rows"] = bench_length(config, args.device, args.backend, args.long_resolution,
+                                              args.long_minutes, work, args.audio)
     results["wall_s"] = time.time() - started
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
-    table = markdown_table(results)
-    print(table)
+    if results["rows"]:
+        print(markdown_table(results))
+    if results.get("length_rows"):
+        print(length_table(results["length_rows"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
