@@ -24,6 +24,7 @@ Environment:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -140,6 +141,43 @@ def slowdown_for(slowdown: dict[str, float], name: str) -> float:
     return slowdown.get(short_stage_name(name), 0.0)
 
 
+class StageEventTotals:
+    """Summed time between (begin, end) CUDA event pairs per stage, in constant memory.
+
+    Pairs are recorded in order on one stream, so they complete in order: each ``add`` folds the
+    completed pairs at the front of the stage's queue into its total and drops them, and only
+    pairs still in flight are kept, however long the run.
+    """
+
+    def __init__(self):
+        self.totals_ms: dict[str, float] = defaultdict(float)
+        self.pending: dict[str, collections.deque] = defaultdict(collections.deque)
+
+    def add(self, name: str, begin, end) -> None:
+        self.pending[name].append((begin, end))
+        self._fold(name, wait=False)
+
+    def _fold(self, name: str, wait: bool) -> None:
+        queue = self.pending[name]
+        while queue:
+            begin, end = queue[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                return
+            self.totals_ms[name] += begin.elapsed_time(end)
+            queue.popleft()
+
+    def in_flight(self) -> int:
+        return sum(len(q) for q in self.pending.values())
+
+    def seconds(self) -> dict[str, float]:
+        """Every stage's total in seconds, after waiting for the pairs still in flight."""
+        for name in list(self.pending):
+            self._fold(name, wait=True)
+        return {name: ms / 1000.0 for name, ms in self.totals_ms.items()}
+
+
 class StageClock:
     """Per-stage wall seconds and call counts, with optional ranges, GPU events and slowdowns."""
 
@@ -155,7 +193,7 @@ class StageClock:
             log.warning("%s active: injecting %s ms per frame", ENV_SLOWDOWN, self.slowdown)
         want_events = os.environ.get(ENV_GPU_EVENTS, "0") == "1" if gpu_events is None else gpu_events
         self.gpu_events = bool(want_events) and stream is not None
-        self._events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
+        self._events = StageEventTotals()
 
     @contextlib.contextmanager
     def stage(self, name: str, batch_index: int = -1, frames: int = 0) -> Iterator[None]:
@@ -177,7 +215,7 @@ class StageClock:
             if self.gpu_events:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record(self.stream)
-                self._events[name].append((begin, end))
+                self._events.add(name, begin, end)
             if self.sync:
                 self.stream.synchronize()
             self.seconds[name] += time.perf_counter() - start
@@ -191,12 +229,7 @@ class StageClock:
         This is GPU time spanned by the stage on the pipeline's stream: it includes gaps where
         the host did not keep the stream fed, and excludes work issued on other streams.
         """
-        totals: dict[str, float] = {}
-        for name, pairs in self._events.items():
-            for _, end in pairs:
-                end.synchronize()
-            totals[name] = sum(begin.elapsed_time(end) for begin, end in pairs) / 1000.0
-        return totals
+        return self._events.seconds()
 
     def ms_per_frame(self, frames: int) -> dict[str, float]:
         """``{stage: ms per output frame}`` in first-use order."""

@@ -382,3 +382,34 @@ def test_native_outputs_of_the_other_benchmarks_are_rendered(tmp_path):
     md = md_path.read_text()
     assert "| 720p talkrt | 2.00 |" not in md and "| 3.unet | 2.00 |" in md and "| frames/s | 300.00 |" in md
     assert "720p talkrt" in md and "| compose_nv12 1080p | cpu | 32 | 160.00 | 200.00 |" in md
+
+
+class _FakeEvent:
+    """Stands in for a CUDA event: completes when the fake stream's clock passes its time."""
+
+    def __init__(self, stream, t_ms):
+        self.stream, self.t_ms = stream, t_ms
+
+    def query(self):
+        return self.stream.now_ms >= self.t_ms
+
+    def synchronize(self):
+        self.stream.now_ms = max(self.stream.now_ms, self.t_ms)
+
+    def elapsed_time(self, end):
+        assert self.query() and end.query(), "elapsed_time on an unfinished event"
+        return end.t_ms - self.t_ms
+
+
+def test_stage_event_totals_fold_completed_pairs_and_keep_only_in_flight_ones():
+    from types import SimpleNamespace
+
+    from talkrt.profiling import StageEventTotals
+    stream = SimpleNamespace(now_ms=0.0)
+    totals = StageEventTotals()
+    for i in range(1000):                        # batch i's unet spans [10i, 10i + 3] ms of stream time
+        stream.now_ms = 10.0 * i - 25.0          # the GPU runs ~3 batches behind the host
+        totals.add("3.unet", _FakeEvent(stream, 10.0 * i), _FakeEvent(stream, 10.0 * i + 3.0))
+        assert totals.in_flight() <= 4
+    assert totals.seconds() == {"3.unet": pytest.approx(3.0)}   # 1000 x 3 ms
+    assert totals.in_flight() == 0
