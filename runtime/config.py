@@ -110,7 +110,7 @@ class PipelineConfig:
     smooth_window: int = 5
     max_cycle_cache_bytes: int = 4_000_000_000
     weights_seed: int = 0
-    stage_sync: bool = True      # sync the stream after each stage: exact per-stage times, less overlap
+    stage_sync: bool = False     # True: sync the stream after each stage (exact per-stage wall times, less overlap)
     sharpen: SharpenConfig = field(default_factory=SharpenConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 

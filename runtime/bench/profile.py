@@ -218,7 +218,7 @@ def _run_twice(args: argparse.Namespace, out: Path, profiled_ctx: Any) -> tuple[
     seconds = args.seconds if args.seconds is not None else (None if device.startswith("cuda") else 1.0)
     info = probe_video(inputs.video)
     clip = trim_clip(load_audio(inputs.audio), seconds)
-    cfg = load_config(config)
+    cfg = load_config(config, ["pipeline.stage_sync=true"])   # stage ranges that match GPU work
     parts = build_session(cfg, device=device, backend=args.backend, cache_dir=args.cache_dir)
     log.info("warm-up run (%s, %.2f s of audio)", config, clip.duration_s)
     warm = out / ".warmup.mp4"
