@@ -28,7 +28,8 @@ import torch
 from talkrt.build_engines.specs import ENGINE_MODELS, batch_buckets, default_max_batch, export_specs
 from talkrt.config import TalkrtConfig
 from talkrt.engines.compiled import (
-    DEFAULT_COMPILE_MODE, DEFAULT_FREEZING, MANIFEST_FILE, CompiledEngine, compiled_dir, expected_manifest, fresh_artifact_recording,
+    DEFAULT_COMPILE_MODE, DEFAULT_FREEZING, MANIFEST_FILE, CompiledEngine, compiled_dir, expected_manifest,
+    fresh_artifact_recording,
 )
 from talkrt.engines.manifest import manifest_mismatches, read_manifest, sha256_files, write_manifest
 from talkrt.errors import EngineError

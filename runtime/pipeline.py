@@ -339,7 +339,7 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
     avatar = parts.preparer(video_path, info)
     clock = StageClock(parts.stream, sync=cfg.pipeline.stage_sync,
                        gpu_events=None if cfg.pipeline.stage_sync else parts.stream is not None)
-    with clock.stage("audio_features"):
+    with clock.stage("audio_features"):     # set-up only now: Whisper runs lazily inside "2.audio"
         audio_stage = AudioWindows(parts.audio_features, clip, info.fps)
     on_gpu = parts.compose == "gpu"
     bs = cfg.pipeline.batch_size

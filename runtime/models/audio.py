@@ -137,22 +137,21 @@ class StreamingAudioStates:
         self.total_steps = (len(samples) * STEPS_PER_SECOND) // SAMPLE_RATE
         cfg = features.cfg
         self.padded_steps = cfg.pad_left_steps + self.total_steps + cfg.pad_right_steps
-        self.groups: dict[int, torch.Tensor] = {}
-        self.first_group = 0                # group at row 1 of self.table
+        self.first_group, self.last_group = 0, -1      # groups held in self.table (none yet)
         self.table: torch.Tensor | None = None   # [1 zero row + held groups' steps, L+1, D]
         self.low_water = 0                  # smallest padded step asked for so far
 
     def _hold(self, lo: int, hi: int) -> None:
-        """Make ``self.table`` hold exactly groups ``lo..hi``."""
-        if self.table is not None and self.first_group == lo and lo + len(self.groups) - 1 == hi:
+        """Make ``self.table`` hold exactly groups ``lo..hi``: groups it already holds are sliced
+        out of it, the others encoded."""
+        if self.table is not None and (self.first_group, self.last_group) == (lo, hi):
             return
-        self.groups = {g: self.groups.get(g) if g in self.groups else self.features.encode_group(self.samples, g)
-                       for g in range(lo, hi + 1)}
-        first = self.groups[lo]
-        zero = first.new_zeros(1, *first.shape[1:])
-        self.table = None                   # free the old table before building the new one
-        self.table = torch.cat([zero, *self.groups.values()])
-        self.first_group = lo
+        gs = self.features.group_steps
+        parts = [self.table[1 + (g - self.first_group) * gs:1 + (g - self.first_group + 1) * gs]
+                 if self.first_group <= g <= self.last_group else self.features.encode_group(self.samples, g)
+                 for g in range(lo, hi + 1)]
+        self.table = torch.cat([parts[0].new_zeros(1, *parts[0].shape[1:]), *parts])
+        self.first_group, self.last_group = lo, hi
 
     def windows(self, frame_indices: np.ndarray, fps: Fraction) -> torch.Tensor:
         cfg = self.features.cfg
