@@ -21,7 +21,7 @@ from talkrt.build_engines.onnx_export import DEFAULT_OPSET, export_onnx
 from talkrt.build_engines.specs import ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs
 from talkrt.build_engines.tensorrt_build import DEFAULT_WORKSPACE_GIB, build_plan
 from talkrt.config import PRECISIONS, TalkrtConfig, load_config
-from talkrt.engines.compiled import DEFAULT_COMPILE_MODE
+from talkrt.engines.compiled import add_compile_arguments, settings_from_args
 from talkrt.engines.manifest import config_dir, dtype_name
 from talkrt.engines.tensorrt import import_tensorrt
 from talkrt.errors import EngineError, TalkrtError
@@ -46,9 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", help="compiled backend batch buckets, e.g. 1,4,16 (default: 1,2,4,... max batch)")
     p.add_argument("--engines-dir", help="output root (default: $TALKRT_ENGINES_DIR or ./engines)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    p.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, help="torch.compile mode for 'compiled'")
-    p.add_argument("--no-freezing", dest="freezing", action="store_false",
-                   help="compile without Inductor freezing (weights stay parameters)")
+    add_compile_arguments(p)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB, help="TensorRT workspace")
     p.add_argument("--force", action="store_true", help="rebuild even when manifests match")
@@ -179,8 +177,8 @@ def build(req: BuildRequest, args: argparse.Namespace) -> int:
     if "compiled" in req.backends:
         try:
             build_compiled(cfg, models.to(req.device, req.dtype), device=req.device, dtype=req.dtype,
-                           engines_dir=args.engines_dir, buckets=req.buckets, mode=args.compile_mode,
-                           freezing=args.freezing, model_names=req.engine_names, force=args.force)
+                           engines_dir=args.engines_dir, buckets=req.buckets, settings=settings_from_args(args),
+                           model_names=req.engine_names, force=args.force)
         except TalkrtError as exc:
             log.error("compiled build failed: %s", exc)
             failures.append("compiled")

@@ -28,8 +28,7 @@ import torch
 from talkrt.build_engines.specs import ENGINE_MODELS, batch_buckets, default_max_batch, export_specs
 from talkrt.config import TalkrtConfig
 from talkrt.engines.compiled import (
-    DEFAULT_COMPILE_MODE, DEFAULT_FREEZING, MANIFEST_FILE, CompiledEngine, compiled_dir, expected_manifest,
-    fresh_artifact_recording,
+    MANIFEST_FILE, CompiledEngine, CompileSettings, compiled_dir, expected_manifest, fresh_artifact_recording,
 )
 from talkrt.engines.manifest import manifest_mismatches, read_manifest, sha256_files, write_manifest
 from talkrt.errors import EngineError
@@ -92,8 +91,7 @@ def _write(folder: Path, expected: dict, entries: dict, digests: dict, extra: di
 
 def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dtype: torch.dtype,
                    engines_dir: str | Path | None = None, max_batch: int | None = None,
-                   buckets: Sequence[int] | None = None, mode: str = DEFAULT_COMPILE_MODE,
-                   freezing: bool = DEFAULT_FREEZING,
+                   buckets: Sequence[int] | None = None, settings: CompileSettings = CompileSettings(),
                    model_names: Sequence[str] = ENGINE_MODELS, force: bool = False) -> Path:
     """Compile ``model_names`` at every bucket and save the caches; return the output folder.
 
@@ -104,7 +102,7 @@ def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dty
     buckets = tuple(sorted(set(buckets or batch_buckets(max_batch or default_max_batch(cfg)))))
     specs = export_specs(cfg, max(buckets))
     folder = compiled_dir(cfg, device, dtype, engines_dir)
-    expected = {**expected_manifest(cfg, device, dtype), "compile_mode": mode, "freezing": freezing}
+    expected = {**expected_manifest(cfg, device, dtype), **settings.manifest_fields()}
     entries, digests = _previous(folder, expected, force)
     todo = [(n, b) for n in model_names for b in buckets if str(b) not in entries.get(n, {})]
     if not todo:
@@ -113,8 +111,8 @@ def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dty
         return folder
     run_id = time.strftime("%Y%m%d-%H%M%S")
     extra = {"config_name": cfg.name, "weights_identity": models.identity}
-    log.info("compiling %d (model, batch) pair(s) into %s (mode %s, freezing %s); cold compiles take minutes "
-             "each", len(todo), folder, mode, freezing)
+    log.info("compiling %d (model, batch) pair(s) into %s (%s); cold compiles take minutes each",
+             len(todo), folder, settings.describe())
     build_start = time.perf_counter()
     for name in model_names:
         pending = [b for n, b in todo if n == name]
@@ -124,7 +122,7 @@ def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dty
         module = spec.make_module(models)
         _check_placement(module, name, device, dtype)
         engine = CompiledEngine(name, module, spec.inputs, spec.outputs, pending, device=device, dtype=dtype,
-                                mode=mode, freezing=freezing, cuda_graphs=False, expect_cache_hits=False,
+                                settings=settings, cuda_graphs=False, expect_cache_hits=False,
                                 warmup=False)
         for bucket in pending:
             done = todo.index((name, bucket)) + 1

@@ -27,7 +27,7 @@ from talkrt.build_engines.specs import (
 from talkrt.config import load_config
 from talkrt.engines.base import EagerEngine
 from talkrt.engines.compiled import (
-    MANIFEST_FILE, compiled_dir, expected_manifest, fresh_artifact_recording, load_compiled_artifacts,
+    MANIFEST_FILE, CompileSettings, compiled_dir, expected_manifest, fresh_artifact_recording, load_compiled_artifacts,
     read_cache_artifacts, usable_buckets,
 )
 from talkrt.engines.graphs import EagerGraphEngine, bucket_for, plan_padding
@@ -359,7 +359,7 @@ def compiled_root(gpu_setup, tmp_path_factory):
     cfg, models, _, _ = gpu_setup
     root = tmp_path_factory.mktemp("gpu_engines")
     build_compiled(cfg, models, device="cuda", dtype=torch.float16, engines_dir=root, buckets=GPU_BUCKETS,
-                   mode=os.environ.get("TALKRT_TEST_COMPILE_MODE", "default"))
+                   settings=CompileSettings(mode=os.environ.get("TALKRT_TEST_COMPILE_MODE", "default")))
     return root
 
 
@@ -381,10 +381,11 @@ def test_compiled_matches_eager_at_every_bucket(gpu_setup, compiled_root, name, 
     build = load_compiled_artifacts(cfg, device="cuda", dtype=torch.float16, models=(name,),
                                     max_batch=max(GPU_BUCKETS), engines_dir=compiled_root)
     assert build.buckets[name] == GPU_BUCKETS
-    assert build.freezing is True                            # the default build freezes the weights
+    assert build.settings.freezing is True                   # the default build freezes the weights
+    assert build.settings.rewrites == ("subpixel_upsample",)  # and rewrites the upsamplers
     spec, module = specs[name], specs[name].make_module(models)
     engine = CompiledEngine(name, module, spec.inputs, spec.outputs, GPU_BUCKETS, device="cuda",
-                            dtype=torch.float16, mode=build.mode, freezing=build.freezing,
+                            dtype=torch.float16, settings=build.settings,
                             cuda_graphs=cuda_graphs)
     assert engine.fresh_compiles == 0
     for batch in GPU_BATCHES + (1,):                         # back to 1 after 4: no stale-bucket effects
@@ -437,7 +438,7 @@ ROUND_TRIP = textwrap.dedent("""
                                         max_batch=max_batch, engines_dir=sys.argv[1])
         module = spec.make_module(models)
         engine = CompiledEngine(name, module, spec.inputs, spec.outputs, build.buckets[name],
-                                device="cuda", dtype=torch.float16, mode=build.mode, cuda_graphs=True)
+                                device="cuda", dtype=torch.float16, settings=build.settings, cuda_graphs=True)
         feeds = spec.sample_inputs(max_batch, device="cuda", dtype=torch.float16)
         with torch.inference_mode():
             out = engine.run(feeds)[spec.output_names[0]].float()

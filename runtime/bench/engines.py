@@ -27,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from talkrt.build_engines.specs import export_specs
 from talkrt.config import load_config
 from talkrt.engines.base import EagerEngine
-from talkrt.engines.compiled import DEFAULT_COMPILE_MODE, CompiledEngine, load_compiled_artifacts
+from talkrt.engines.compiled import (CompiledEngine, add_compile_arguments, load_compiled_artifacts,
+                                    settings_from_args)
 from talkrt.engines.graphs import EagerGraphEngine
 from talkrt.engines.manifest import dtype_name
 from talkrt.engines.tensorrt import TensorRTEngine, tensorrt_available
@@ -119,29 +120,28 @@ def _covered(try_load, batches: list[int]) -> list[int]:
 
 def _compiled(cfg, models, specs, args, batches, device, dtype, started: float, report: Report) -> dict | None:
     """Compiled engines (from artefacts, else compiled here within the budget) with ``.ready`` batches."""
-    mode, freezing, from_artifacts = args.compile_mode, args.freezing, False
+    settings, from_artifacts = settings_from_args(args), False
     try:
         build = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=MODELS, max_batch=None,
                                         engines_dir=args.engines_dir)
         wanted = [b for b in batches if all(b in build.buckets[m] for m in MODELS)]
         if not wanted:
             raise EngineError(f"the artefacts hold batches {build.buckets}, none of {batches}")
-        mode, freezing, from_artifacts = build.mode, build.freezing, True
-        report.notes.append(f"compiled: from `make engines` artefacts (mode {mode}, freezing {freezing}), "
-                            f"batches {wanted}")
+        settings, from_artifacts = build.settings, True
+        report.notes.append(f"compiled: from `make engines` artefacts ({settings.describe()}), batches {wanted}")
     except EngineError as exc:
         if args.quick or device.type != "cuda":
             report.notes.append(f"compiled skipped (no usable artefacts; no cold compiles with --quick or on "
                                 f"the CPU): {exc}")
             return None
         wanted = [b for b in args.compiled_batches if b in batches]
-        report.notes.append(f"compiled: no usable artefacts, compiled in this run (mode {mode}, freezing {freezing}) for batches "
-                            f"{wanted} only, cold")
+        report.notes.append(f"compiled: no usable artefacts, compiled in this run ({settings.describe()}) for "
+                            f"batches {wanted} only, cold")
     engines = {}
     for name in MODELS:
         spec = specs[name]
         engine = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs, wanted, device=device,
-                                dtype=dtype, mode=mode, freezing=freezing, expect_cache_hits=from_artifacts,
+                                dtype=dtype, settings=settings, expect_cache_hits=from_artifacts,
                                 warmup=False)
         engine.ready = []
         for batch in wanted:
@@ -175,7 +175,7 @@ def _graphs_of(engines: dict, specs, device, dtype) -> dict:
             continue
         spec = specs[name]
         graphed = CompiledEngine(name, engine.module, spec.inputs, spec.outputs, engine.ready, device=device,
-                                 dtype=dtype, mode=engine.mode, freezing=engine.freezing, cuda_graphs=True,
+                                 dtype=dtype, settings=engine.settings, cuda_graphs=True,
                                  expect_cache_hits=False)
         graphed.ready = list(engine.ready)
         out[name] = graphed
@@ -279,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=tuple(DTYPES), default="float16")
     p.add_argument("--device", choices=("cuda", "cpu"))
     p.add_argument("--engines-dir", help="where `make engines` put artefacts (default ./engines)")
-    p.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE)
-    p.add_argument("--no-freezing", dest="freezing", action="store_false")
+    add_compile_arguments(p)
     p.add_argument("--compiled-batches", type=_ints, default=[16],
                    help="batches to compile in this run when no artefacts exist (cold compiles take minutes)")
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting cold compiles after this")

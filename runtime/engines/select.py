@@ -66,8 +66,7 @@ def compiled_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, 
     for name in ENGINE_MODELS:
         spec = specs[name]
         engines[name] = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs,
-                                       build.buckets[name], device=device, dtype=dtype, mode=build.mode,
-                                       freezing=build.freezing,
+                                       build.buckets[name], device=device, dtype=dtype, settings=build.settings,
                                        cuda_graphs=cuda_graphs, graph_fallback=True)
     return engines
 
