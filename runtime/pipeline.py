@@ -299,6 +299,7 @@ class BatchRunner:
     def __init__(self, parts: PipelineParts, avatar: PreparedAvatar, media: CpuMediaStages | GpuMediaStages,
                  audio_stage: Callable[[FrameBatch], None], clock: StageClock):
         self.avatar, self.media, self.audio_stage, self.clock = avatar, media, audio_stage, clock
+        self.stream = parts.stream
         self.on_gpu = isinstance(media, GpuMediaStages)
         self.unet = UNetStage(parts.unet, avatar, parts.device, parts.dtype, parts.stream)
         self.vae = VaeDecodeStage(parts.vae_decoder, parts.stream, on_device=self.on_gpu)
@@ -310,7 +311,11 @@ class BatchRunner:
 
     def __call__(self, batch: FrameBatch) -> None:
         clock, media, b, n = self.clock, self.media, batch.index, batch.size
-        with nvtx_range("batch %d frames=%d", b, n):
+        # Every torch op of the batch (frame-cache gathers, uploads, index copies) is queued on the
+        # pipeline's one stream, like the kernels, engines and copies that consume its results;
+        # torch's streams do not synchronise with the default stream, so work left there races.
+        on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with on_stream, nvtx_range("batch %d frames=%d", b, n):
             with clock.stage("1.frames", b, n):
                 media.frames(batch)
                 if self.on_gpu:
