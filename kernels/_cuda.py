@@ -28,18 +28,26 @@ _modules: dict[tuple[int, str, str], Any] = {}
 _functions: dict[tuple[int, str, str, str], Any] = {}
 _modules_lock = threading.Lock()
 _recorder: list | None = None
+_gpu_seen = False                # a CUDA device was found once (see unavailable_reason)
 
 
 def unavailable_reason() -> str | None:
-    """Why the GPU kernels cannot run here (None when they can). Never raises."""
+    """Why the GPU kernels cannot run here (None when they can). Never raises.
+
+    A positive answer is remembered (devices do not disappear from a running process), so the
+    wrappers, which ask on every call, make no CUDA runtime call for it after the first."""
+    global _gpu_seen
     if cupy is None:
         return f"CuPy is not importable ({_IMPORT_ERROR})"
+    if _gpu_seen:
+        return None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # noqa: BLE001 - no driver, driver too old, ...
         return f"no usable CUDA device ({type(exc).__name__}: {exc})"
     if count < 1:
         return "no CUDA device"
+    _gpu_seen = True
     return None
 
 

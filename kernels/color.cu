@@ -10,7 +10,7 @@
 // The float32 expressions of colorspace.py are evaluated operation for operation (__fmul_rn,
 // __fadd_rn, same order), but the decoder's chroma products are computed once per chroma sample
 // (shared by its 2 x 2 pixels), and int -> float and the final rounding use exact_float /
-// round_u8_fast (common.cuh) instead of the slow conversion instructions.
+// round_u8 (common.cuh) instead of the slow conversion instructions.
 #include "common.cuh"
 
 #define GROUP 8   // pixels per thread and row
@@ -132,9 +132,9 @@ extern "C" __global__ void nv12_to_rgb_kernel(
             const int s = p / 2;
             const float yf = exact_float(byte_at(luma[row], p));
             const float yv = __fmul_rn(y_scale, __fsub_rn(yf, y_offset));
-            const u8 r = round_u8_fast(__fadd_rn(yv, r_vc[s]));
-            const u8 g = round_u8_fast(__fadd_rn(__fadd_rn(yv, g_uc[s]), g_vc[s]));
-            const u8 bl = round_u8_fast(__fadd_rn(yv, b_uc[s]));
+            const u8 r = round_u8(__fadd_rn(yv, r_vc[s]));
+            const u8 g = round_u8(__fadd_rn(__fadd_rn(yv, g_uc[s]), g_vc[s]));
+            const u8 bl = round_u8(__fadd_rn(yv, b_uc[s]));
             c0[p] = bgr ? bl : r;
             c1[p] = g;
             c2[p] = bgr ? r : bl;
@@ -197,8 +197,8 @@ extern "C" __global__ void rgb_to_nv12_kernel(
         const float r = __fmul_rn(exact_float(r_sum), 0.25f);
         const float g = __fmul_rn(exact_float(g_sum), 0.25f);
         const float bl = __fmul_rn(exact_float(b_sum), 0.25f);
-        uv[2 * s] = round_u8_fast(__fadd_rn(dot3(u_r, u_g, u_b, r, g, bl), 128.0f));
-        uv[2 * s + 1] = round_u8_fast(__fadd_rn(dot3(v_r, v_g, v_b, r, g, bl), 128.0f));
+        uv[2 * s] = round_u8(__fadd_rn(dot3(u_r, u_g, u_b, r, g, bl), 128.0f));
+        uv[2 * s + 1] = round_u8(__fadd_rn(dot3(v_r, v_g, v_b, r, g, bl), 128.0f));
     }
 #pragma unroll
     for (int row = 0; row < 2; ++row) {
@@ -209,7 +209,7 @@ extern "C" __global__ void rgb_to_nv12_kernel(
             const float r = exact_float(bgr ? c2 : c0);
             const float g = exact_float(byte_at(px[row], 3 * p + 1));
             const float bl = exact_float(bgr ? c0 : c2);
-            luma[p] = round_u8_fast(__fadd_rn(dot3(y_r, y_g, y_b, r, g, bl), y_offset));
+            luma[p] = round_u8(__fadd_rn(dot3(y_r, y_g, y_b, r, g, bl), y_offset));
         }
         const u32 words[GROUP / 4] = {pack4(luma[0], luma[1], luma[2], luma[3]),
                                       pack4(luma[4], luma[5], luma[6], luma[7])};

@@ -9,15 +9,33 @@
 typedef unsigned char u8;
 typedef unsigned int u32;
 
+// ---------------------------------------------------------------- exact conversions without I2F/F2I
+
+// The conversion instructions (I2F, F2I, FRND) run at a small fraction of the FP32 rate; kernels
+// bound by them use these equivalents, which give identical results with FP32 adds only.
+
+// (float)n, exactly, for |n| < 2^22: the float of value 1.5 * 2^23 + n has the bits
+// 0x4B400000 + n, and subtracting 1.5 * 2^23 again is exact.
+__device__ __forceinline__ float exact_float(int n) {
+    return __fsub_rn(__int_as_float(0x4B400000 + n), 12582912.0f);
+}
+
 // floor(x + 0.5) clamped to [0, 255]: the references' rounding (numpy: floor(x + 0.5), clip).
+// Bit for bit the same as fminf(fmaxf(floorf(x + 0.5f), 0), 255) converted to u8: floor clamped
+// to [0, 255] equals floor of the value clamped to [0, 255] (integer bounds; NaN -> 0 in both),
+// and for z in [0, 255] the sum z + 2^23 rounded down is the float 2^23 + floor(z), whose low
+// mantissa byte is floor(z).
 __device__ __forceinline__ u8 round_u8(float x) {
-    float r = floorf(__fadd_rn(x, 0.5f));
-    r = fminf(fmaxf(r, 0.0f), 255.0f);
-    return (u8)(int)r;
+    const float z = fminf(fmaxf(__fadd_rn(x, 0.5f), 0.0f), 255.0f);
+    return (u8)__float_as_int(__fadd_rd(z, 8388608.0f));
 }
 
 __device__ __forceinline__ bool aligned4(const void* p) {
     return (((unsigned long long)p) & 3ull) == 0ull;
+}
+
+__device__ __forceinline__ bool aligned8(const void* p) {
+    return (((unsigned long long)p) & 7ull) == 0ull;
 }
 
 // Load n <= N bytes (N a multiple of 4); 32-bit loads when p is 4-byte aligned and n == N.
@@ -62,9 +80,9 @@ struct EncodeCoeffs { float y_r, y_g, y_b, u_r, u_g, u_b, v_r, v_g, v_b, y_offse
 // YUV -> RGB in the float32 order of colorspace.py.
 __device__ __forceinline__ void decode_pixel(const DecodeCoeffs& k, int y, int u, int v,
                                              u8& r, u8& g, u8& b) {
-    const float yv = __fmul_rn(k.y_scale, __fsub_rn((float)y, k.y_offset));
-    const float uc = __fsub_rn((float)u, 128.0f);
-    const float vc = __fsub_rn((float)v, 128.0f);
+    const float yv = __fmul_rn(k.y_scale, __fsub_rn(exact_float(y), k.y_offset));
+    const float uc = exact_float(u - 128);
+    const float vc = exact_float(v - 128);
     r = round_u8(__fadd_rn(yv, __fmul_rn(k.r_v, vc)));
     g = round_u8(__fadd_rn(__fadd_rn(yv, __fmul_rn(k.g_u, uc)), __fmul_rn(k.g_v, vc)));
     b = round_u8(__fadd_rn(yv, __fmul_rn(k.b_u, uc)));
@@ -75,15 +93,15 @@ __device__ __forceinline__ float dot3(float c0, float c1, float c2, float a, flo
 }
 
 __device__ __forceinline__ u8 encode_y(const EncodeCoeffs& k, int r, int g, int b) {
-    return round_u8(__fadd_rn(dot3(k.y_r, k.y_g, k.y_b, (float)r, (float)g, (float)b), k.y_offset));
+    return round_u8(__fadd_rn(dot3(k.y_r, k.y_g, k.y_b, exact_float(r), exact_float(g), exact_float(b)), k.y_offset));
 }
 
 // Chroma of a 2x2 block from the sums of its four R, G and B values (mean = sum * 0.25, exact).
 __device__ __forceinline__ void encode_uv(const EncodeCoeffs& k, int r_sum, int g_sum, int b_sum,
                                           u8& u, u8& v) {
-    const float r = __fmul_rn((float)r_sum, 0.25f);
-    const float g = __fmul_rn((float)g_sum, 0.25f);
-    const float b = __fmul_rn((float)b_sum, 0.25f);
+    const float r = __fmul_rn(exact_float(r_sum), 0.25f);
+    const float g = __fmul_rn(exact_float(g_sum), 0.25f);
+    const float b = __fmul_rn(exact_float(b_sum), 0.25f);
     u = round_u8(__fadd_rn(dot3(k.u_r, k.u_g, k.u_b, r, g, b), 128.0f));
     v = round_u8(__fadd_rn(dot3(k.v_r, k.v_g, k.v_b, r, g, b), 128.0f));
 }
@@ -111,8 +129,8 @@ __device__ __forceinline__ void sample_rgb(const u8* __restrict__ img, int fw, L
     const u8* r1 = img + (size_t)ty.i1 * fw * 3;
 #pragma unroll
     for (int c = 0; c < 3; ++c) {
-        const float s00 = (float)r0[tx.i0 * 3 + c], s01 = (float)r0[tx.i1 * 3 + c];
-        const float s10 = (float)r1[tx.i0 * 3 + c], s11 = (float)r1[tx.i1 * 3 + c];
+        const float s00 = exact_float(r0[tx.i0 * 3 + c]), s01 = exact_float(r0[tx.i1 * 3 + c]);
+        const float s10 = exact_float(r1[tx.i0 * 3 + c]), s11 = exact_float(r1[tx.i1 * 3 + c]);
         const float top = __fadd_rn(s00, __fmul_rn(tx.frac, __fsub_rn(s01, s00)));
         const float bot = __fadd_rn(s10, __fmul_rn(tx.frac, __fsub_rn(s11, s10)));
         out[c] = round_u8(__fadd_rn(top, __fmul_rn(ty.frac, __fsub_rn(bot, top))));
@@ -123,27 +141,4 @@ __device__ __forceinline__ void sample_rgb(const u8* __restrict__ img, int fw, L
 __device__ __forceinline__ u8 blend_u8(int body, int face, int m) {
     const int mixed = body * (255 - m) + face * m;
     return (u8)((2 * mixed + 255) / 510);
-}
-
-// ---------------------------------------------------------------- exact conversions without I2F/F2I
-
-// The conversion instructions (I2F, F2I, FRND) run at a small fraction of the FP32 rate; kernels
-// bound by them use these equivalents, which give identical results with FP32 adds only.
-
-__device__ __forceinline__ bool aligned8(const void* p) {
-    return (((unsigned long long)p) & 7ull) == 0ull;
-}
-
-// (float)n, exactly, for |n| < 2^22: the float of value 1.5 * 2^23 + n has the bits
-// 0x4B400000 + n, and subtracting 1.5 * 2^23 again is exact.
-__device__ __forceinline__ float exact_float(int n) {
-    return __fsub_rn(__int_as_float(0x4B400000 + n), 12582912.0f);
-}
-
-// round_u8(x), bit for bit: floor clamped to [0, 255] equals floor of the value clamped to
-// [0, 255] (integer bounds; NaN -> 0 in both), and for z in [0, 255] the sum z + 2^23 rounded
-// down is the float 2^23 + floor(z), whose low mantissa byte is floor(z).
-__device__ __forceinline__ u8 round_u8_fast(float x) {
-    const float z = fminf(fmaxf(__fadd_rn(x, 0.5f), 0.0f), 255.0f);
-    return (u8)__float_as_int(__fadd_rd(z, 8388608.0f));
 }

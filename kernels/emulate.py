@@ -49,8 +49,16 @@ static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 static inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+// byte n of the result = byte (s >> 4n) & 7 of the 8 bytes y:x (x = bytes 0..3)
+static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long v = ((unsigned long long)y << 32) | x;
+    unsigned r = 0;
+    for (int n = 0; n < 4; ++n)
+        r |= (unsigned)((v >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
+    return r;
+}
 // a + b rounded toward -inf: the double sum rounded down to float; correct whenever the double
-// sum is exact, and for the kernels' z + 2^23 with z in [0, 255] (round_u8_fast)
+// sum is exact, and for the kernels' z + 2^23 with z in [0, 255] (round_u8)
 static inline float __fadd_rd(float a, float b) {
     const double s = (double)a + (double)b;
     float f = (float)s;

@@ -80,7 +80,7 @@ __device__ __forceinline__ u8 finish(u32 acc, int orig, int mode, float amount, 
     if (mode == 0) return (u8)blurred;
     const int diff = orig - blurred;
     const u8 sharp =
-        round_u8_fast(__fadd_rn(exact_float(orig), __fmul_rn(amount, exact_float(diff))));
+        round_u8(__fadd_rn(exact_float(orig), __fmul_rn(amount, exact_float(diff))));
     return abs(diff) >= threshold ? sharp : (u8)orig;
 }
 

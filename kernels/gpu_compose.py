@@ -1,4 +1,5 @@
-"""CuPy wrappers of the face resize, mask blend and fused compose kernels (compose.cu).
+"""CuPy wrappers of the face resize, mask blend and fused compose kernels (compose.cu,
+compose_nv12.cu).
 
 Masks and box-sized faces of different sizes travel as :class:`talkrt.kernels.Packed` (one flat
 buffer + per-frame offsets); lists of arrays are packed on the fly (host lists with one upload).
@@ -141,12 +142,12 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
                  stream: Any = None) -> Any:
     """Fused compose straight into NV12 frames [B, H*3/2, W], in place (``out=None``).
 
-    Optional unsharp of the 256x256 faces first (separate small pass), then ONE kernel with a
-    thread per 2x2 block of the box grown to even coordinates: decode, resize the face
-    bilinearly, blend with the mask, encode Y of the pixels with mask > 0 and the block's UV
-    from the 2x2 mean of the blended RGB. Blocks without a mask > 0 pixel, and Y of pixels with
-    mask 0, are not touched. Equals :func:`talkrt.kernels.reference.compose_nv12`
-    (``resize_impl="kernel"``) bit for bit."""
+    Optional unsharp of the 256x256 faces first (separate small pass), then ONE kernel
+    (compose_nv12.cu) over the 2x2 blocks of the box grown to even coordinates: decode, resize
+    the face bilinearly, blend with the mask, encode Y of the pixels with mask > 0 and the
+    block's UV from the 2x2 mean of the blended RGB (mask-255 pixels skip the decode and blend).
+    Blocks without a mask > 0 pixel, and Y of pixels with mask 0, are not touched. Equals
+    :func:`talkrt.kernels.reference.compose_nv12` (``resize_impl="kernel"``) bit for bit."""
     nv12 = _cuda.adopt(nv12, "nv12")
     batch, single, height, width = as_nv12_batch(nv12)
     n = batch.shape[0]
@@ -156,10 +157,15 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
         masks_p = _device_packed(masks, 1, box_arr, "masks", batch)
         face_batch = _faces(faces, n, batch, sharpen)
         target, result = _in_place_target(nv12, single, out)
-        params = _cuda.upload(launch.box_params(box_arr, masks_p.offsets))
-        kernel = _cuda.get_kernel("compose.cu", "compose_nv12_kernel")
-        _cuda.launch(kernel, launch.grid_2d(*launch.nv12_block_extent(box_arr), n), launch.BLOCK,
-                     (target, np.int32(height), np.int32(width), face_batch,
-                      np.int32(face_batch.shape[1]), np.int32(face_batch.shape[2]),
+        if face_batch.shape[2] < 2:
+            # compose_nv12.cu needs faces >= 2 pixels wide; a 1-pixel-wide face repeated to 2
+            # resizes to the same values (every tap reads the same pixel)
+            face_batch = face_batch.repeat(2, axis=2)
+        face_h, face_w = int(face_batch.shape[1]), int(face_batch.shape[2])
+        params = _cuda.upload(launch.nv12_compose_params(box_arr, masks_p.offsets, face_w, face_h))
+        kernel = _cuda.get_kernel("compose_nv12.cu", "compose_nv12_kernel")
+        _cuda.launch(kernel, launch.nv12_compose_grid(box_arr), launch.NV12_COMPOSE_BLOCK,
+                     (target, np.int32(height), np.int32(width), face_batch, np.int32(face_h),
+                      np.int32(face_w), np.float32(face_h - 1), np.float32(face_w - 2),
                       masks_p.data, params, *spec.decode_args(), *spec.encode_args()))
     return result

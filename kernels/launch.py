@@ -13,15 +13,22 @@ import numpy as np
 from .resize_tables import ResizePlan, plan_resize
 
 __all__ = [
-    "BLOCK", "COLOR_GROUP", "FILTER_TILE", "PARAM_STRIDE", "grid_2d", "color_grid", "CropTables",
-    "crop_tables", "box_params", "nv12_block_extent", "filter_grid", "filter_smem_bytes",
+    "BLOCK", "COLOR_GROUP", "FILTER_TILE", "PARAM_STRIDE", "NV12_COMPOSE_BLOCKS",
+    "NV12_COMPOSE_BLOCK", "NV12_PARAMS", "grid_2d", "color_grid", "CropTables", "crop_tables",
+    "box_params", "nv12_compose_params", "nv12_block_extent", "nv12_compose_grid", "filter_grid",
+    "filter_smem_bytes",
 ]
 
-BLOCK = (32, 8, 1)          #: thread block of every talkrt kernel
+BLOCK = (32, 8, 1)          #: thread block of the talkrt kernels (but NV12_COMPOSE_BLOCK)
 COLOR_GROUP = 8             #: pixels per thread and row in color.cu (GROUP)
 FILTER_TILE = (256, 32)     #: (elements, rows) per block in filter.cu (TILE_X, TILE_Y)
 FILTER_MIN_HALO = 3         #: filter.cu's halo rows never go below its fast-path radius
 PARAM_STRIDE = 8            #: int64 per frame in compose.cu's params table
+NV12_COMPOSE_BLOCKS = 2     #: 2x2 blocks per thread, stacked vertically (compose_nv12.cu)
+#: compose_nv12.cu's thread block: ~56 registers per thread let 9 blocks of 128 threads share an
+#: SM (36 warps) where only 4 of 256 threads (32 warps) would fit
+NV12_COMPOSE_BLOCK = (32, 4, 1)
+NV12_PARAMS = 12            #: int32 per frame in compose_nv12.cu's params table
 MAX_GRID_YZ = 65535
 
 
@@ -108,6 +115,28 @@ def box_params(boxes: np.ndarray, mask_offsets: np.ndarray | None = None,
     return params
 
 
+def nv12_compose_params(boxes: np.ndarray, mask_offsets: np.ndarray, face_w: int,
+                        face_h: int) -> np.ndarray:
+    """compose_nv12.cu's params [B, 12] int32 (see there): per frame the 2x2 block grid of the
+    box grown to even coordinates, the box, the mask offset and the float32 face / box scales
+    (numpy's float32 division is IEEE, like __fdiv_rn)."""
+    boxes = np.asarray(boxes, np.int64)
+    x1, y1, x2, y2 = boxes.T
+    ex1, ey1 = x1 & ~1, y1 & ~1
+    params = np.zeros((len(boxes), NV12_PARAMS), np.int32)
+    params[:, 0] = (((x2 + 1) & ~1) - ex1) // 2
+    params[:, 1] = (((y2 + 1) & ~1) - ey1) // 2
+    params[:, 2], params[:, 3] = ex1, ey1
+    params[:, 4], params[:, 5] = x1 & 1, y1 & 1
+    params[:, 6], params[:, 7] = x2 - x1, y2 - y1
+    offsets = np.asarray(mask_offsets, np.int64)
+    params[:, 8] = (offsets & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+    params[:, 9] = (offsets >> 32).astype(np.int32)
+    params[:, 10] = (np.float32(face_w) / (x2 - x1).astype(np.float32)).view(np.int32)
+    params[:, 11] = (np.float32(face_h) / (y2 - y1).astype(np.float32)).view(np.int32)
+    return params
+
+
 def box_extent(boxes: np.ndarray) -> tuple[int, int]:
     """Largest box (width, height) of a batch: the per-frame thread extent of compose.cu."""
     return int((boxes[:, 2] - boxes[:, 0]).max()), int((boxes[:, 3] - boxes[:, 1]).max())
@@ -118,6 +147,17 @@ def nv12_block_extent(boxes: np.ndarray) -> tuple[int, int]:
     ex1, ey1 = boxes[:, 0] & ~1, boxes[:, 1] & ~1
     ex2, ey2 = (boxes[:, 2] + 1) & ~1, (boxes[:, 3] + 1) & ~1
     return int(((ex2 - ex1) // 2).max()), int(((ey2 - ey1) // 2).max())
+
+
+def nv12_compose_grid(boxes: np.ndarray) -> tuple[int, int, int]:
+    """compose_nv12.cu with :data:`NV12_COMPOSE_BLOCK`: a thread per column of
+    :data:`NV12_COMPOSE_BLOCKS` 2x2 blocks of the box grown to even coordinates, z = frame."""
+    cols, rows = nv12_block_extent(boxes)
+    grid = (_ceil_div(cols, NV12_COMPOSE_BLOCK[0]),
+            _ceil_div(_ceil_div(rows, NV12_COMPOSE_BLOCKS), NV12_COMPOSE_BLOCK[1]), len(boxes))
+    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
+        raise ValueError(f"launch too large: grid {grid} (y and z are limited to {MAX_GRID_YZ})")
+    return grid
 
 
 def filter_grid(height: int, width: int, channels: int, batch: int) -> tuple[int, int, int]:

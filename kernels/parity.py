@@ -307,6 +307,7 @@ def _compose_cases() -> list[Case]:
                 cases.append(Case(f"compose_nv12_{tag}_vs_cv2", build, run,
                                   lambda d, w=want: w(d, impl="opencv"), max_abs=1,
                                   why=OPENCV_LINEAR + "; Y/U/V coefficients have |sum| <= 1"))
+    cases += _compose_nv12_shortcut_cases()
     cases.append(Case(
         "compose_nv12_batch64_out",
         lambda rng: {**_compose_inputs(rng, 64, 20, 26), "out": np.zeros((64, 30, 26), np.uint8)},
@@ -314,6 +315,78 @@ def _compose_cases() -> list[Case]:
                                      d["masks"], out=d["out"]), d["out"]],
         lambda d: [ref.compose_nv12(ref.rgb_to_nv12(d["frames"]), d["faces"], d["host_boxes"],
                                     d["masks"], resize_impl="kernel")] * 2))
+    return cases
+
+
+# compose_nv12.cu skips the luma / UV reads, the decode and the blend of mask-255 pixels and
+# blocks, and shares face rows between output rows; these masks and boxes put every kind of
+# 2x2 block (all 255, all 0, 0 / partial / 255 mixed) at every position: odd box coordinates
+# (blocks half outside the box), frame edges, up- and downscaled faces, scale exactly 1.
+_SHORTCUT_BOXES = ((0, 0, 320, 288), (33, 17, 290, 273), (2, 9, 130, 100), (201, 151, 320, 288))
+
+
+def _shortcut_mask(rng: np.random.Generator, h: int, w: int, kind: int) -> np.ndarray:
+    if kind == 0:     # MuseTalk-like: 0 on top, a ramp, 255 below (talkrt.bench.kernels._masks)
+        ramp = np.clip((np.arange(h) - h * 0.45) / (h * 0.1) * 255, 0, 255).astype(np.uint8)
+        return np.repeat(ramp[:, None], w, axis=1)
+    if kind == 1:     # every pixel 0, 255 or partial at random: mixed 2x2 blocks
+        return rng.choice(np.array([0, 255, 1, 128, 254], np.uint8), (h, w), p=[.3, .4, .1, .1, .1])
+    if kind == 2:     # 255 with isolated 0 / partial pixels (mostly all-255 blocks)
+        m = np.full((h, w), 255, np.uint8)
+        holes = rng.random((h, w)) < 0.05
+        m[holes] = rng.choice(np.array([0, 7, 200], np.uint8), int(holes.sum()))
+        return m
+    return np.full((h, w), 255, np.uint8)   # the whole box
+
+
+def _shortcut_inputs(rng: np.random.Generator, boxes, kinds, height: int = 288,
+                     width: int = 320, face: tuple[int, int] = (256, 256)) -> dict:
+    boxes = np.asarray(boxes, np.int64)
+    return {"frames": _frames(rng, len(boxes), height, width),
+            "faces": rng.integers(0, 256, (len(boxes), *face, 3), dtype=np.uint8),
+            "host_boxes": boxes,
+            "masks": [_shortcut_mask(rng, int(y2 - y1), int(x2 - x1), k)
+                      for (x1, y1, x2, y2), k in zip(boxes, kinds)]}
+
+
+def _nv12_case(name: str, build: Callable, **kw: Any) -> Case:
+    """compose_nv12 of the NV12 encoding of d["frames"]; one [H*3/2, W] frame if d["single"]."""
+    color = {"matrix": kw.get("matrix", "bt709"), "full_range": kw.get("full_range", False)}
+
+    def call(B: Any, d: dict, **extra: Any) -> list:
+        nv12, faces = B.rgb_to_nv12(d["frames"], **color), d["faces"]
+        if d.get("single"):
+            nv12, faces = nv12[0], faces[0]
+        return [B.compose_nv12(nv12, faces, d["host_boxes"], d["masks"], **kw, **extra)]
+
+    return Case(name, build, call, lambda d: call(ref, d, resize_impl="kernel"))
+
+
+def _compose_nv12_shortcut_cases() -> list[Case]:
+    cases = []
+    for i, (matrix, full) in enumerate((("bt601", False), ("bt601", True), ("bt709", False),
+                                        ("bt709", True))):
+        kinds = [(i + j) % 4 for j in range(4)]   # every mask kind in every box, over the loop
+        sharpen = SharpenParams() if i % 2 else None
+        cases.append(_nv12_case(
+            f"compose_nv12_shortcuts_{matrix}_{'full' if full else 'limited'}",
+            lambda rng, k=kinds: _shortcut_inputs(rng, _SHORTCUT_BOXES, k),
+            matrix=matrix, full_range=full, sharpen=sharpen))
+    # faces of flat primaries (the RGB cube's corners): full-range U / V reach 255.5 (rounded to
+    # 256, clamped to 255) and 0.5, the encoders' extremes
+    for matrix in ("bt601", "bt709"):
+        cases.append(_nv12_case(f"compose_nv12_saturated_{matrix}_full", lambda rng: {
+            **_shortcut_inputs(rng, _SHORTCUT_BOXES, [3, 2, 3, 0]),
+            "faces": np.repeat(np.repeat(rng.integers(0, 2, (4, 8, 8, 3), dtype=np.uint8) * 255,
+                                         32, axis=1), 32, axis=2)},
+            matrix=matrix, full_range=True))
+    # batch 1 (a single [H*3/2, W] frame) with a box of odd coordinates, all 255
+    cases.append(_nv12_case("compose_nv12_shortcuts_single", lambda rng: {
+        **_shortcut_inputs(rng, [(5, 3, 58, 41)], [3], 48, 64), "single": True}))
+    # faces of 1 or 2 pixels on an axis (the wrapper widens 1-pixel-wide ones), odd sizes
+    for fh, fw in ((1, 1), (1, 6), (5, 1), (2, 2), (3, 7)):
+        cases.append(_nv12_case(f"compose_nv12_face_{fh}x{fw}", lambda rng, f=(fh, fw): (
+            _shortcut_inputs(rng, [(0, 0, 24, 20), (3, 5, 20, 16)], [1, 2], 20, 24, f))))
     return cases
 
 

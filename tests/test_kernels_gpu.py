@@ -56,6 +56,28 @@ def test_compose_nv12_1080p_exact(matrix: str, full: bool) -> None:
     parity.assert_close(cupy.asnumpy(got), want, 0, "compose_nv12 1080p")
 
 
+def test_compose_nv12_1080p_benchmark_layout_exact() -> None:
+    # talkrt.bench.kernels' layout: 400x450 boxes (odd x1 for some frames), masks 0 on the top
+    # 45%, a 10% ramp, 255 below: mostly all-0 and all-255 2x2 blocks, the shortcuts of
+    # compose_nv12.cu, with partial rows between them.
+    rng = np.random.default_rng(105)
+    n, height, width, box_w, box_h = 8, 1080, 1920, 400, 450
+    x1 = (width - box_w) // 2 + (np.arange(n) % 7) * 3
+    y1 = (height - box_h) // 3 + (np.arange(n) % 5) * 2
+    boxes = np.stack([x1, y1, x1 + box_w, y1 + box_h], axis=1).astype(np.int64)
+    ramp = np.clip((np.arange(box_h) - box_h * 0.45) / (box_h * 0.1) * 255, 0, 255).astype(np.uint8)
+    masks = [np.repeat(ramp[:, None], box_w, axis=1) for _ in range(n)]
+    frames = rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+    faces = rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
+    for matrix, full in (("bt709", False), ("bt601", True)):
+        nv12 = ref.rgb_to_nv12(frames, matrix=matrix, full_range=full)
+        want = ref.compose_nv12(nv12.copy(), faces, boxes, masks, matrix=matrix,
+                                full_range=full, resize_impl="kernel")
+        got = gpu.compose_nv12(cupy.asarray(nv12), cupy.asarray(faces), boxes, masks,
+                               matrix=matrix, full_range=full)
+        parity.assert_close(cupy.asnumpy(got), want, 0, f"compose_nv12 benchmark {matrix}")
+
+
 def test_color_4k_exact() -> None:
     rng = np.random.default_rng(101)
     nv12 = rng.integers(0, 256, (1, 2160 * 3 // 2, 3840), dtype=np.uint8)

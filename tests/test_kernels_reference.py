@@ -251,6 +251,43 @@ def test_div255_rounding_equals_pil() -> None:
     assert np.array_equal(((t >> 8) + t) >> 8, (2 * v + 255) // 510)
 
 
+@pytest.mark.parametrize("matrix,full", COMBOS)
+def test_nv12_encode_clamps_are_no_ops(matrix: str, full: bool) -> None:
+    # compose_nv12.cu rounds Y without clamps and U, V with the upper clamp only. Y, U and V
+    # are sums of products with fixed-sign coefficients, monotonic in each of R, G, B (float
+    # rounding is monotonic), so over RGB in [0, 255]^3 their extremes are at the cube's corners.
+    from talkrt.kernels.colorspace import color_spec
+    s = color_spec(matrix, full)
+    corners = np.array([(r, g, b) for r in (0, 255) for g in (0, 255) for b in (0, 255)],
+                       np.float32).T
+    r, g, b = corners
+    half = np.float32(0.5)
+    y = ((s.y_r * r + s.y_g * g) + s.y_b * b) + s.y_offset
+    assert y.dtype == np.float32
+    assert (y + half >= 0).all() and (y + half < 256).all()
+    for cr, cg, cb in ((s.u_r, s.u_g, s.u_b), (s.v_r, s.v_g, s.v_b)):
+        c = ((cr * r + cg * g) + cb * b) + np.float32(128)
+        assert (c + half >= 0).all()
+
+
+def test_compose_nv12_launch_constants_and_params() -> None:
+    text = _cuda.kernel_source("compose_nv12.cu")
+    assert f"#define NV12_BLOCKS {launch.NV12_COMPOSE_BLOCKS} " in text
+    assert f"#define NV12_PARAMS {launch.NV12_PARAMS} " in text
+    boxes = np.array([[1, 3, 400, 452], [0, 0, 2, 2], [1919, 1079, 1920, 1080]])
+    params = launch.nv12_compose_params(boxes, np.array([0, 16, 2**33 + 48]), 256, 256)
+    assert params.dtype == np.int32 and params.shape == (3, launch.NV12_PARAMS)
+    assert params[0, :8].tolist() == [200, 225, 0, 2, 1, 1, 399, 449]
+    assert params[2, :8].tolist() == [1, 1, 1918, 1078, 1, 1, 1, 1]
+    assert params[2, 8] == 48 and params[2, 9] == 2
+    assert params[0, 10] == (np.float32(256) / np.float32(399)).view(np.int32)
+    assert params[1, 11] == np.float32(128).view(np.int32)
+    grid, block = launch.nv12_compose_grid(boxes), launch.NV12_COMPOSE_BLOCK
+    assert grid[1] * block[1] * launch.NV12_COMPOSE_BLOCKS >= 225 and grid[2] == 3
+    assert (grid[1] - 1) * block[1] * launch.NV12_COMPOSE_BLOCKS < 225
+    assert grid[0] * block[0] >= 200 > (grid[0] - 1) * block[0]
+
+
 def test_blend_reference_equals_pil_paste() -> None:
     # Exact: see test_div255_rounding_equals_pil (the +-1 the issue allows is not needed).
     rng = np.random.default_rng(13)

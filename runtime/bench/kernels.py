@@ -2,11 +2,13 @@
 
 For every op, at 720p / 1080p / 4K and batch 1 / 32, it reports microseconds per frame of
 
-* the CuPy kernels alone (their recorded launches replayed between CUDA events after warm-up,
-  median of the repeats) and the whole wrapper call (plus host validation, tables, uploads),
+* the CuPy kernels alone: their recorded launches replayed :data:`KERNEL_REPLAYS` times back to
+  back between two CUDA events after warm-up, divided by the replays (so the GPU does not idle
+  on the host's launch latency between kernels; median of the repeats), and the whole wrapper
+  call (plus host validation, tables, uploads; one call between the events),
 * the CPU path (talkrt.kernels.reference: numpy / OpenCV / PIL; timed on a few frames),
-* CV-CUDA where ``import cvcuda`` works and has an equivalent op (else "-"; wall time between
-  device synchronisations, since CV-CUDA may use its own stream),
+* CV-CUDA where ``import cvcuda`` works and has an equivalent op (else "-"; the whole call
+  between CUDA events on the same stream, like the talkrt call column),
 * the op's bandwidth floor: bytes it must read + write / measured device-to-device copy
   bandwidth (a copy of N bytes counted as 2N bytes moved), and kernel time / floor.
 
@@ -36,6 +38,7 @@ logger = logging.getLogger("talkrt.bench.kernels")
 RESOLUTIONS = {"720p": (720, 1280), "1080p": (1080, 1920), "4k": (2160, 3840)}
 FACE_BOX = {"720p": (267, 300), "1080p": (400, 450), "4k": (800, 900)}   # (w, h)
 FACE = 256
+KERNEL_REPLAYS = 10   #: back-to-back replays of an op's launches per kernel-only timing
 
 
 @dataclass
@@ -89,21 +92,9 @@ def time_gpu(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def time_device_wall(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
-    """Median wall seconds of ``fn`` between full device synchronisations (for libraries such
-    as CV-CUDA that may launch on their own stream)."""
-    import cupy
-    device = cupy.cuda.Device()
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        device.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        device.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _replay(launches: list, times: int) -> None:
+    for _ in range(times):
+        _cuda.replay(launches)
 
 
 def time_cpu(fn: Callable[[], Any], repeats: int) -> float:
@@ -126,29 +117,36 @@ def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 10) -> float:
 
 
 def _cvcuda_ops(xp: Any) -> dict[str, Callable[..., Any]]:
-    """CV-CUDA equivalents (skipped cleanly when cvcuda is missing or an op fails)."""
+    """CV-CUDA equivalents writing into preallocated outputs on the current CuPy stream, so
+    they are timed between CUDA events like the talkrt calls (skipped cleanly when cvcuda is
+    missing or an op fails). CV-CUDA's NV12 conversions use its own fixed matrix (BT.601);
+    the cost does not depend on the coefficients."""
     try:
         import cvcuda
+        stream = cvcuda.as_stream(xp.cuda.get_current_stream())
     except Exception as exc:  # noqa: BLE001 - not installed / no GPU
         logger.info("CV-CUDA unavailable: %s", exc)
         return {}
 
+    def into(dst_shape: tuple[int, ...], src: Any, op: Callable[..., Any], *args: Any):
+        src_t = cvcuda.as_tensor(src, "NHWC")
+        dst_t = cvcuda.as_tensor(xp.empty(dst_shape, dtype=xp.uint8), "NHWC")
+        return lambda: op(dst_t, src_t, *args, stream=stream)
+
     def nv12_to_rgb(nv12):
-        t = cvcuda.as_tensor(nv12[..., None], "NHWC")
-        return lambda: cvcuda.cvtcolor(t, cvcuda.ColorConversion.YUV2RGB_NV12)
+        n, h, w = nv12.shape
+        return into((n, h * 2 // 3, w, 3), nv12[..., None], cvcuda.cvtcolor_into,
+                    cvcuda.ColorConversion.YUV2RGB_NV12)
 
     def rgb_to_nv12(rgb):
-        t = cvcuda.as_tensor(rgb, "NHWC")
-        return lambda: cvcuda.cvtcolor(t, cvcuda.ColorConversion.RGB2YUV_NV12)
+        n, h, w, _ = rgb.shape
+        return into((n, h * 3 // 2, w, 1), rgb, cvcuda.cvtcolor_into, cvcuda.ColorConversion.RGB2YUV_NV12)
 
     def gaussian(rgb):
-        t = cvcuda.as_tensor(rgb, "NHWC")
-        return lambda: cvcuda.gaussian(t, (7, 7), (1.0, 1.0), cvcuda.Border.REFLECT101)
+        return into(rgb.shape, rgb, cvcuda.gaussian_into, (7, 7), (1.0, 1.0), cvcuda.Border.REFLECT101)
 
     def resize_face(faces, box_w, box_h):
-        t = cvcuda.as_tensor(faces, "NHWC")
-        shape = (faces.shape[0], box_h, box_w, 3)
-        return lambda: cvcuda.resize(t, shape, cvcuda.Interp.LINEAR)
+        return into((faces.shape[0], box_h, box_w, 3), faces, cvcuda.resize_into, cvcuda.Interp.LINEAR)
 
     return {"nv12_to_rgb": nv12_to_rgb, "rgb_to_nv12": rgb_to_nv12, "gaussian": gaussian,
             "resize_face": resize_face}
@@ -258,10 +256,11 @@ def run(resolutions: list[str], batches: list[int], repeats: int, cpu_frames: in
                 if op.gpu is not None:
                     with _cuda.record_launches() as launches:
                         op.gpu()
-                    row["gpu_us"] = time_gpu(lambda: _cuda.replay(launches), repeats) / batch * 1e6
+                    row["gpu_us"] = time_gpu(lambda: _replay(launches, KERNEL_REPLAYS),
+                                             repeats) / (KERNEL_REPLAYS * batch) * 1e6
                     row["gpu_call_us"] = time_gpu(op.gpu, repeats) / batch * 1e6
                 if op.cvcuda is not None:
-                    row["cvcuda_us"] = time_device_wall(op.cvcuda, repeats) / batch * 1e6
+                    row["cvcuda_us"] = time_gpu(op.cvcuda, repeats) / batch * 1e6
                 if not skip_cpu:
                     row["cpu_us"] = time_cpu(op.cpu, cpu_repeats) / op.cpu_frames * 1e6
                 if bandwidth:
