@@ -48,10 +48,11 @@ class SubpixelUpsample(nn.Module):
             raise ValueError(f"cannot rewrite {type(upsampler).__name__}: {reason}")
         conv: nn.Conv2d = upsampler.conv
         w = conv.weight.detach().to(torch.float64)                  # [out, in, 3, 3]
-        mix = torch.tensor([[0.0, 0.0, 1.0],                        # t0 = w2
-                            [0.0, 1.0, 1.0],                        # t1 = w1 + w2
-                            [1.0, 1.0, 0.0],                        # t2 = w0 + w1
-                            [1.0, 0.0, 0.0]], dtype=torch.float64, device=w.device)  # t3 = w0
+        mix = torch.tensor([[0.0, 0.0, 1.0],    # t0 = w2
+                            [0.0, 1.0, 1.0],    # t1 = w1 + w2
+                            [1.0, 1.0, 0.0],    # t2 = w0 + w1
+                            [1.0, 0.0, 0.0]],   # t3 = w0
+                           dtype=torch.float64, device=w.device)
         taps = torch.einsum("ai,bj,oxij->xoab", mix, mix, w)        # [in, out, 4, 4]
         self.weight = nn.Parameter(taps.to(conv.weight.dtype), requires_grad=False)
         self.bias = (None if conv.bias is None
