@@ -102,7 +102,7 @@ def _with_replaced(root: nn.Module, path: list[str], new: nn.Module) -> nn.Modul
 def rewrite_upsamplers(module: nn.Module) -> tuple[nn.Module, int]:
     """(a copy of ``module`` with every eligible ``Upsample2D`` rewritten, how many were)."""
     targets = [name for name, sub in module.named_modules() if type(sub).__name__ == "Upsample2D"]
-    result = module
+    result, count = module, 0
     for name in targets:
         sub = module.get_submodule(name)
         reason = ineligible_reason(sub)
@@ -110,5 +110,5 @@ def rewrite_upsamplers(module: nn.Module) -> tuple[nn.Module, int]:
             log.info("upsampler %s kept as is: %s", name, reason)
             continue
         result = _with_replaced(result, name.split("."), SubpixelUpsample(sub))
-    rewritten = len(targets) - sum(1 for n in targets if ineligible_reason(module.get_submodule(n)))
-    return result, rewritten
+        count += 1
+    return result, count
