@@ -162,9 +162,10 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
             # resizes to the same values (every tap reads the same pixel)
             face_batch = face_batch.repeat(2, axis=2)
         face_h, face_w = int(face_batch.shape[1]), int(face_batch.shape[2])
-        params = _cuda.upload(launch.nv12_compose_params(box_arr, masks_p.offsets, face_w, face_h))
+        table = launch.nv12_compose_params(box_arr, masks_p.offsets, face_w, face_h)
+        params = _cuda.upload(table)
         kernel = _cuda.get_kernel("compose_nv12.cu", "compose_nv12_kernel")
-        _cuda.launch(kernel, launch.nv12_compose_grid(box_arr), launch.NV12_COMPOSE_BLOCK,
+        _cuda.launch(kernel, launch.nv12_compose_grid(table), launch.NV12_COMPOSE_BLOCK,
                      (target, np.int32(height), np.int32(width), face_batch, np.int32(face_h),
                       np.int32(face_w), np.float32(face_h - 1), np.float32(face_w - 2),
                       masks_p.data, params, *spec.decode_args(), *spec.encode_args()))

@@ -15,7 +15,7 @@ from .resize_tables import ResizePlan, plan_resize
 __all__ = [
     "BLOCK", "COLOR_GROUP", "FILTER_TILE", "PARAM_STRIDE", "NV12_COMPOSE_BLOCKS",
     "NV12_COMPOSE_BLOCK", "NV12_PARAMS", "grid_2d", "color_grid", "CropTables", "crop_tables",
-    "box_params", "nv12_compose_params", "nv12_block_extent", "nv12_compose_grid", "filter_grid",
+    "box_params", "nv12_compose_params", "nv12_compose_grid", "filter_grid",
     "filter_smem_bytes",
 ]
 
@@ -142,19 +142,14 @@ def box_extent(boxes: np.ndarray) -> tuple[int, int]:
     return int((boxes[:, 2] - boxes[:, 0]).max()), int((boxes[:, 3] - boxes[:, 1]).max())
 
 
-def nv12_block_extent(boxes: np.ndarray) -> tuple[int, int]:
-    """Largest count of 2x2 blocks (columns, rows) of a box grown to even coordinates."""
-    ex1, ey1 = boxes[:, 0] & ~1, boxes[:, 1] & ~1
-    ex2, ey2 = (boxes[:, 2] + 1) & ~1, (boxes[:, 3] + 1) & ~1
-    return int(((ex2 - ex1) // 2).max()), int(((ey2 - ey1) // 2).max())
-
-
-def nv12_compose_grid(boxes: np.ndarray) -> tuple[int, int, int]:
-    """compose_nv12.cu with :data:`NV12_COMPOSE_BLOCK`: a thread per column of
-    :data:`NV12_COMPOSE_BLOCKS` 2x2 blocks of the box grown to even coordinates, z = frame."""
-    cols, rows = nv12_block_extent(boxes)
+def nv12_compose_grid(params: np.ndarray) -> tuple[int, int, int]:
+    """compose_nv12.cu with :data:`NV12_COMPOSE_BLOCK`, from its :func:`nv12_compose_params`
+    table (whose first two columns count each frame's 2x2 block columns and rows): a thread per
+    column of :data:`NV12_COMPOSE_BLOCKS` 2x2 blocks of the box grown to even coordinates,
+    z = frame."""
+    cols, rows = int(params[:, 0].max()), int(params[:, 1].max())
     grid = (_ceil_div(cols, NV12_COMPOSE_BLOCK[0]),
-            _ceil_div(_ceil_div(rows, NV12_COMPOSE_BLOCKS), NV12_COMPOSE_BLOCK[1]), len(boxes))
+            _ceil_div(_ceil_div(rows, NV12_COMPOSE_BLOCKS), NV12_COMPOSE_BLOCK[1]), len(params))
     if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
         raise ValueError(f"launch too large: grid {grid} (y and z are limited to {MAX_GRID_YZ})")
     return grid

@@ -282,7 +282,7 @@ def test_compose_nv12_launch_constants_and_params() -> None:
     assert params[2, 8] == 48 and params[2, 9] == 2
     assert params[0, 10] == (np.float32(256) / np.float32(399)).view(np.int32)
     assert params[1, 11] == np.float32(128).view(np.int32)
-    grid, block = launch.nv12_compose_grid(boxes), launch.NV12_COMPOSE_BLOCK
+    grid, block = launch.nv12_compose_grid(params), launch.NV12_COMPOSE_BLOCK
     assert grid[1] * block[1] * launch.NV12_COMPOSE_BLOCKS >= 225 and grid[2] == 3
     assert (grid[1] - 1) * block[1] * launch.NV12_COMPOSE_BLOCKS < 225
     assert grid[0] * block[0] >= 200 > (grid[0] - 1) * block[0]
@@ -356,7 +356,8 @@ def test_pack_regions_roundtrip_and_alignment() -> None:
 def test_launch_grids_cover_the_work() -> None:
     boxes = np.array([[1, 3, 400, 452], [0, 0, 2, 2], [1919, 1079, 1920, 1080]])
     assert launch.box_extent(boxes) == (399, 449)
-    bw, bh = launch.nv12_block_extent(boxes)
+    params = launch.nv12_compose_params(boxes, np.zeros(3, np.int64), 256, 256)
+    bw, bh = int(params[:, 0].max()), int(params[:, 1].max())
     assert (bw, bh) == (200, 225)   # x: [0, 400) -> 200 blocks, y: [2, 452) -> 225
     grid = launch.grid_2d(bw, bh, 3)
     assert grid[0] * launch.BLOCK[0] >= bw and grid[1] * launch.BLOCK[1] >= bh
