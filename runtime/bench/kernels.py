@@ -140,13 +140,16 @@ def _cvcuda_ops(xp: Any) -> dict[str, Callable[..., Any]]:
 
     def rgb_to_nv12(rgb):
         n, h, w, _ = rgb.shape
-        return into((n, h * 3 // 2, w, 1), rgb, cvcuda.cvtcolor_into, cvcuda.ColorConversion.RGB2YUV_NV12)
+        return into((n, h * 3 // 2, w, 1), rgb, cvcuda.cvtcolor_into,
+                    cvcuda.ColorConversion.RGB2YUV_NV12)
 
     def gaussian(rgb):
-        return into(rgb.shape, rgb, cvcuda.gaussian_into, (7, 7), (1.0, 1.0), cvcuda.Border.REFLECT101)
+        return into(rgb.shape, rgb, cvcuda.gaussian_into, (7, 7), (1.0, 1.0),
+                    cvcuda.Border.REFLECT101)
 
     def resize_face(faces, box_w, box_h):
-        return into((faces.shape[0], box_h, box_w, 3), faces, cvcuda.resize_into, cvcuda.Interp.LINEAR)
+        return into((faces.shape[0], box_h, box_w, 3), faces, cvcuda.resize_into,
+                    cvcuda.Interp.LINEAR)
 
     return {"nv12_to_rgb": nv12_to_rgb, "rgb_to_nv12": rgb_to_nv12, "gaussian": gaussian,
             "resize_face": resize_face}
