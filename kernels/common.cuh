@@ -25,9 +25,12 @@ __device__ __forceinline__ float exact_float(int n) {
 // to [0, 255] equals floor of the value clamped to [0, 255] (integer bounds; NaN -> 0 in both),
 // and for z in [0, 255] the sum z + 2^23 rounded down is the float 2^23 + floor(z), whose low
 // mantissa byte is floor(z).
+__device__ __forceinline__ float round_held(float x) {    // the float 2^23 + round_u8(x)
+    return __fadd_rd(fminf(fmaxf(__fadd_rn(x, 0.5f), 0.0f), 255.0f), 8388608.0f);
+}
+
 __device__ __forceinline__ u8 round_u8(float x) {
-    const float z = fminf(fmaxf(__fadd_rn(x, 0.5f), 0.0f), 255.0f);
-    return (u8)__float_as_int(__fadd_rd(z, 8388608.0f));
+    return (u8)__float_as_int(round_held(x));
 }
 
 __device__ __forceinline__ bool aligned4(const void* p) {

@@ -39,10 +39,8 @@
 
 // --------------------------------------------------------------------------- held values
 
-// round_u8(x) (common.cuh) held as the float 2^23 + k: the low byte of its bits is k.
-__device__ __forceinline__ float round_held(float x) {
-    return __fadd_rd(fminf(fmaxf(__fadd_rn(x, 0.5f), 0.0f), 255.0f), TWO_23);
-}
+// round_held(x) (common.cuh) is round_u8(x) held as the float 2^23 + k: the low byte of its
+// bits is k.
 
 // round_u8(x) for 0 <= fl(x + 0.5) < 256, where the clamps change nothing (bilinear face
 // samples: a lerp between two values of [0, 255] with a weight in [0, 1] stays in [0, 255] up
