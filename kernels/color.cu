@@ -95,9 +95,10 @@ __device__ __forceinline__ void store_plane(u8* __restrict__ p, const u32 (&v)[G
 extern "C" __global__ void nv12_to_rgb_kernel(
     const u8* __restrict__ nv12,   // [B, H*3/2, W]
     u8* __restrict__ out,          // [B, H, W, 3] (planar == 0) or [B, 3, H, W] (planar == 1)
-    int height, int width, int planar, int bgr,
-    float y_offset, float y_scale, float r_v, float g_u, float g_v, float b_u)
+    int height, int width, int planar, int bgr, DecodeCoeffs k)
 {
+    const float y_offset = k.y_offset, y_scale = k.y_scale;
+    const float r_v = k.r_v, g_u = k.g_u, g_v = k.g_v, b_u = k.b_u;
     const int gx = blockIdx.x * blockDim.x + threadIdx.x;   // group of 8 pixels
     const int gy = blockIdx.y * blockDim.y + threadIdx.y;   // chroma row (luma rows 2gy, 2gy+1)
     const int b = blockIdx.z;
@@ -163,10 +164,10 @@ extern "C" __global__ void nv12_to_rgb_kernel(
 extern "C" __global__ void rgb_to_nv12_kernel(
     const u8* __restrict__ rgb,    // [B, H, W, 3]
     u8* __restrict__ nv12,         // [B, H*3/2, W]
-    int height, int width, int bgr,
-    float y_r, float y_g, float y_b, float u_r, float u_g, float u_b,
-    float v_r, float v_g, float v_b, float y_offset)
+    int height, int width, int bgr, EncodeCoeffs k)
 {
+    const float y_r = k.y_r, y_g = k.y_g, y_b = k.y_b, y_offset = k.y_offset;
+    const float u_r = k.u_r, u_g = k.u_g, u_b = k.u_b, v_r = k.v_r, v_g = k.v_g, v_b = k.v_b;
     const int gx = blockIdx.x * blockDim.x + threadIdx.x;
     const int gy = blockIdx.y * blockDim.y + threadIdx.y;
     const int b = blockIdx.z;

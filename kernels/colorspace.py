@@ -30,6 +30,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,13 +69,24 @@ class ColorSpec:
     v_b: np.float32
 
     def decode_args(self) -> tuple[np.float32, ...]:
-        """Kernel arguments of the YUV -> RGB direction, in kernel order."""
+        """Coefficients of the YUV -> RGB direction, in the field order of common.cuh's
+        DecodeCoeffs."""
         return (self.y_offset, self.y_scale, self.r_v, self.g_u, self.g_v, self.b_u)
 
     def encode_args(self) -> tuple[np.float32, ...]:
-        """Kernel arguments of the RGB -> YUV direction, in kernel order."""
+        """Coefficients of the RGB -> YUV direction, in the field order of EncodeCoeffs."""
         return (self.y_r, self.y_g, self.y_b, self.u_r, self.u_g, self.u_b,
                 self.v_r, self.v_g, self.v_b, self.y_offset)
+
+    @functools.cached_property
+    def decode_bytes(self) -> bytes:
+        """DecodeCoeffs as the kernels take it by value (float32, native byte order)."""
+        return np.array(self.decode_args(), np.float32).tobytes()
+
+    @functools.cached_property
+    def encode_bytes(self) -> bytes:
+        """EncodeCoeffs as the kernels take it by value."""
+        return np.array(self.encode_args(), np.float32).tobytes()
 
 
 _SPECS: dict[tuple[str, bool], ColorSpec] = {}

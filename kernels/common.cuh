@@ -77,8 +77,12 @@ __device__ __forceinline__ void store_bytes(u8* __restrict__ p, const u8 (&v)[N]
 
 // ---------------------------------------------------------------- colour conversion (colorspace.py)
 
+// Kernels take these by value, in this field order (ColorSpec.decode_bytes / encode_bytes;
+// kernel_args.STRUCT_BYTES has the same sizes).
 struct DecodeCoeffs { float y_offset, y_scale, r_v, g_u, g_v, b_u; };
 struct EncodeCoeffs { float y_r, y_g, y_b, u_r, u_g, u_b, v_r, v_g, v_b, y_offset; };
+static_assert(sizeof(DecodeCoeffs) == 24, "DecodeCoeffs: see kernel_args.STRUCT_BYTES");
+static_assert(sizeof(EncodeCoeffs) == 40, "EncodeCoeffs: see kernel_args.STRUCT_BYTES");
 
 // YUV -> RGB in the float32 order of colorspace.py.
 __device__ __forceinline__ void decode_pixel(const DecodeCoeffs& k, int y, int u, int v,

@@ -4,16 +4,22 @@
 //
 // The work is cut into 2x2 pixel blocks of the box grown to even coordinates (a block shares one
 // UV sample); a thread does NV12_BLOCKS blocks stacked vertically, so that consecutive output
-// rows share their face rows (below). Per-frame params [B, 12] int32
-// (launch.nv12_compose_params), for a box x1, y1, x2, y2 (end exclusive) grown to
-// ex1 = x1 & ~1, ey1, ex2 = (x2 + 1) & ~1, ey2: (ex2 - ex1) / 2 block columns, (ey2 - ey1) / 2
-// block rows, ex1, ey1 | x1 & 1, y1 & 1, x2 - x1, y2 - y1 | mask offset (low, high word) into
-// the packed masks, the float32 bits of face_w / (x2 - x1) and face_h / (y2 - y1) (IEEE
-// division on the host: the same float as __fdiv_rn).
+// rows share their face rows (below). Per-frame params: 12 int32 per frame
+// (launch.nv12_compose_params) in a table the kernel takes by value; for a box x1, y1, x2, y2
+// (end exclusive) grown to ex1 = x1 & ~1, ey1, ex2 = (x2 + 1) & ~1, ey2: (ex2 - ex1) / 2 block
+// columns, (ey2 - ey1) / 2 block rows, ex1, ey1 | x1 & 1, y1 & 1, x2 - x1, y2 - y1 | mask
+// offset (low, high word) into the packed masks, the float32 bits of face_w / (x2 - x1) and
+// face_h / (y2 - y1) (IEEE division on the host: the same float as __fdiv_rn). When the mask's
+// non-zero rows are known, the grid leaves out the block rows above and below them: block rows
+// then count from the first kept one, ey1 moves down by 2 per skipped block row and the
+// "y1 & 1" entry becomes y1 & 1 - 2 * skipped (it only maps block rows to box rows). The table
+// holds up to NV12_TABLE_FRAMES frames (a launch covers at most that many); it and the colour
+// coefficients travel in the kernel's parameter block, so a launch uploads nothing and a
+// thread's first load is its mask.
 // Launch (launch.nv12_compose_grid): block (32, 4), grid (ceil(max block columns / 32),
-// ceil(ceil(max block rows / NV12_BLOCKS) / 4), B). Needs face_w >= 2 (the wrapper widens
-// 1-pixel-wide faces, which changes no output: every tap reads the same value) and a 2-byte
-// aligned nv12 buffer (W even: Y and UV pairs are 16-bit accesses).
+// ceil(ceil(max block rows / NV12_BLOCKS) / 4), B <= NV12_TABLE_FRAMES). Needs face_w >= 2 (the
+// wrapper widens 1-pixel-wide faces, which changes no output: every tap reads the same value)
+// and a 2-byte aligned nv12 buffer (W even: Y and UV pairs are 16-bit accesses).
 //
 // The reference, per block: decode the 4 pixels (one UV sample), blend the face into those with
 // mask > 0, write their Y and the block's UV from the 2x2 mean of the 4 resulting RGB values
@@ -33,6 +39,7 @@
 #include "common.cuh"
 
 #define NV12_PARAMS 12        // int32 per frame in params (launch.nv12_compose_params)
+#define NV12_TABLE_FRAMES 64  // frames per launch (launch.NV12_TABLE_FRAMES)
 #define NV12_BLOCKS 2         // 2x2 blocks per thread, stacked (launch.NV12_COMPOSE_BLOCKS)
 #define TWO_23 8388608.0f     // 2^23; its float bits are 0x4B000000
 #define TWO_23_BITS 0x4B000000u
@@ -219,25 +226,28 @@ __device__ __forceinline__ void store_uv(u8* uvp, const EncodeCoeffs& k, const f
 
 // --------------------------------------------------------------------------------- kernel
 
+// Per-frame params, 3 x 16 bytes per frame (see the top of this file). Passed by value and
+// declared __grid_constant__: read in place from the parameter bank, indexed by the frame.
+struct __align__(16) NV12ComposeTable { uint4 q[NV12_TABLE_FRAMES * NV12_PARAMS / 4]; };
+static_assert(sizeof(NV12ComposeTable) == NV12_TABLE_FRAMES * NV12_PARAMS * 4,
+              "NV12ComposeTable: see kernel_args.STRUCT_BYTES");
+
 extern "C" __global__ void compose_nv12_kernel(
     u8* __restrict__ nv12, int height, int width,    // [B, H*3/2, W], in place
     const u8* __restrict__ faces, int face_h, int face_w,   // [B, face_h, face_w, 3]
-    float face_h1f, float face_w2f,                         // face_h - 1, face_w - 2 as floats
-    const u8* __restrict__ masks, const int* __restrict__ params,
-    float d_y_offset, float d_y_scale, float d_r_v, float d_g_u, float d_g_v, float d_b_u,
-    float e_y_r, float e_y_g, float e_y_b, float e_u_r, float e_u_g, float e_u_b,
-    float e_v_r, float e_v_g, float e_v_b, float e_y_offset)
+    const u8* __restrict__ masks, DecodeCoeffs dk, EncodeCoeffs ek,
+    const __grid_constant__ NV12ComposeTable table)
 {
     const int bx = blockIdx.x * blockDim.x + threadIdx.x;                  // block column
     const int by = (blockIdx.y * blockDim.y + threadIdx.y) * NV12_BLOCKS;  // first block row
     const int b = blockIdx.z;
-    const uint4* prm = reinterpret_cast<const uint4*>(params + b * NV12_PARAMS);
+    const uint4* prm = table.q + b * (NV12_PARAMS / 4);
     const uint4 q0 = prm[0];                            // block columns, block rows, ex1, ey1
     if (bx >= (int)q0.x || by >= (int)q0.y) return;
 
     // Masks of the thread's blocks, pixel p = 2 * row + col in byte p; 0 outside the box (odd
     // x1, y1, x2 or y2 put the grown box's edge pixels outside it; rows past the box too).
-    const uint4 q1 = prm[1], q2 = prm[2];               // x1 & 1, y1 & 1, w, h; mask offset, scales
+    const uint4 q1 = prm[1], q2 = prm[2];   // x1 & 1, y1 & 1 (- 2 * skipped), w, h; mask offset, scales
     const int w = (int)q1.z, h = (int)q1.w;
     const int dx = 2 * bx - (int)q1.x, dy = 2 * by - (int)q1.y;   // box coordinates (>= -1)
     const bool in_l = dx >= 0, in_r = dx + 1 < w;
@@ -260,6 +270,7 @@ extern "C" __global__ void compose_nv12_kernel(
 
     // Face taps of the two columns (pixels outside the box get clamped taps, never used).
     const float scale_x = __int_as_float((int)q2.z), scale_y = __int_as_float((int)q2.w);
+    const float face_w2f = exact_float(face_w - 2), face_h1f = exact_float(face_h - 1);
     const XTap tx0 = x_tap(dx, scale_x, face_w, face_w2f);
     const XTap tx1 = x_tap(dx + 1, scale_x, face_w, face_w2f);
     const u32 pitch = 3u * (u32)face_w;
@@ -271,9 +282,6 @@ extern "C" __global__ void compose_nv12_kernel(
     u8* luma = frame + (py0 * width + px0);             // 32-bit offsets within a frame
     u8* uvp = frame + ((height + (py0 >> 1)) * width + px0);
 
-    const DecodeCoeffs dk = {d_y_offset, d_y_scale, d_r_v, d_g_u, d_g_v, d_b_u};
-    const EncodeCoeffs ek = {e_y_r, e_y_g, e_y_b, e_u_r, e_u_g, e_u_b, e_v_r, e_v_g, e_v_b,
-                             e_y_offset};
     // lerp_x of the last two face rows interpolated (rows row_a, row_b; -1: none yet), carried
     // from block to block: the value is the same float whichever output row asks for it.
     int row_a = -1, row_b = -1;

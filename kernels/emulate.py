@@ -27,8 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import _cuda
+from .kernel_args import STRUCT_BYTES, Param, parse_kernels, struct_prefix
 
-__all__ = ["compiler_available", "EmulatedKernel", "emulated_gpu"]
+__all__ = ["compiler_available", "EmulatedKernel", "emulated_gpu", "struct_sizes"]
 
 _PRELUDE = r"""
 #include <cmath>
@@ -40,6 +41,7 @@ static uint3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __grid_constant__
 #define __shared__ static
 #define __align__(n) alignas(n)
 static inline float __fadd_rn(float a, float b) { return a + b; }
@@ -72,8 +74,7 @@ using std::min; using std::max;
 alignas(16) static unsigned char g_smem[1 << 17];
 """
 
-_SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\s*\(([^)]*)\)', re.S)
-_cache: dict[str, ctypes.CDLL] = {}
+_cache: dict[str, tuple[ctypes.CDLL, dict[str, list[Param]]]] = {}
 
 
 def compiler_available() -> bool:
@@ -81,39 +82,27 @@ def compiler_available() -> bool:
     return shutil.which("g++") is not None
 
 
-def _strip_comments(text: str) -> str:
-    return re.sub(r"//[^\n]*", "", text)
+def _c_decl(param: Param) -> str:
+    """The emulator wrapper's parameter: by-value structs travel as pointers to their bytes."""
+    if param.kind == "struct":
+        return f"const {param.struct}* {param.name}"
+    return f"{param.c_type} {param.name}"
 
 
-def _parameters(arg_text: str) -> list[tuple[str, str]]:
-    """[(C type, name)] of a kernel parameter list."""
-    params = []
-    for raw in _strip_comments(arg_text).split(","):
-        raw = " ".join(raw.split())
-        name = re.findall(r"\w+", raw)[-1]
-        params.append((raw[: raw.rfind(name)].strip(), name))
-    return params
-
-
-def _ctype(c_type: str) -> Any:
-    if "*" in c_type:
+def _ctype(param: Param) -> Any:
+    if param.kind in ("pointer", "struct"):
         return ctypes.c_void_p
-    if c_type == "float":
-        return ctypes.c_float
-    if c_type == "int":
-        return ctypes.c_int
-    raise TypeError(f"emulator: unsupported kernel parameter type {c_type!r}")
+    return ctypes.c_float if param.kind == "float" else ctypes.c_int
 
 
-def _build(source_name: str) -> tuple[ctypes.CDLL, dict[str, list[tuple[str, str]]]]:
+def _build(source_name: str) -> tuple[ctypes.CDLL, dict[str, list[Param]]]:
     text = _cuda.kernel_source(source_name)
-    kernels = {m.group(1): _parameters(m.group(2))
-               for m in _SIGNATURE.finditer(_strip_comments(text))}
+    kernels = parse_kernels(text)
     body = re.sub(r"extern __shared__[^;]*\bsmem\[\];", "u8* smem = g_smem;", text)
     wrappers = []
     for name, params in kernels.items():
-        decl = ", ".join(f"{t} {n}" for t, n in params)
-        call = ", ".join(n for _, n in params)
+        decl = ", ".join(_c_decl(p) for p in params)
+        call = ", ".join(f"*{p.name}" if p.kind == "struct" else p.name for p in params)
         wrappers.append(f"""
 extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                            unsigned bz, {decl}) {{
@@ -126,6 +115,8 @@ extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, u
         }}
     }}
 }}""")
+    for struct in sorted({p.struct for params in kernels.values() for p in params if p.struct}):
+        wrappers.append(f'extern "C" unsigned emu_sizeof_{struct}() {{ return sizeof({struct}); }}')
     code = _PRELUDE + body + "\n".join(wrappers)
     digest = hashlib.sha256(code.encode()).hexdigest()[:16]
     out_dir = Path(tempfile.gettempdir()) / "talkrt_kernel_emulator"
@@ -142,9 +133,22 @@ extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, u
     lib = ctypes.CDLL(str(lib_path))
     for name, params in kernels.items():
         fn = getattr(lib, f"emu_{name}")
-        fn.argtypes = [ctypes.c_uint] * 6 + [_ctype(t) for t, _ in params]
+        fn.argtypes = [ctypes.c_uint] * 6 + [_ctype(p) for p in params]
         fn.restype = None
     return lib, kernels
+
+
+def struct_sizes(source_name: str) -> dict[str, int]:
+    """g++'s sizeof of every struct that a kernel of ``source_name`` takes by value."""
+    lib, kernels = _cache.get(source_name) or _build(source_name)
+    _cache[source_name] = (lib, kernels)
+    names = {p.struct for params in kernels.values() for p in params if p.struct}
+    sizes = {}
+    for name in sorted(names):
+        fn = getattr(lib, f"emu_sizeof_{name}")
+        fn.restype = ctypes.c_uint
+        sizes[name] = int(fn())
+    return sizes
 
 
 class EmulatedKernel:
@@ -163,25 +167,36 @@ class EmulatedKernel:
             raise TypeError(f"{self.name} takes {len(self.params)} arguments, got {len(args)}")
         if shared_mem > (1 << 17):
             raise ValueError(f"{self.name}: {shared_mem} bytes of shared memory requested")
-        converted = []
-        for (c_type, pname), value in zip(self.params, args):
-            if "*" in c_type:
+        converted: list[Any] = []
+        for param, value in zip(self.params, args):
+            where = f"{self.name}.{param.name}"
+            if param.kind == "pointer":
                 if not isinstance(value, np.ndarray) or not value.flags.c_contiguous:
-                    raise TypeError(f"{self.name}.{pname}: expected a contiguous array")
+                    raise TypeError(f"{where}: expected a contiguous array")
                 converted.append(value.__array_interface__["data"][0])
-            elif c_type == "int":
+            elif param.kind == "struct":   # a zero-padded copy of the struct's bytes
+                data = struct_prefix(value, param, self.name)
+                buffer = ctypes.create_string_buffer(data, STRUCT_BYTES[param.struct])
+                converted.append(ctypes.cast(buffer, ctypes.c_void_p))
+            elif param.kind == "int":
                 if not isinstance(value, (np.int32, int)):
-                    raise TypeError(f"{self.name}.{pname}: expected np.int32, got {type(value)}")
+                    raise TypeError(f"{where}: expected np.int32, got {type(value)}")
                 converted.append(int(value))
             else:
                 if not isinstance(value, np.float32):
-                    raise TypeError(f"{self.name}.{pname}: expected np.float32, got {type(value)}")
+                    raise TypeError(f"{where}: expected np.float32, got {type(value)}")
                 converted.append(float(value))
         block = (1, 1, 1) if self._single_thread else tuple(block)
         self._fn(*(int(g) for g in grid), *(int(b) for b in block), *converted)
 
+    def bind(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> Any:
+        """Like the GPU Kernel.bind: a launch with fixed arguments, ``bound(stream)``."""
+        return lambda stream: self(grid, block, args, shared_mem)
+
 
 class _Context:
+    ptr = 0   # a stream handle
+
     def __init__(self, *_: Any) -> None:
         self.id = 0
 
@@ -196,7 +211,7 @@ def _fake_cupy() -> types.SimpleNamespace:
     cuda = types.SimpleNamespace(
         Device=_Context, Stream=_Context, ExternalStream=_Context,
         get_current_stream=lambda: _Context(),
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0))
     return types.SimpleNamespace(
         ndarray=np.ndarray, uint8=np.uint8, float32=np.float32, cuda=cuda,
         empty=np.empty, asarray=lambda a, dtype=None: np.array(a, dtype=dtype, copy=True),
@@ -206,10 +221,11 @@ def _fake_cupy() -> types.SimpleNamespace:
 @contextlib.contextmanager
 def emulated_gpu() -> Iterator[None]:
     """Run :mod:`talkrt.kernels.gpu` on host arrays through the emulator (not thread safe)."""
-    saved = (_cuda.cupy, _cuda.get_kernel)
+    saved = (_cuda.cupy, _cuda.get_kernel, _cuda.upload)
     _cuda.cupy = _fake_cupy()
     _cuda.get_kernel = lambda source, name, dtype=np.uint8: EmulatedKernel(source, name)
+    _cuda.upload = lambda host: np.array(host, copy=True)
     try:
         yield
     finally:
-        _cuda.cupy, _cuda.get_kernel = saved
+        _cuda.cupy, _cuda.get_kernel, _cuda.upload = saved

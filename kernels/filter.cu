@@ -36,6 +36,11 @@
 
 typedef unsigned short u16;
 
+// The taps travel by value in the kernel's parameter block (__grid_constant__: read in place,
+// indexed at run time, never copied per thread); the first 2 * radius + 1 are used.
+struct FilterTaps { int w[MAX_TAPS]; };
+static_assert(sizeof(FilterTaps) == 4 * MAX_TAPS, "FilterTaps: see kernel_args.STRUCT_BYTES");
+
 // cv::borderInterpolate(p, n, BORDER_REFLECT_101) for any p (period 2n - 2).
 __device__ __forceinline__ int reflect101(int p, int n) {
     if (p >= 0 && p < n) return p;
@@ -291,7 +296,8 @@ extern "C" __global__ void gaussian_filter_kernel(
     const u8* __restrict__ src,   // [B, H, W, C]
     u8* __restrict__ dst,         // [B, H, W, C], must not alias src
     int height, int width, int channels,
-    const int* __restrict__ weights, int radius,   // 2*radius + 1 integer taps >= 0, sum 256
+    const __grid_constant__ FilterTaps weights,    // 2*radius + 1 integer taps >= 0, sum 256
+    int radius,
     int mode, float amount, int threshold)         // mode 0: blur, 1: unsharp mask
 {
     extern __shared__ __align__(16) u8 smem[];
@@ -316,7 +322,7 @@ extern "C" __global__ void gaussian_filter_kernel(
     if (radius > FAST_RADIUS) {   // generic path's weights, visible after load_tile's barriers
         const int tid = threadIdx.y * blockDim.x + threadIdx.x;
         for (int k = tid; k < 2 * radius + 1; k += blockDim.x * blockDim.y)
-            s_w[k] = (u32)weights[k];
+            s_w[k] = (u32)weights.w[k];
     }
     load_tile(t, s_row);
     if (radius <= FAST_RADIUS) {
@@ -324,7 +330,7 @@ extern "C" __global__ void gaussian_filter_kernel(
 #pragma unroll
         for (int k = 0; k < FAST_TAPS; ++k) {
             const int i = k - FAST_RADIUS + radius;
-            w[k] = (i >= 0 && i <= 2 * radius) ? (u32)weights[i] : 0u;
+            w[k] = (i >= 0 && i <= 2 * radius) ? (u32)weights.w[i] : 0u;
         }
         switch (channels) {
             case 1: filter_fast<1>(t, w, mode, amount, threshold); break;

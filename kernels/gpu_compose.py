@@ -17,7 +17,8 @@ from . import _cuda, launch
 from .colorspace import color_spec
 from .gpu_ops import unsharp_mask
 from .packing import Packed, empty_packed, pack_regions
-from .validate import SharpenParams, as_image_batch, as_nv12_batch, check_boxes, check_out
+from .validate import (SharpenParams, as_image_batch, as_nv12_batch, check_boxes, check_out,
+                       check_uint8)
 
 __all__ = ["resize_to_boxes", "blend", "compose_rgb", "compose_nv12"]
 
@@ -28,9 +29,9 @@ def _device_packed(regions: Packed | Sequence[Any], channels: int, boxes: np.nda
     cp = _cuda.require_cupy()
     packed = regions if isinstance(regions, Packed) else pack_regions(regions, channels, cp)
     if isinstance(packed.data, np.ndarray):   # host-packed: one upload
-        packed = Packed(cp.asarray(packed.data), packed.offsets, packed.shapes)
+        packed = packed.with_data(_cuda.upload(packed.data))
     else:
-        packed = Packed(_cuda.adopt(packed.data, f"{name}.data"), packed.offsets, packed.shapes)
+        packed = packed.with_data(_cuda.adopt(packed.data, f"{name}.data"))
     packed.check_matches(boxes, channels, name)
     _cuda.same_device(like, {name: packed.data})
     return packed
@@ -146,15 +147,28 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
     (compose_nv12.cu) over the 2x2 blocks of the box grown to even coordinates: decode, resize
     the face bilinearly, blend with the mask, encode Y of the pixels with mask > 0 and the
     block's UV from the 2x2 mean of the blended RGB (mask-255 pixels skip the decode and blend).
-    Blocks without a mask > 0 pixel, and Y of pixels with mask 0, are not touched. Equals
+    Blocks without a mask > 0 pixel, and Y of pixels with mask 0, are not touched. The per-frame
+    table and the colour coefficients go in the launch's parameter block (nothing is uploaded);
+    batches over :data:`launch.NV12_TABLE_FRAMES` frames take one launch per that many. Equals
     :func:`talkrt.kernels.reference.compose_nv12` (``resize_impl="kernel"``) bit for bit."""
     nv12 = _cuda.adopt(nv12, "nv12")
     batch, single, height, width = as_nv12_batch(nv12)
     n = batch.shape[0]
-    box_arr = check_boxes(boxes, n, height, width)
     spec = color_spec(matrix, full_range)
+    small = None
+    if (n <= launch.SMALL_BATCH and isinstance(masks, Packed)       # tables in Python, checks too
+            and isinstance(masks.data, _cuda.require_cupy().ndarray) and masks.data.ndim == 1):
+        small = launch.nv12_compose_rows_small(boxes, height, width, masks.shapes,
+                                               masks.offsets, int(masks.data.shape[0]),
+                                               masks.row_spans)
+    box_arr = check_boxes(boxes, n, height, width) if small is None else None
     with _cuda.on_device(batch, stream):
-        masks_p = _device_packed(masks, 1, box_arr, "masks", batch)
+        if small is None:
+            masks_p = _device_packed(masks, 1, box_arr, "masks", batch)
+        else:
+            masks_p = masks.with_data(_cuda.adopt(masks.data, "masks.data"))
+            check_uint8(masks_p.data, "masks.data")
+            _cuda.same_device(batch, {"masks": masks_p.data})
         face_batch = _faces(faces, n, batch, sharpen)
         target, result = _in_place_target(nv12, single, out)
         if face_batch.shape[2] < 2:
@@ -162,11 +176,22 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
             # resizes to the same values (every tap reads the same pixel)
             face_batch = face_batch.repeat(2, axis=2)
         face_h, face_w = int(face_batch.shape[1]), int(face_batch.shape[2])
-        table = launch.nv12_compose_params(box_arr, masks_p.offsets, face_w, face_h)
-        params = _cuda.upload(table)
         kernel = _cuda.get_kernel("compose_nv12.cu", "compose_nv12_kernel")
-        _cuda.launch(kernel, launch.nv12_compose_grid(table), launch.NV12_COMPOSE_BLOCK,
-                     (target, np.int32(height), np.int32(width), face_batch, np.int32(face_h),
-                      np.int32(face_w), np.float32(face_h - 1), np.float32(face_w - 2),
-                      masks_p.data, params, *spec.decode_args(), *spec.encode_args()))
+        if small is not None:
+            rows, grid = small
+            _cuda.launch(kernel, grid, launch.NV12_COMPOSE_BLOCK,
+                         (target, height, width, face_batch, face_h, face_w, masks_p.data,
+                          spec.decode_bytes, spec.encode_bytes,
+                          launch.pack_nv12_rows(rows, face_w, face_h)))
+            return result
+        table = launch.nv12_compose_params(box_arr, masks_p.offsets, face_w, face_h,
+                                           masks_p.row_spans)
+        step = launch.NV12_TABLE_FRAMES   # frames per launch: the table travels by value
+        for start in range(0, n, step):
+            part = table[start:start + step]
+            frames, face_part = ((target, face_batch) if n <= step else
+                                 (target[start:start + step], face_batch[start:start + step]))
+            _cuda.launch(kernel, launch.nv12_compose_grid(part), launch.NV12_COMPOSE_BLOCK,
+                         (frames, height, width, face_part, face_h, face_w, masks_p.data,
+                          spec.decode_bytes, spec.encode_bytes, part.tobytes()))
     return result

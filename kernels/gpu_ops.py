@@ -7,6 +7,7 @@ uint8 device array of the exact output shape; ``stream=None`` uses the current s
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -50,8 +51,7 @@ def nv12_to_rgb(nv12: Any, *, matrix: str = "bt709", full_range: bool = False,
         target, result = _output(out, shape, single, batch)
         kernel = _cuda.get_kernel("color.cu", "nv12_to_rgb_kernel")
         _cuda.launch(kernel, launch.color_grid(height, width, n), launch.BLOCK,
-                     (batch, target, np.int32(height), np.int32(width), np.int32(planar),
-                      np.int32(bgr), *spec.decode_args()))
+                     (batch, target, height, width, int(planar), int(bgr), spec.decode_bytes))
     return result
 
 
@@ -70,8 +70,7 @@ def rgb_to_nv12(rgb: Any, *, matrix: str = "bt709", full_range: bool = False,
         target, result = _output(out, (n, height * 3 // 2, width), single, batch)
         kernel = _cuda.get_kernel("color.cu", "rgb_to_nv12_kernel")
         _cuda.launch(kernel, launch.color_grid(height, width, n), launch.BLOCK,
-                     (batch, target, np.int32(height), np.int32(width), np.int32(bgr),
-                      *spec.encode_args()))
+                     (batch, target, height, width, int(bgr), spec.encode_bytes))
     return result
 
 
@@ -103,21 +102,26 @@ def crop_resize(frames: Any, boxes: Any, *, size: tuple[int, int] = (256, 256),
     return result
 
 
+@functools.lru_cache(maxsize=64)
+def _filter_taps(ksize: int, sigma: float) -> bytes:
+    """filter.cu's FilterTaps (the first ksize of them) for a Gaussian of ``sigma``."""
+    return np.asarray(gaussian.gaussian_weights_fixed(ksize, sigma), np.int32).tobytes()
+
+
 def _filter(images: Any, mode: int, sigma: float, ksize: int | None, amount: float,
             threshold: int, out: Any, stream: Any) -> Any:
     images = _cuda.adopt(images, "images")
     batch, single = as_image_batch(images, "images", channels=(1, 2, 3, 4))
     k = gaussian.default_ksize(sigma) if ksize is None else int(ksize)
-    weights = np.asarray(gaussian.gaussian_weights_fixed(k, float(sigma)), np.int32)
+    taps = _filter_taps(k, float(sigma))
     n, height, width, channels = batch.shape
     radius = k // 2
     with _cuda.on_device(batch, stream):
         target, result = _output(out, batch.shape, single, batch)
         kernel = _cuda.get_kernel("filter.cu", "gaussian_filter_kernel")
         _cuda.launch(kernel, launch.filter_grid(height, width, channels, n), launch.BLOCK,
-                     (batch, target, np.int32(height), np.int32(width), np.int32(channels),
-                      _cuda.upload(weights), np.int32(radius), np.int32(mode),
-                      np.float32(amount), np.int32(threshold)),
+                     (batch, target, height, width, channels, taps, radius, mode,
+                      np.float32(amount), int(threshold)),
                      shared_mem=launch.filter_smem_bytes(radius, channels))
     return result
 

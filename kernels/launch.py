@@ -6,16 +6,20 @@ build. Each function documents the kernel layout it serves (see the .cu files).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from .gaussian import MAX_KSIZE
 from .resize_tables import ResizePlan, plan_resize
 
 __all__ = [
     "BLOCK", "COLOR_GROUP", "FILTER_TILE", "PARAM_STRIDE", "NV12_COMPOSE_BLOCKS",
-    "NV12_COMPOSE_BLOCK", "NV12_PARAMS", "grid_2d", "color_grid", "CropTables", "crop_tables",
-    "box_params", "nv12_compose_params", "nv12_compose_grid", "filter_grid",
+    "NV12_COMPOSE_BLOCK", "NV12_PARAMS", "NV12_TABLE_FRAMES", "FILTER_MAX_TAPS", "grid_2d",
+    "color_grid", "CropTables", "crop_tables", "box_params", "nv12_compose_params",
+    "nv12_compose_grid", "nv12_compose_rows_small", "pack_nv12_rows", "SMALL_BATCH", "filter_grid",
     "filter_smem_bytes",
 ]
 
@@ -29,6 +33,11 @@ NV12_COMPOSE_BLOCKS = 2     #: 2x2 blocks per thread, stacked vertically (compos
 #: SM (36 warps) where only 4 of 256 threads (32 warps) would fit
 NV12_COMPOSE_BLOCK = (32, 4, 1)
 NV12_PARAMS = 12            #: int32 per frame in compose_nv12.cu's params table
+#: frames per compose_nv12 launch: its params table travels by value in the kernel's parameter
+#: block (64 x 48 bytes + the rest stays under the 4 KB limit); larger batches take more launches
+NV12_TABLE_FRAMES = 64
+FILTER_MAX_TAPS = MAX_KSIZE  #: filter.cu's MAX_TAPS: the size of its FilterTaps struct
+SMALL_BATCH = 4             #: up to this many frames, compose_nv12 builds its table in Python
 MAX_GRID_YZ = 65535
 
 
@@ -116,25 +125,92 @@ def box_params(boxes: np.ndarray, mask_offsets: np.ndarray | None = None,
 
 
 def nv12_compose_params(boxes: np.ndarray, mask_offsets: np.ndarray, face_w: int,
-                        face_h: int) -> np.ndarray:
+                        face_h: int, row_spans: np.ndarray | None = None) -> np.ndarray:
     """compose_nv12.cu's params [B, 12] int32 (see there): per frame the 2x2 block grid of the
     box grown to even coordinates, the box, the mask offset and the float32 face / box scales
-    (numpy's float32 division is IEEE, like __fdiv_rn)."""
+    (numpy's float32 division is IEEE, like __fdiv_rn). Columns in (x, y) pairs.
+
+    With ``row_spans`` ([B, 2], the mask rows [first, end) that may be non-zero) the block rows
+    outside them are left out of the grid: the table's block rows start at the first block
+    row with a row in the span, moving ey1 down and taking y1 & 1 - 2 * skipped (the kernel
+    only uses it to map a block row to its box row), and end at the last such block row."""
     boxes = np.asarray(boxes, np.int64)
-    x1, y1, x2, y2 = boxes.T
-    ex1, ey1 = x1 & ~1, y1 & ~1
-    params = np.zeros((len(boxes), NV12_PARAMS), np.int32)
-    params[:, 0] = (((x2 + 1) & ~1) - ex1) // 2
-    params[:, 1] = (((y2 + 1) & ~1) - ey1) // 2
-    params[:, 2], params[:, 3] = ex1, ey1
-    params[:, 4], params[:, 5] = x1 & 1, y1 & 1
-    params[:, 6], params[:, 7] = x2 - x1, y2 - y1
-    offsets = np.asarray(mask_offsets, np.int64)
-    params[:, 8] = (offsets & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
-    params[:, 9] = (offsets >> 32).astype(np.int32)
-    params[:, 10] = (np.float32(face_w) / (x2 - x1).astype(np.float32)).view(np.int32)
-    params[:, 11] = (np.float32(face_h) / (y2 - y1).astype(np.float32)).view(np.int32)
+    low, high = boxes[:, :2], boxes[:, 2:]            # (x1, y1), (x2, y2)
+    even_low = low & ~1
+    size = high - low
+    params = np.empty((len(boxes), NV12_PARAMS), np.int32)
+    params[:, 0:2] = (((high + 1) & ~1) - even_low) >> 1
+    params[:, 2:4] = even_low
+    params[:, 4:6] = low & 1
+    params[:, 6:8] = size
+    # the int64 offset as its (low, high) 32-bit words
+    params[:, 8:10] = np.asarray(mask_offsets, "<i8").reshape(-1, 1).view("<i4")
+    params[:, 10:12] = (np.array([face_w, face_h], np.float32)
+                        / size.astype(np.float32)).view(np.int32)
+    if row_spans is not None:
+        first, end = np.asarray(row_spans, np.int64).T
+        odd = params[:, 5].astype(np.int64)
+        skip = (first + odd) >> 1                        # block rows above the span
+        last = (end - 1 + odd) >> 1                      # the span's last block row
+        params[:, 1] = np.where(end > first, last - skip + 1, 0)
+        params[:, 3] += 2 * skip
+        params[:, 5] = odd - 2 * skip
     return params
+
+
+def nv12_compose_rows_small(boxes: Any, height: int, width: int, mask_shapes: np.ndarray,
+                            mask_offsets: np.ndarray, mask_bytes: int,
+                            row_spans: np.ndarray | None = None
+                            ) -> tuple[list[tuple[int, ...]], tuple[int, int, int]] | None:
+    """The integer columns of :func:`nv12_compose_params` (one tuple of 10 per frame) and
+    :func:`nv12_compose_grid`, for at most :data:`SMALL_BATCH` frames, in plain Python (at this
+    size numpy's per-call cost is most of a compose call's host time). Also checks what
+    ``check_boxes`` and ``Packed.check_matches`` check; returns None on anything unexpected,
+    and the caller then takes the numpy path, whose checks raise the errors."""
+    if not (isinstance(boxes, np.ndarray) and boxes.dtype.kind in "iu"):
+        return None
+    n = len(mask_shapes)
+    rows = boxes.reshape(1, 4).tolist() if boxes.shape == (4,) and n == 1 else boxes.tolist()
+    if not 0 < n <= SMALL_BATCH or boxes.ndim > 2 or len(rows) != n:
+        return None
+    shapes, offsets = mask_shapes.tolist(), mask_offsets.tolist()
+    spans = [None] * n if row_spans is None else np.asarray(row_spans).tolist()
+    if len(spans) != n:
+        return None
+    table, max_cols, max_rows = [], 0, 0
+    for row, shape, offset, span in zip(rows, shapes, offsets, spans):
+        if len(row) != 4:
+            return None
+        x1, y1, x2, y2 = row
+        w, h = x2 - x1, y2 - y1
+        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height and shape == [h, w, 1]
+                and 0 <= offset and offset + h * w <= mask_bytes):
+            return None
+        ex1, ey1, odd = x1 & ~1, y1 & ~1, y1 & 1
+        cols, block_rows = (((x2 + 1) & ~1) - ex1) >> 1, (((y2 + 1) & ~1) - ey1) >> 1
+        if span is not None:   # as in nv12_compose_params
+            first, end = span
+            if not 0 <= first <= end <= h:
+                return None
+            skip = (first + odd) >> 1
+            block_rows = ((end - 1 + odd) >> 1) - skip + 1 if end > first else 0
+            ey1, odd = ey1 + 2 * skip, odd - 2 * skip
+        max_cols, max_rows = max(max_cols, cols), max(max_rows, block_rows)
+        table.append((cols, block_rows, ex1, ey1, x1 & 1, odd, w, h, offset & 0xFFFFFFFF,
+                      offset >> 32))
+    grid = (_ceil_div(max_cols, NV12_COMPOSE_BLOCK[0]),
+            _ceil_div(_ceil_div(max_rows, NV12_COMPOSE_BLOCKS), NV12_COMPOSE_BLOCK[1]), n)
+    return table, grid
+
+
+def pack_nv12_rows(rows: list[tuple[int, ...]], face_w: int, face_h: int) -> bytes:
+    """compose_nv12.cu's table bytes of :func:`nv12_compose_rows_small` rows plus the face /
+    box scales: the same bytes as ``nv12_compose_params(...).tobytes()`` (tests/
+    test_kernel_args.py). face / box is a double division rounded to float32 by ``struct``,
+    which equals the float32 division: double rounding is innocuous for a division when the
+    wide format has at least 2 * 24 + 2 bits (53 here)."""
+    return b"".join(struct.pack("<8i2I2f", *row, face_w / row[6], face_h / row[7])
+                    for row in rows)
 
 
 def box_extent(boxes: np.ndarray) -> tuple[int, int]:

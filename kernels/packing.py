@@ -3,11 +3,15 @@
 Frame b's region has shape (h_b, w_b) for masks or (h_b, w_b, c) for images and lives at
 ``data[offsets[b] : offsets[b] + h_b*w_b*c]`` (C order). Offsets are multiples of 16 bytes.
 ``data`` is a 1-D uint8 numpy or CuPy array; ``offsets`` and ``shapes`` stay on the host so that
-wrappers can validate them without a device round trip.
+wrappers can validate them without a device round trip. Masks packed by :func:`pack_masks` also
+carry ``row_spans``: per region the rows [first, end) outside which every value is 0, so that
+compose_nv12 launches no threads for the rows it would leave alone (MuseTalk's masks are 0 over
+the upper part of the face box).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -15,7 +19,8 @@ import numpy as np
 
 from .validate import check_uint8
 
-__all__ = ["Packed", "pack_regions", "pack_masks", "empty_packed", "packed_layout"]
+__all__ = ["Packed", "pack_regions", "pack_masks", "mask_row_spans", "empty_packed",
+           "packed_layout"]
 
 ALIGN = 16
 
@@ -27,6 +32,16 @@ class Packed:
     data: Any            # 1-D uint8, numpy or CuPy
     offsets: np.ndarray  # int64 [B]
     shapes: np.ndarray   # int64 [B, 3]: (h, w, c)
+    row_spans: np.ndarray | None = None   # int64 [B, 2]: rows [first, end) may be non-zero
+
+    def select(self, indices: Any) -> "Packed":
+        """The regions ``indices`` (an index array) of the same buffer, in that order."""
+        spans = None if self.row_spans is None else self.row_spans[indices]
+        return Packed(self.data, self.offsets[indices], self.shapes[indices], spans)
+
+    def with_data(self, data: Any) -> "Packed":
+        """The same layout over another buffer (e.g. ``data`` copied to the GPU)."""
+        return dataclasses.replace(self, data=data)
 
     def __len__(self) -> int:
         return int(self.shapes.shape[0])
@@ -52,17 +67,25 @@ class Packed:
             raise ValueError(f"{name}.data must be 1-D, got {self.data.ndim}-D")
         if len(self) != len(boxes):
             raise ValueError(f"{name} has {len(self)} regions for {len(boxes)} boxes")
-        want = np.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0],
-                         np.full(len(boxes), channels)], axis=1)
-        bad = np.flatnonzero((self.shapes != want).any(axis=1))
-        if bad.size:
-            i = int(bad[0])
+        want = np.empty((len(boxes), 3), np.int64)   # (h, w, c) of each box
+        want[:, 0] = boxes[:, 3] - boxes[:, 1]
+        want[:, 1] = boxes[:, 2] - boxes[:, 0]
+        want[:, 2] = channels
+        bad = (self.shapes != want).any(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{name}[{i}] has shape {tuple(int(v) for v in self.shapes[i])} "
                              f"(h, w, c) but box {i} needs {tuple(int(v) for v in want[i])}")
-        ends = self.offsets + self.shapes.prod(axis=1)
+        ends = self.offsets + want.prod(axis=1)
         if (self.offsets < 0).any() or (ends > self.data.shape[0]).any():
             raise ValueError(f"{name}: a region lies outside its data buffer "
                              f"({self.data.shape[0]} bytes)")
+        if self.row_spans is not None:
+            spans = np.asarray(self.row_spans)
+            if spans.shape != (len(boxes), 2) or (spans[:, 0] < 0).any() or \
+                    (spans[:, 0] > spans[:, 1]).any() or (spans[:, 1] > want[:, 0]).any():
+                raise ValueError(f"{name}.row_spans must be [B, 2] rows 0 <= first <= end <= h "
+                                 "of each region")
 
 
 def packed_layout(shapes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -131,9 +154,26 @@ def pack_regions(regions: Sequence[Any], channels: int | None = None, xp: Any = 
 
 
 def pack_masks(masks: Sequence[Any] | Packed, xp: Any = None) -> Packed:
-    """Pack per-frame blend masks ([h_b, w_b] uint8, numpy or CuPy) into one :class:`Packed`."""
+    """Pack per-frame blend masks ([h_b, w_b] uint8, numpy or CuPy) into one :class:`Packed`,
+    with each mask's span of rows that hold a non-zero value (``row_spans``)."""
     if isinstance(masks, Packed):
         if masks.channels not in (0, 1):
             raise ValueError(f"masks must have 1 channel, got {masks.channels}")
         return masks
-    return pack_regions(masks, channels=1, xp=xp)
+    packed = pack_regions(masks, channels=1, xp=xp)
+    return dataclasses.replace(packed, row_spans=mask_row_spans(masks))
+
+
+def mask_row_spans(masks: Sequence[Any]) -> np.ndarray:
+    """int64 [B, 2]: for each mask the rows [first, end) outside which it is all 0 ((0, 0) for
+    a mask of zeros). One small reduction per CuPy mask, then a copy of its row flags."""
+    spans = np.zeros((len(masks), 2), np.int64)
+    for i, mask in enumerate(masks):
+        if mask.size == 0:
+            continue
+        rows = mask.reshape(mask.shape[0], -1).any(axis=1)
+        rows = rows.get() if _is_cupy(rows) else np.asarray(rows)
+        nonzero = np.flatnonzero(rows)
+        if nonzero.size:
+            spans[i] = nonzero[0], nonzero[-1] + 1
+    return spans

@@ -114,6 +114,8 @@ def _masks(rng: np.random.Generator, boxes: np.ndarray) -> list[np.ndarray]:
         h, w = int(y2 - y1), int(x2 - x1)
         m = rng.integers(0, 256, (h, w), dtype=np.uint8)
         m[: max(1, h // 5)] = 0
+        if h > 8:
+            m[h - h // 7:] = 0      # zero rows below too (packed masks skip both bands)
         m[:, : w // 6] = 0
         m[h // 2: h // 2 + max(1, h // 8), w // 3: w // 3 + max(1, w // 4)] = 255
         masks.append(m)
@@ -315,6 +317,16 @@ def _compose_cases() -> list[Case]:
                                      d["masks"], out=d["out"]), d["out"]],
         lambda d: [ref.compose_nv12(ref.rgb_to_nv12(d["frames"]), d["faces"], d["host_boxes"],
                                     d["masks"], resize_impl="kernel")] * 2))
+    # more frames than one launch's params table holds (launch.NV12_TABLE_FRAMES = 64): the
+    # wrapper launches per 64 frames, each with its frames', faces' and table's slice; packed
+    # masks, so the numpy table path also skips their zero rows
+    cases.append(Case(
+        "compose_nv12_batch70_two_launches",
+        lambda rng: _compose_inputs(rng, 70, 20, 26),
+        lambda K, d: [K.compose_nv12(K.rgb_to_nv12(d["frames"]), d["faces"], d["host_boxes"],
+                                     K.pack_masks(d["masks"]))],
+        lambda d: [ref.compose_nv12(ref.rgb_to_nv12(d["frames"]), d["faces"], d["host_boxes"],
+                                    d["masks"], resize_impl="kernel")]))
     return cases
 
 
@@ -350,14 +362,17 @@ def _shortcut_inputs(rng: np.random.Generator, boxes, kinds, height: int = 288,
 
 
 def _nv12_case(name: str, build: Callable, **kw: Any) -> Case:
-    """compose_nv12 of the NV12 encoding of d["frames"]; one [H*3/2, W] frame if d["single"]."""
+    """compose_nv12 of the NV12 encoding of d["frames"]; one [H*3/2, W] frame if d["single"].
+    The masks go in packed, as the pipeline passes them (with <= launch.SMALL_BATCH frames the
+    GPU wrapper then builds its table in Python: these cases cover that path)."""
     color = {"matrix": kw.get("matrix", "bt709"), "full_range": kw.get("full_range", False)}
 
     def call(B: Any, d: dict, **extra: Any) -> list:
         nv12, faces = B.rgb_to_nv12(d["frames"], **color), d["faces"]
         if d.get("single"):
             nv12, faces = nv12[0], faces[0]
-        return [B.compose_nv12(nv12, faces, d["host_boxes"], d["masks"], **kw, **extra)]
+        return [B.compose_nv12(nv12, faces, d["host_boxes"], B.pack_masks(d["masks"]), **kw,
+                               **extra)]
 
     return Case(name, build, call, lambda d: call(ref, d, resize_impl="kernel"))
 

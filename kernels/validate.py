@@ -128,10 +128,10 @@ def check_boxes(boxes: Any, batch: int, height: int | None, width: int | None,
         raise ValueError(f"{name} must have shape [{batch}, 4] (one box per frame), got "
                          f"{_shape_str(arr.shape)}")
     arr = arr.astype(np.int64)
-    x1, y1, x2, y2 = arr.T
-    bad = (x2 <= x1) | (y2 <= y1)
+    low, high = arr[:, :2], arr[:, 2:]
+    bad = (high <= low).any(axis=1)
     if height is not None and width is not None:
-        bad |= (x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height)
+        bad |= (low < 0).any(axis=1) | (high > (width, height)).any(axis=1)
         where = f"inside the {width}x{height} frame (0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)"
     else:
         where = "(x1 < x2, y1 < y2)"
@@ -139,7 +139,7 @@ def check_boxes(boxes: Any, batch: int, height: int | None, width: int | None,
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{name}[{i}] = {tuple(int(v) for v in arr[i])} is not a non-empty box "
                          f"{where}; boxes are end exclusive")
-    if (arr >= 2**31).any() or (arr <= -2**31).any():
+    if height is None and (np.abs(arr) >= 2**31).any():
         raise ValueError(f"{name} coordinates must fit in int32")
     return arr
 

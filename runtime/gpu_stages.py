@@ -123,7 +123,7 @@ class GpuComposeStage:
     def __call__(self, batch, faces: torch.Tensor, stream) -> None:
         rows = np.flatnonzero(batch.found)
         src = batch.src_index[rows]
-        masks = self.kernels.Packed(self.masks.data, self.masks.offsets[src], self.masks.shapes[src])
+        masks = self.masks.select(src)
         boxes = np.ascontiguousarray(self.avatar.boxes[src])
         if len(rows) == batch.size:
             self.kernels.compose_nv12(batch.nv12, faces, boxes, masks, matrix=OUTPUT_MATRIX,

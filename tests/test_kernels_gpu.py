@@ -19,6 +19,7 @@ if _DEVICES < 1:
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from talkrt.kernels import _cuda, gpu, parity, reference as ref  # noqa: E402
+from talkrt.kernels.colorspace import color_spec  # noqa: E402
 from talkrt.kernels.validate import SharpenParams  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -134,7 +135,49 @@ def test_host_arrays_are_rejected() -> None:
 
 def test_modules_are_cached_per_device() -> None:
     gpu.nv12_to_rgb(cupy.zeros((6, 4), cupy.uint8))
-    key = (cupy.cuda.Device().id, "color.cu", "uint8")
+    key = (cupy.cuda.Device().id, "color.cu", np.uint8)
     module = _cuda._modules[key]
     _cuda.get_kernel("color.cu", "rgb_to_nv12_kernel")
     assert _cuda._modules[key] is module
+
+
+def test_kernel_launch_rejects_host_arrays_by_parameter_name() -> None:
+    kernel = _cuda.get_kernel("color.cu", "nv12_to_rgb_kernel")
+    spec = color_spec("bt709", False)
+    out = cupy.zeros((1, 4, 6, 3), cupy.uint8)
+    with pytest.raises(TypeError, match=r"nv12_to_rgb_kernel\.nv12 .*ndarray"):
+        kernel((1, 1, 1), (32, 8, 1), (np.zeros((6, 6), np.uint8), out, 4, 6, 0, 0,
+                                       spec.decode_bytes))
+
+
+def test_launches_follow_a_torch_stream() -> None:
+    """A kernel launched with a torch stream runs after the work queued before it there."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    stream = torch.cuda.Stream()
+    rng = np.random.default_rng(105)
+    host = rng.integers(0, 256, (4, 96, 128), dtype=np.uint8)
+    staged = torch.from_numpy(host).cuda()
+    src = torch.zeros((4, 96, 128), dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(20_000_000)                 # keep the stream busy (~10 ms)
+        src.copy_(staged)                             # queued behind the sleep
+        out = gpu.nv12_to_rgb(src, stream=stream)     # on another stream it would read zeros
+    stream.synchronize()
+    parity.assert_close(cupy.asnumpy(out), ref.nv12_to_rgb(host), 0, "torch stream")
+
+
+def test_upload_is_queued_on_the_stream_and_releases_its_staging() -> None:
+    stream = cupy.cuda.Stream(non_blocking=True)
+    tables = [np.arange(i, i + 1000, dtype=np.int64) for i in range(8)]
+    with stream:
+        uploaded = [_cuda.upload(t) for t in tables]
+    stream.synchronize()
+    for host, device in zip(tables, uploaded):
+        assert device.dtype == host.dtype and device.shape == host.shape
+        assert np.array_equal(cupy.asnumpy(device), host)
+    with stream:
+        _cuda.upload(np.zeros(4, np.int32))   # drops every finished staging buffer first
+    assert len(_cuda._staged) <= 1

@@ -2,13 +2,17 @@
 
 For every op, at 720p / 1080p / 4K and batch 1 / 32, it reports microseconds per frame of
 
-* the CuPy kernels alone: their recorded launches replayed :data:`KERNEL_REPLAYS` times back to
-  back between two CUDA events after warm-up, divided by the replays (so the GPU does not idle
-  on the host's launch latency between kernels; median of the repeats), and the whole wrapper
-  call (plus host validation, tables, uploads; one call between the events),
+* the CuPy kernels alone: their recorded launches captured :data:`KERNEL_REPLAYS` times into a
+  CUDA graph, the graph timed between two CUDA events after warm-up and divided by the replays
+  (GPU time only: the host's launch cost, ~4-20 us a launch, is not counted; median of the
+  repeats), and the whole wrapper call (plus host validation, tables, uploads and launch; one
+  call between the events, so at batch 1 this is mostly host time),
 * the CPU path (talkrt.kernels.reference: numpy / OpenCV / PIL; timed on a few frames),
 * CV-CUDA where ``import cvcuda`` works and has an equivalent op (else "-"; the whole call
-  between CUDA events on the same stream, like the talkrt call column),
+  between CUDA events on the same stream, like the talkrt call column), and CV-CUDA's call
+  time over talkrt's (above 1: talkrt's call is faster),
+* the same talkrt call prepared once (``talkrt.kernels.gpu.prepare``: arguments validated and
+  bound once, as CV-CUDA's callers wrap their buffers once) and then only launched,
 * the op's bandwidth floor: bytes it must read + write / measured device-to-device copy
   bandwidth (a copy of N bytes counted as 2N bytes moved), and kernel time / floor.
 
@@ -20,6 +24,7 @@ and >= 100x faster than the CPU path per 1080p frame; colour conversion within 2
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -47,6 +52,7 @@ class OpBench:
 
     name: str
     gpu: Callable[[], Any] | None
+    prepared: Callable[[], Any] | None      # the same call, prepared (talkrt.kernels.gpu.prepare)
     cpu: Callable[[], Any] | None
     cpu_frames: int
     cvcuda: Callable[[], Any] | None
@@ -92,9 +98,19 @@ def time_gpu(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _replay(launches: list, times: int) -> None:
-    for _ in range(times):
-        _cuda.replay(launches)
+def time_kernels(launches: list, repeats: int, replays: int = KERNEL_REPLAYS) -> float:
+    """Median GPU seconds of one replay of recorded ``launches``: they are captured ``replays``
+    times into a CUDA graph, which is timed between CUDA events (no host launch cost)."""
+    import cupy
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            for _ in range(replays):
+                _cuda.replay(launches)
+        finally:
+            graph = stream.end_capture()
+        return time_gpu(lambda: graph.launch(stream), repeats) / replays
 
 
 def time_cpu(fn: Callable[[], Any], repeats: int) -> float:
@@ -173,6 +189,7 @@ def build_ops(res: str, batch: int, cpu_frames: int, use_gpu: bool) -> list[OpBe
         ("nv12_to_rgb", "rgb_to_nv12", "crop_area", "crop_lanczos", "resize", "unsharp", "blend",
          "compose_nv12", "compose_nv12_sharp", "compose_rgb"))
     cv: dict[str, Callable[[], Any] | None] = {}
+    prepared: dict[str, Callable[[], Any]] = {}
     if use_gpu:
         import cupy
         from talkrt.kernels import gpu
@@ -183,19 +200,23 @@ def build_ops(res: str, batch: int, cpu_frames: int, use_gpu: bool) -> list[OpBe
         resized = gpu.resize_to_boxes(faces, boxes)
         out_rgb, out_nv12 = cupy.empty_like(rgb), cupy.empty_like(nv12)
         out_crop = cupy.empty((batch, FACE, FACE, 3), cupy.uint8)
-        g.update({
-            "nv12_to_rgb": lambda: gpu.nv12_to_rgb(nv12, out=out_rgb),
-            "rgb_to_nv12": lambda: gpu.rgb_to_nv12(rgb, out=out_nv12),
-            "crop_area": lambda: gpu.crop_resize(rgb, boxes, method="area", out=out_crop),
-            "crop_lanczos": lambda: gpu.crop_resize(rgb, boxes, method="lanczos4", out=out_crop),
-            "resize": lambda: gpu.resize_to_boxes(faces, boxes, out=resized),
-            "unsharp": lambda: gpu.unsharp_mask(rgb, out=out_rgb),
-            "blend": lambda: gpu.blend(rgb, resized, boxes, d_masks),
-            "compose_nv12": lambda: gpu.compose_nv12(nv12, faces, boxes, d_masks),
-            "compose_nv12_sharp": lambda: gpu.compose_nv12(nv12, faces, boxes, d_masks,
-                                                           sharpen=sharpen),
-            "compose_rgb": lambda: gpu.compose_rgb(rgb, faces, boxes, d_masks),
-        })
+        calls = {   # op, positional and keyword arguments
+            "nv12_to_rgb": (gpu.nv12_to_rgb, (nv12,), {"out": out_rgb}),
+            "rgb_to_nv12": (gpu.rgb_to_nv12, (rgb,), {"out": out_nv12}),
+            "crop_area": (gpu.crop_resize, (rgb, boxes), {"method": "area", "out": out_crop}),
+            "crop_lanczos": (gpu.crop_resize, (rgb, boxes),
+                             {"method": "lanczos4", "out": out_crop}),
+            "resize": (gpu.resize_to_boxes, (faces, boxes), {"out": resized}),
+            "unsharp": (gpu.unsharp_mask, (rgb,), {"out": out_rgb}),
+            "blend": (gpu.blend, (rgb, resized, boxes, d_masks), {}),
+            "compose_nv12": (gpu.compose_nv12, (nv12, faces, boxes, d_masks), {}),
+            "compose_nv12_sharp": (gpu.compose_nv12, (nv12, faces, boxes, d_masks),
+                                   {"sharpen": sharpen}),
+            "compose_rgb": (gpu.compose_rgb, (rgb, faces, boxes, d_masks), {}),
+        }
+        for name, (fn, args, kwargs) in calls.items():
+            g[name] = functools.partial(fn, *args, **kwargs)
+            prepared[name] = gpu.prepare(fn, *args, **kwargs)
         ops = _cvcuda_ops(cupy)
         for name, make, args in (("nv12_to_rgb", "nv12_to_rgb", (nv12,)),
                                  ("rgb_to_nv12", "rgb_to_nv12", (rgb,)),
@@ -230,7 +251,8 @@ def build_ops(res: str, batch: int, cpu_frames: int, use_gpu: bool) -> list[OpBe
         "compose_nv12_sharp": face_bytes + box + 2 * box * 3 // 2,
         "compose_rgb": face_bytes + box + 2 * box * 3,
     }
-    return [OpBench(name, g[name], c[name], k, cv.get(name), sizes[name] * batch) for name in c]
+    return [OpBench(name, g[name], prepared.get(name), c[name], k, cv.get(name),
+                    sizes[name] * batch) for name in c]
 
 
 def run(resolutions: list[str], batches: list[int], repeats: int, cpu_frames: int,
@@ -259,9 +281,10 @@ def run(resolutions: list[str], batches: list[int], repeats: int, cpu_frames: in
                 if op.gpu is not None:
                     with _cuda.record_launches() as launches:
                         op.gpu()
-                    row["gpu_us"] = time_gpu(lambda: _replay(launches, KERNEL_REPLAYS),
-                                             repeats) / (KERNEL_REPLAYS * batch) * 1e6
+                    row["gpu_us"] = time_kernels(launches, repeats) / batch * 1e6
                     row["gpu_call_us"] = time_gpu(op.gpu, repeats) / batch * 1e6
+                if op.prepared is not None:
+                    row["prepared_us"] = time_gpu(op.prepared, repeats) / batch * 1e6
                 if op.cvcuda is not None:
                     row["cvcuda_us"] = time_gpu(op.cvcuda, repeats) / batch * 1e6
                 if not skip_cpu:
@@ -272,6 +295,9 @@ def run(resolutions: list[str], batches: list[int], repeats: int, cpu_frames: in
                         row["x_floor"] = row["gpu_us"] / row["floor_us"]
                 if "gpu_call_us" in row and "cpu_us" in row:
                     row["speedup_vs_cpu"] = row["cpu_us"] / row["gpu_call_us"]
+                if "gpu_call_us" in row and "cvcuda_us" in row:
+                    row["cvcuda_over_call"] = row["cvcuda_us"] / row["gpu_call_us"]
+                    row["cvcuda_over_prepared"] = row["cvcuda_us"] / row["prepared_us"]
                 result["rows"].append(row)
                 logger.info("%s", row)
     return result
@@ -284,15 +310,17 @@ def markdown_table(result: dict) -> str:
 
     lines = [f"GPU: {result['gpu'] or 'none'}; D2D copy bandwidth: "
              f"{fmt(result['copy_bandwidth_gbps'])} GB/s (read + write)", "",
-             "| op | res | batch | kernel us/frame | call us/frame | floor us | kernel / floor "
-             "| CPU us/frame | CPU / call | CV-CUDA us/frame |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| op | res | batch | kernel us/frame | call us/frame | prepared us/frame | floor us "
+             "| kernel / floor | CPU us/frame | CPU / call | CV-CUDA us/frame | CV-CUDA / call "
+             "| CV-CUDA / prepared |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['op']} | {r['resolution']} | {r['batch']} | {fmt(r.get('gpu_us'), 2)} "
-                     f"| {fmt(r.get('gpu_call_us'), 2)} "
+                     f"| {fmt(r.get('gpu_call_us'), 2)} | {fmt(r.get('prepared_us'), 2)} "
                      f"| {fmt(r.get('floor_us'), 2)} | {fmt(r.get('x_floor'), 2)} "
                      f"| {fmt(r.get('cpu_us'))} | {fmt(r.get('speedup_vs_cpu'), 0)} "
-                     f"| {fmt(r.get('cvcuda_us'), 2)} |")
+                     f"| {fmt(r.get('cvcuda_us'), 2)} | {fmt(r.get('cvcuda_over_call'), 2)} "
+                     f"| {fmt(r.get('cvcuda_over_prepared'), 2)} |")
     return "\n".join(lines) + "\n"
 
 
