@@ -181,3 +181,30 @@ def test_upload_is_queued_on_the_stream_and_releases_its_staging() -> None:
     with stream:
         _cuda.upload(np.zeros(4, np.int32))   # drops every finished staging buffer first
     assert len(_cuda._staged) <= 1
+
+
+def test_prepared_calls_on_a_stream_follow_their_refilled_inputs() -> None:
+    rng = np.random.default_rng(106)
+    frames, faces, boxes, masks = _face_inputs(rng, 3, 720, 1280)
+    nv12_host = ref.rgb_to_nv12(frames)
+    nv12, d_faces = cupy.asarray(nv12_host), cupy.asarray(faces)
+    packed = gpu.pack_masks(masks, xp=cupy)
+    rgb = cupy.empty((3, 720, 1280, 3), cupy.uint8)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    to_rgb = gpu.prepare(gpu.nv12_to_rgb, nv12, out=rgb, matrix="bt601")
+    compose = gpu.prepare(gpu.compose_nv12, nv12, d_faces, boxes, packed,
+                          sharpen=SharpenParams())
+    for round_ in range(2):
+        if round_:
+            nv12_host = ref.rgb_to_nv12(rng.integers(0, 256, frames.shape, dtype=np.uint8))
+            faces = rng.integers(0, 256, faces.shape, dtype=np.uint8)
+            nv12.set(nv12_host, stream=stream)
+            d_faces.set(faces, stream=stream)
+        compose(stream)
+        to_rgb(stream)
+        stream.synchronize()
+        want = ref.compose_nv12(nv12_host.copy(), faces, boxes, masks, sharpen=SharpenParams(),
+                                resize_impl="kernel")
+        parity.assert_close(cupy.asnumpy(nv12), want, 0, f"prepared compose {round_}")
+        parity.assert_close(cupy.asnumpy(rgb), ref.nv12_to_rgb(want, matrix="bt601"), 0,
+                            f"prepared nv12_to_rgb {round_}")
