@@ -247,7 +247,8 @@ extern "C" __global__ void compose_nv12_kernel(
 
     // Masks of the thread's blocks, pixel p = 2 * row + col in byte p; 0 outside the box (odd
     // x1, y1, x2 or y2 put the grown box's edge pixels outside it; rows past the box too).
-    const uint4 q1 = prm[1], q2 = prm[2];   // x1 & 1, y1 & 1 (- 2 * skipped), w, h; mask offset, scales
+    // x1 & 1, y1 & 1 (- 2 * skipped), w, h | mask offset (low, high), scales
+    const uint4 q1 = prm[1], q2 = prm[2];
     const int w = (int)q1.z, h = (int)q1.w;
     const int dx = 2 * bx - (int)q1.x, dy = 2 * by - (int)q1.y;   // box coordinates (>= -1)
     const bool in_l = dx >= 0, in_r = dx + 1 < w;

@@ -37,7 +37,9 @@ NV12_PARAMS = 12            #: int32 per frame in compose_nv12.cu's params table
 #: block (64 x 48 bytes + the rest stays under the 4 KB limit); larger batches take more launches
 NV12_TABLE_FRAMES = 64
 FILTER_MAX_TAPS = MAX_KSIZE  #: filter.cu's MAX_TAPS: the size of its FilterTaps struct
-SMALL_BATCH = 4             #: up to this many frames, compose_nv12 builds its table in Python
+#: up to this many frames compose_nv12 builds its table in plain Python (~2 us per frame on the
+#: host; the numpy path costs ~75 us of small-array operations whatever the batch)
+SMALL_BATCH = 32
 MAX_GRID_YZ = 65535
 
 
@@ -163,10 +165,11 @@ def nv12_compose_rows_small(boxes: Any, height: int, width: int, mask_shapes: np
                             row_spans: np.ndarray | None = None
                             ) -> tuple[list[tuple[int, ...]], tuple[int, int, int]] | None:
     """The integer columns of :func:`nv12_compose_params` (one tuple of 10 per frame) and
-    :func:`nv12_compose_grid`, for at most :data:`SMALL_BATCH` frames, in plain Python (at this
-    size numpy's per-call cost is most of a compose call's host time). Also checks what
-    ``check_boxes`` and ``Packed.check_matches`` check; returns None on anything unexpected,
-    and the caller then takes the numpy path, whose checks raise the errors."""
+    :func:`nv12_compose_grid`, for at most :data:`SMALL_BATCH` frames, in plain Python (below
+    ~40 frames that beats numpy's fixed per-call cost, which was most of a compose call's host
+    time). Also checks what ``check_boxes`` and ``Packed.check_matches`` check; returns None on
+    anything unexpected, and the caller then takes the numpy path, whose checks raise the
+    errors."""
     if not (isinstance(boxes, np.ndarray) and boxes.dtype.kind in "iu"):
         return None
     n = len(mask_shapes)

@@ -147,9 +147,9 @@ def test_small_batch_table_defers_every_error_to_the_numpy_checks() -> None:
     wrong[0, 0] += 1
     assert small(boxes, 100, 120, wrong, offsets, total) is None
     assert small(boxes, 100, 120, shapes, offsets, total - 1) is None      # past the buffer
-    five = np.repeat(boxes[:1], 5, axis=0)
-    assert small(five, 100, 120, np.repeat(shapes[:1], 5, axis=0), offsets[:1].repeat(5),
-                 total) is None                                             # > SMALL_BATCH
+    many = launch.SMALL_BATCH + 1
+    assert small(np.repeat(boxes[:1], many, axis=0), 100, 120, np.repeat(shapes[:1], many, axis=0),
+                 offsets[:1].repeat(many), total) is None                  # > SMALL_BATCH
 
 
 def _random_spans(rng: np.random.Generator, shapes: np.ndarray) -> np.ndarray:
