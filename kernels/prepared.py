@@ -7,10 +7,12 @@ for a whole wrapper call) and returns what the wrapper returned. This is how a p
 converts the same buffers batch after batch, and what CV-CUDA's callers get by wrapping their
 buffers as tensors once.
 
-The arrays passed to ``prepare`` are bound: later calls read and write the same memory, so
-refill the inputs in place. Tables uploaded while preparing are complete before ``prepare``
-returns. Only ops whose GPU work is all kernel launches can be prepared: the list below,
-in-place ops (blend, compose_*) with ``out=None``.
+The device arrays passed to ``prepare`` are bound: later calls read and write the same memory,
+so refill the inputs in place. Host inputs (boxes, host-packed masks) are read and uploaded
+once, while preparing; the uploads are complete before ``prepare`` returns. Only calls whose
+GPU work is all kernel launches can be prepared: the ops below, in-place ops (blend, compose_*)
+with ``out=None``, and compose_nv12 with faces at least 2 pixels wide (narrower ones are
+widened by a copy).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def prepare(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Prepared:
     if op in _IN_PLACE and kwargs.get("out") is not None:
         raise ValueError(f"prepare {op.__name__} in place (out=None): with out it first copies "
                          "the frames, which a prepared call would not repeat")
+    if op is compose_nv12:
+        faces = args[1] if len(args) > 1 else kwargs.get("faces")
+        if getattr(faces, "shape", (2, 2))[-2] < 2:
+            raise ValueError("prepare compose_nv12 with faces at least 2 pixels wide: narrower "
+                             "faces are widened by a copy, which a prepared call would not repeat")
     with _cuda.record_launches(execute=False) as launches:
         result = op(*args, **kwargs)
     _cuda.synchronize(result if hasattr(result, "shape") else result.data)   # array or Packed

@@ -61,6 +61,9 @@ def test_prepare_refuses_what_it_cannot_repeat() -> None:
                         [np.ones((4, 4), np.uint8)], out=np.zeros_like(frames))
         with pytest.raises(ValueError, match="cannot be prepared"):
             gpu.prepare(gpu.pack_masks, [np.ones((4, 4), np.uint8)])
+        with pytest.raises(ValueError, match="2 pixels wide"):
+            gpu.prepare(gpu.compose_nv12, frames, np.zeros((1, 4, 1, 3), np.uint8),
+                        [0, 0, 4, 4], [np.ones((4, 4), np.uint8)])
         with pytest.raises(ValueError, match="W\\*3/2|H\\*3/2"):
             gpu.prepare(gpu.nv12_to_rgb, np.zeros((1, 5, 4), np.uint8))   # the op's own check
 
