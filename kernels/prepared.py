@@ -32,7 +32,7 @@ _IN_PLACE = (blend, compose_rgb, compose_nv12)   # with out, they copy the frame
 
 class Prepared:
     """A prepared op: ``prepared(stream=None)`` launches it on ``stream`` (see
-    :func:`talkrt.kernels.as_stream` for the accepted streams) and returns its result."""
+    :func:`talkrt.kernels.cupy_stream` for the accepted streams) and returns its result."""
 
     def __init__(self, name: str, launches: list[Callable[[int], None]], result: Any) -> None:
         self.name = name
