@@ -23,16 +23,21 @@ from .validate import (SharpenParams, as_image_batch, as_nv12_batch, check_boxes
 __all__ = ["resize_to_boxes", "blend", "compose_rgb", "compose_nv12"]
 
 
-def _device_packed(regions: Packed | Sequence[Any], channels: int, boxes: np.ndarray,
+def _device_packed(regions: Packed | Sequence[Any], channels: int, boxes: np.ndarray | None,
                    name: str, like: Any) -> Packed:
-    """Validate against boxes and return a Packed whose data is on ``like``'s device."""
+    """Validate against boxes and return a Packed whose data is on ``like``'s device. With
+    ``boxes`` None the layout was checked by the caller (launch.nv12_compose_rows_small) and
+    only the data buffer is."""
     cp = _cuda.require_cupy()
     packed = regions if isinstance(regions, Packed) else pack_regions(regions, channels, cp)
     if isinstance(packed.data, np.ndarray):   # host-packed: one upload
         packed = packed.with_data(_cuda.upload(packed.data))
     else:
         packed = packed.with_data(_cuda.adopt(packed.data, f"{name}.data"))
-    packed.check_matches(boxes, channels, name)
+    if boxes is None:
+        check_uint8(packed.data, f"{name}.data")
+    else:
+        packed.check_matches(boxes, channels, name)
     _cuda.same_device(like, {name: packed.data})
     return packed
 
@@ -163,12 +168,7 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
                                                masks.row_spans)
     box_arr = check_boxes(boxes, n, height, width) if small is None else None
     with _cuda.on_device(batch, stream):
-        if small is None:
-            masks_p = _device_packed(masks, 1, box_arr, "masks", batch)
-        else:
-            masks_p = masks.with_data(_cuda.adopt(masks.data, "masks.data"))
-            check_uint8(masks_p.data, "masks.data")
-            _cuda.same_device(batch, {"masks": masks_p.data})
+        masks_p = _device_packed(masks, 1, box_arr, "masks", batch)   # box_arr None: checked
         face_batch = _faces(faces, n, batch, sharpen)
         target, result = _in_place_target(nv12, single, out)
         if face_batch.shape[2] < 2:

@@ -201,9 +201,7 @@ def nv12_compose_rows_small(boxes: Any, height: int, width: int, mask_shapes: np
         max_cols, max_rows = max(max_cols, cols), max(max_rows, block_rows)
         table.append((cols, block_rows, ex1, ey1, x1 & 1, odd, w, h, offset & 0xFFFFFFFF,
                       offset >> 32))
-    grid = (_ceil_div(max_cols, NV12_COMPOSE_BLOCK[0]),
-            _ceil_div(_ceil_div(max_rows, NV12_COMPOSE_BLOCKS), NV12_COMPOSE_BLOCK[1]), n)
-    return table, grid
+    return table, _nv12_grid(max_cols, max_rows, n)
 
 
 def pack_nv12_rows(rows: list[tuple[int, ...]], face_w: int, face_h: int) -> bytes:
@@ -226,9 +224,13 @@ def nv12_compose_grid(params: np.ndarray) -> tuple[int, int, int]:
     table (whose first two columns count each frame's 2x2 block columns and rows): a thread per
     column of :data:`NV12_COMPOSE_BLOCKS` 2x2 blocks of the box grown to even coordinates,
     z = frame."""
-    cols, rows = int(params[:, 0].max()), int(params[:, 1].max())
-    grid = (_ceil_div(cols, NV12_COMPOSE_BLOCK[0]),
-            _ceil_div(_ceil_div(rows, NV12_COMPOSE_BLOCKS), NV12_COMPOSE_BLOCK[1]), len(params))
+    return _nv12_grid(int(params[:, 0].max()), int(params[:, 1].max()), len(params))
+
+
+def _nv12_grid(max_cols: int, max_rows: int, frames: int) -> tuple[int, int, int]:
+    """compose_nv12.cu's grid for frames of at most max_cols x max_rows 2x2 blocks."""
+    grid = (_ceil_div(max_cols, NV12_COMPOSE_BLOCK[0]),
+            _ceil_div(_ceil_div(max_rows, NV12_COMPOSE_BLOCKS), NV12_COMPOSE_BLOCK[1]), frames)
     if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
         raise ValueError(f"launch too large: grid {grid} (y and z are limited to {MAX_GRID_YZ})")
     return grid
