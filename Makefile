@@ -46,20 +46,20 @@ engines: venv
 	  $(if $(COMPILE_MODE),--compile-mode $(COMPILE_MODE))
 
 bench-kernels: venv
-	$(PY) -m talkrt.bench.kernels --json $(OUT)/bench_kernels.json
+	$(PY) -m benchmarks.kernels --json $(OUT)/bench_kernels.json
 
 bench-engines: venv
-	$(PY) -m talkrt.bench.engines --json $(OUT)/bench_engines.json
+	$(PY) -m benchmarks.engines --json $(OUT)/bench_engines.json
 
 bench: venv
-	$(PY) -m talkrt.bench.pipeline --json $(OUT)/bench_pipeline.json
-	$(PY) -m talkrt.bench.report --inputs '$(OUT)/bench_*.json' --out $(OUT)/report
+	$(PY) -m benchmarks.pipeline --json $(OUT)/bench_pipeline.json
+	$(PY) -m benchmarks.report --inputs '$(OUT)/bench_*.json' --out $(OUT)/report
 
 bench-realtime: venv
-	$(PY) -m talkrt.bench.realtime --json $(OUT)/bench_realtime.json
+	$(PY) -m benchmarks.realtime --json $(OUT)/bench_realtime.json
 
 profile: venv
-	$(PY) -m talkrt.bench.profile --out $(OUT)/profile
+	$(PY) -m benchmarks.profile --out $(OUT)/profile
 
 sample: venv
 	$(PY) -m pip install -q "scikit-image>=0.22"

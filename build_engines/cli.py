@@ -18,7 +18,7 @@ import torch
 
 from talkrt.build_engines.compiled_build import build_compiled
 from talkrt.build_engines.onnx_export import DEFAULT_OPSET, export_onnx
-from talkrt.build_engines.specs import ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs
+from talkrt.engines.specs import ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs
 from talkrt.build_engines.tensorrt_build import DEFAULT_WORKSPACE_GIB, build_plan
 from talkrt.config import PRECISIONS, TalkrtConfig, load_config
 from talkrt.engines.compiled import add_compile_arguments, settings_from_args

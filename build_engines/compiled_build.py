@@ -7,7 +7,7 @@ the caches saved here.  Output::
     <engines>/<config>-<hash>/compiled/<device>-<dtype>/manifest.json
     <engines>/<config>-<hash>/compiled/<device>-<dtype>/artifacts-<model>-b<bucket>-<run id>.bin
 
-Each (model, bucket) is compiled under a fresh artefact recorder and saved once to its own
+Each (model, bucket) is compiled under a fresh artifact recorder and saved once to its own
 file (a recorder saved repeatedly yields a blob that ``torch.compiler.load_cache_artifacts``
 only partly loads: see ``talkrt.engines.compiled``).  The manifest is rewritten after every
 bucket, so an interrupted build keeps what it finished and the next run compiles only the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from talkrt.build_engines.specs import ENGINE_MODELS, batch_buckets, default_max_batch, export_specs
+from talkrt.engines.specs import ENGINE_MODELS, batch_buckets, default_max_batch, export_specs
 from talkrt.config import TalkrtConfig
 from talkrt.engines.compiled import (
     MANIFEST_FILE, CompiledEngine, CompileSettings, compiled_dir, expected_manifest, fresh_artifact_recording,
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def _previous(folder: Path, expected: dict, force: bool) -> tuple[dict, dict]:
-    """Entries and artefact digests of an earlier compatible build whose files are intact."""
+    """Entries and artifact digests of an earlier compatible build whose files are intact."""
     try:
         manifest = read_manifest(folder / MANIFEST_FILE, "compiled engines")
     except EngineError:
@@ -62,10 +62,10 @@ def _check_placement(module: torch.nn.Module, name: str, device: torch.device, d
 
 
 def _save_bucket(folder: Path, file: str) -> tuple[str, dict[str, int]]:
-    """Write the artefacts recorded since ``fresh_artifact_recording`` began; return sha256 and per-kind counts."""
+    """Write the artifacts recorded since ``fresh_artifact_recording`` began; return sha256 and per-kind counts."""
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
-        raise EngineError("compiled build: torch recorded no compile-cache artefacts to save "
+        raise EngineError("compiled build: torch recorded no compile-cache artifacts to save "
                           "(is the Inductor FX graph cache disabled, e.g. TORCHINDUCTOR_FX_GRAPH_CACHE=0?)")
     blob, info = saved
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def _save_bucket(folder: Path, file: str) -> tuple[str, dict[str, int]]:
 
 
 def _write(folder: Path, expected: dict, entries: dict, digests: dict, extra: dict) -> None:
-    """Drop artefact files no entry references, rewrite the manifest."""
+    """Drop artifact files no entry references, rewrite the manifest."""
     used = {e["artifacts_file"] for per in entries.values() for e in per.values()}
     for stale in set(digests) - used:
         digests.pop(stale)
@@ -128,7 +128,7 @@ def build_compiled(cfg: TalkrtConfig, models, *, device: torch.device | str, dty
             done = todo.index((name, bucket)) + 1
             log.info("[%d/%d] compiling %s at batch %d...", done, len(todo), name, bucket)
             file = f"artifacts-{name}-b{bucket}-{run_id}.bin"
-            with fresh_artifact_recording():        # this bucket's artefacts only, saved once
+            with fresh_artifact_recording():        # this bucket's artifacts only, saved once
                 engine.prepare(bucket)
                 digests[file], counts = _save_bucket(folder, file)
             seconds = engine.warmup_seconds[bucket]

@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from talkrt.build_engines.specs import ModelSpec
+from talkrt.engines.specs import ModelSpec
 from talkrt.config import TalkrtConfig
 from talkrt.engines.manifest import (
     config_dir, dtype_name, manifest_mismatches, read_manifest, sha256_files, write_manifest,

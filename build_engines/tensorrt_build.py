@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from talkrt.build_engines.onnx_export import OnnxModel
-from talkrt.build_engines.specs import ModelSpec, concrete_shape
+from talkrt.engines.specs import ModelSpec, concrete_shape
 from talkrt.config import TalkrtConfig
 from talkrt.engines.manifest import manifest_mismatches, read_manifest, sha256_files, write_manifest
 from talkrt.engines.tensorrt import (

@@ -1,4 +1,4 @@
-"""talkrt.kernels: CuPy GPU kernels for crop, resize, sharpen, blend and colour conversion,
+"""talkrt.kernels: CuPy GPU kernels for crop, resize, sharpen, blend and color conversion,
 with numpy/OpenCV references that double as the CPU fallback.
 
 Two modules with identical op signatures:

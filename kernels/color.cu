@@ -1,4 +1,4 @@
-// NV12 <-> RGB colour conversion (talkrt.kernels.gpu.nv12_to_rgb / rgb_to_nv12).
+// NV12 <-> RGB color conversion (talkrt.kernels.gpu.nv12_to_rgb / rgb_to_nv12).
 //
 // One thread converts a group of 8 pixels x 2 rows (four NV12 chroma samples): the 8 Y bytes of
 // both rows, the 8 UV bytes of the chroma row (same byte columns as Y) and the 24 RGB bytes of

@@ -2,7 +2,7 @@
 
 Both sides evaluate the *same* float32 expressions in the *same* order (the CUDA code uses
 ``__fmul_rn``/``__fadd_rn`` so the compiler cannot fuse them into FMAs), which makes the GPU
-colour conversion bit-exact with :mod:`talkrt.kernels.reference`.
+color conversion bit-exact with :mod:`talkrt.kernels.reference`.
 
 Conventions
 -----------
@@ -37,7 +37,7 @@ import numpy as np
 
 __all__ = ["ColorSpec", "MATRICES", "color_spec"]
 
-#: Luma weights (Kr, Kb) of the supported colour matrices.
+#: Luma weights (Kr, Kb) of the supported color matrices.
 MATRICES: dict[str, tuple[float, float]] = {
     "bt601": (0.299, 0.114),
     "bt709": (0.2126, 0.0722),
@@ -103,7 +103,7 @@ def color_spec(matrix: str = "bt709", full_range: bool = False) -> ColorSpec:
         raise TypeError(f"full_range must be a bool, got {type(full_range).__name__}")
     key = (str(matrix).lower(), bool(full_range))
     if key[0] not in MATRICES:
-        raise ValueError(f"unknown colour matrix {matrix!r}; expected one of {sorted(MATRICES)}")
+        raise ValueError(f"unknown color matrix {matrix!r}; expected one of {sorted(MATRICES)}")
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = _make_spec(*key)

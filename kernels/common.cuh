@@ -75,7 +75,7 @@ __device__ __forceinline__ void store_bytes(u8* __restrict__ p, const u8 (&v)[N]
     }
 }
 
-// ---------------------------------------------------------------- colour conversion (colorspace.py)
+// ---------------------------------------------------------------- color conversion (colorspace.py)
 
 // Kernels take these by value, in this field order (ColorSpec.decode_bytes / encode_bytes;
 // kernel_args.STRUCT_BYTES has the same sizes).

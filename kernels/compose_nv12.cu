@@ -13,7 +13,7 @@
 // non-zero rows are known, the grid leaves out the block rows above and below them: block rows
 // then count from the first kept one, ey1 moves down by 2 per skipped block row and the
 // "y1 & 1" entry becomes y1 & 1 - 2 * skipped (it only maps block rows to box rows). The table
-// holds up to NV12_TABLE_FRAMES frames (a launch covers at most that many); it and the colour
+// holds up to NV12_TABLE_FRAMES frames (a launch covers at most that many); it and the color
 // coefficients travel in the kernel's parameter block, so a launch uploads nothing and a
 // thread's first load is its mask.
 // Launch (launch.nv12_compose_grid): block (32, 4), grid (ceil(max block columns / 32),
@@ -155,7 +155,7 @@ __device__ __forceinline__ void lerp_y(const float (&top)[6], const float (&bott
 // Encoding clamps: for R, G, B in [0, 255] the encoders' float results stay where the clamps
 // of round_u8 change nothing, except U / V = 255.5 (+0.5 = 256) at full range: each is a sum of
 // products with fixed-sign coefficients, monotonic in every input, so its extremes are at the
-// corners of the RGB cube, which tests/test_kernels_reference.py checks for every colour spec
+// corners of the RGB cube, which tests/test_kernels_reference.py checks for every color spec
 // (0 <= fl(Y + 0.5) < 256 and fl(U + 0.5), fl(V + 0.5) >= 0).
 
 // encode_y (common.cuh) of exact float channels in [0, 255], held.

@@ -153,7 +153,7 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
     the face bilinearly, blend with the mask, encode Y of the pixels with mask > 0 and the
     block's UV from the 2x2 mean of the blended RGB (mask-255 pixels skip the decode and blend).
     Blocks without a mask > 0 pixel, and Y of pixels with mask 0, are not touched. The per-frame
-    table and the colour coefficients go in the launch's parameter block (nothing is uploaded);
+    table and the color coefficients go in the launch's parameter block (nothing is uploaded);
     batches over :data:`launch.NV12_TABLE_FRAMES` frames take one launch per that many. Equals
     :func:`talkrt.kernels.reference.compose_nv12` (``resize_impl="kernel"``) bit for bit."""
     nv12 = _cuda.adopt(nv12, "nv12")

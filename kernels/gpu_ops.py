@@ -1,4 +1,4 @@
-"""CuPy wrappers of the colour, crop/resize and blur kernels (see :mod:`talkrt.kernels.gpu`).
+"""CuPy wrappers of the color, crop/resize and blur kernels (see :mod:`talkrt.kernels.gpu`).
 
 Inputs are CuPy arrays or CUDA tensors (adopted through DLPack, never copied); outputs are CuPy
 arrays (``torch.from_dlpack(result)`` gives a tensor view). ``out=`` must be a C-contiguous

@@ -1,7 +1,7 @@
 """Kernel signatures of the ``.cu`` sources and the argument blocks that launch them.
 
 Both launchers read the parameter lists from the sources themselves: the GPU one
-(:class:`ArgBlock`, used by ``_cuda.Kernel``) and the CPU emulator (:mod:`talkrt.kernels.emulate`).
+(:class:`ArgBlock`, used by ``_cuda.Kernel``) and the CPU emulator (:mod:`the test suite's CPU emulator (tests/kernel_emulate.py)`).
 
 Argument conventions, checked by both:
 

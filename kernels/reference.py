@@ -5,7 +5,7 @@ hold either module (see :func:`talkrt.kernels.select_backend`). Inputs are host 
 anything ``numpy.asarray`` maps without a copy such as CPU torch tensors); the arithmetic is the
 definition the CUDA kernels are tested against:
 
-* colour conversion: float32 formulas of :mod:`talkrt.kernels.colorspace` (bit-exact on the GPU);
+* color conversion: float32 formulas of :mod:`talkrt.kernels.colorspace` (bit-exact on the GPU);
 * crop + resize: ``cv2.resize`` of the crop, INTER_AREA or INTER_LANCZOS4;
 * face -> box resize: ``cv2.resize(..., INTER_LINEAR)``; ``impl="kernel"`` gives the GPU kernel's
   float32 bilinear (OpenCV's half-pixel mapping, within +-1 of OpenCV);
@@ -61,7 +61,7 @@ def _finish(result: np.ndarray, out: Any, single: bool) -> np.ndarray:
     return out_arr
 
 
-# ----------------------------------------------------------------------------- colour conversion
+# ----------------------------------------------------------------------------- color conversion
 
 def _decode(y: np.ndarray, u: np.ndarray, v: np.ndarray, matrix: str, full_range: bool):
     """float32 YUV -> (R, G, B) uint8 planes; u, v already replicated to the luma grid."""

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 OUTPUT_MATRIX, OUTPUT_FULL_RANGE = "bt709", False   # what the MP4 is tagged with
 
 
-def source_colour(info: VideoInfo) -> tuple[str, bool]:
+def source_color(info: VideoInfo) -> tuple[str, bool]:
     """The NV12 the decoder returns keeps the source's matrix/range; untagged means BT.601 (as FFmpeg)."""
     matrix = "bt709" if info.color_matrix == "bt709" else "bt601"
     return matrix, info.color_range == "pc"
@@ -91,14 +91,14 @@ class GpuFrameSource:
         self.reader.close()
 
 
-class ColourNormalizer:
+class ColorNormalizer:
     """Converts the source's NV12 to the output's BT.709 limited range when they differ (GPU kernels)."""
 
     def __init__(self, info: VideoInfo):
-        self.matrix, self.full_range = source_colour(info)
+        self.matrix, self.full_range = source_color(info)
         self.needed = (self.matrix, self.full_range) != (OUTPUT_MATRIX, OUTPUT_FULL_RANGE)
         if self.needed:
-            log.info("colour: source %s %s range -> output BT.709 limited range on the GPU",
+            log.info("color: source %s %s range -> output BT.709 limited range on the GPU",
                      self.matrix, "full" if self.full_range else "limited")
 
     def __call__(self, batch, stream) -> None:

@@ -236,14 +236,14 @@ class GpuMediaStages:
 
     def __init__(self, parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int,
                  avatar: PreparedAvatar, writer):
-        from talkrt.gpu_stages import (ColourNormalizer, GpuComposeStage, GpuFrameSource, HostEncodeStage,
+        from talkrt.gpu_stages import (ColorNormalizer, GpuComposeStage, GpuFrameSource, HostEncodeStage,
                                        NvencEncodeStage)
         from talkrt.kernels import cupy_stream
         from talkrt.media.nvcodec import NvencMp4Writer
         p = parts.cfg.pipeline
         self.frames = GpuFrameSource(video_path, info, num_out, p.batch_size, p.max_cycle_cache_bytes,
                                      parts.device, parts.stream)
-        self.colour = ColourNormalizer(info)
+        self.color = ColorNormalizer(info)
         self.cupy_stream = cupy_stream(parts.stream)
         self.compose_stage = GpuComposeStage(avatar, p.sharpen, parts.device)
         if isinstance(writer, NvencMp4Writer):
@@ -293,7 +293,7 @@ class BatchRunner:
     """Stages 1-6 for one batch, shared by :func:`run_pipeline` and the real-time benchmark.
 
     ``audio_stage`` is any callable that sets ``batch.audio`` (whole-clip windows here, a
-    streaming Whisper in ``talkrt.bench.realtime``).
+    streaming Whisper in ``benchmarks.realtime``).
     """
 
     def __init__(self, parts: PipelineParts, avatar: PreparedAvatar, media: CpuMediaStages | GpuMediaStages,
@@ -319,7 +319,7 @@ class BatchRunner:
             with clock.stage("1.frames", b, n):
                 media.frames(batch)
                 if self.on_gpu:
-                    media.colour(batch, media.cupy_stream)
+                    media.color(batch, media.cupy_stream)
             if batch.found.any():
                 with clock.stage("2.audio", b, n):
                     self.audio_stage(batch)

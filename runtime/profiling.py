@@ -7,7 +7,7 @@ when ``sync=True`` so that GPU work is charged to the stage that issued it.
 
 Ranges go to NVTX when ``TALKRT_NVTX=1`` and CUDA is available (what ``nsys`` records), and to
 ``torch.profiler`` (``record_function``) inside :func:`torch_profiler_ranges`.  Code outside
-``StageClock`` (decode, colour conversion, copies, encode, mux) uses :func:`nvtx_range`::
+``StageClock`` (decode, color conversion, copies, encode, mux) uses :func:`nvtx_range`::
 
     with nvtx_range("decode batch=%d", b):   # formatted only when ranges are on
         ...

@@ -43,8 +43,8 @@ _FORMAT_BY_SUFFIX = {".aac": "adts", ".m4a": "mp4", ".mka": "matroska", ".mkv": 
 def pattern_frame(index: int, width: int, height: int, pattern: str = "gradient") -> np.ndarray:
     """Frame ``index`` of a moving test pattern, RGB uint8 ``[height, width, 3]``.
 
-    'gradient': smooth colour ramps that scroll plus a bright box that moves (compresses
-    well, so lossy round trips stay close); 'bars': scrolling colour bars;
+    'gradient': smooth color ramps that scroll plus a bright box that moves (compresses
+    well, so lossy round trips stay close); 'bars': scrolling color bars;
     'noise': seeded random pixels (worst case for the encoder).
     """
     if pattern == "noise":
@@ -62,13 +62,13 @@ def pattern_frame(index: int, width: int, height: int, pattern: str = "gradient"
         img[by : by + bh, bx : bx + bw] = (235, 235, 60)
         return np.clip(np.rint(img), 0, 255).astype(np.uint8)
     if pattern == "bars":
-        colours = np.array(
+        colors = np.array(
             [[235, 235, 235], [235, 235, 16], [16, 235, 235], [16, 235, 16],
              [235, 16, 235], [235, 16, 16], [16, 16, 235], [16, 16, 16]],
             dtype=np.uint8,
         )
         bar = ((x + index * 4) // max(width // 8, 1)).astype(np.int64) % 8
-        return colours[bar]
+        return colors[bar]
     raise ValueError(f"unknown pattern {pattern!r}")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from talkrt.bench.pipeline import PeakRss, parse_extra, tiled_speech
+from benchmarks.pipeline import PeakRss, parse_extra, tiled_speech
 from talkrt.media.audio import load_audio
 
 SPEECH = Path(__file__).parent / "data" / "sample_speech.wav"

@@ -21,7 +21,7 @@ import torch
 
 from talkrt.build_engines import cli
 from talkrt.build_engines.onnx_export import check_onnx, onnx_digest, onnx_path
-from talkrt.build_engines.specs import (
+from talkrt.engines.specs import (
     ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs,
 )
 from talkrt.config import load_config
@@ -223,7 +223,7 @@ def test_tensorrt_manifest_mismatch_is_refused(tiny_cfg, tmp_path, field, other)
 def _write_compiled(cfg, root, buckets=batch_buckets(32), **changes):
     folder = compiled_dir(cfg, "cpu", torch.float32, root)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "artifacts-test.bin").write_bytes(b"not torch cache artefacts")
+    (folder / "artifacts-test.bin").write_bytes(b"not torch cache artifacts")
     manifest = {**expected_manifest(cfg, "cpu", torch.float32), "compile_mode": "default",
                 "entries": {n: {str(b): {"artifacts_file": "artifacts-test.bin"} for b in buckets}
                             for n in ENGINE_MODELS},
@@ -275,7 +275,7 @@ def test_every_save_of_a_recorder_is_read_and_fresh_recording_stands_alone():
             record("inductor", "graph-a", b"a")
             alone, _ = torch.compiler.save_cache_artifacts()
     assert [a.key for a in read_cache_artifacts(alone)["inductor"]] == ["graph-a"]
-    assert read_cache_artifacts(b"not torch cache artefacts") is None
+    assert read_cache_artifacts(b"not torch cache artifacts") is None
 
 
 # --------------------------------------------------------------------------------------- selection
@@ -425,7 +425,7 @@ ROUND_TRIP = textwrap.dedent("""
     import json, sys, torch
     from talkrt.config import load_config
     from talkrt.models.weights import build_synthetic
-    from talkrt.build_engines.specs import export_specs
+    from talkrt.engines.specs import export_specs
     from talkrt.engines.compiled import CompiledEngine, load_compiled_artifacts
     cfg = load_config("musetalk")
     models = build_synthetic(cfg).to(torch.device("cuda"), torch.float16)
@@ -454,7 +454,7 @@ ROUND_TRIP = textwrap.dedent("""
 @needs_cuda
 def test_compiled_artifacts_round_trip_in_fresh_process(compiled_root, tmp_path):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "TRITON_CACHE_DIR": str(tmp_path / "triton")}          # empty caches: only the artefacts can hit
+           "TRITON_CACHE_DIR": str(tmp_path / "triton")}          # empty caches: only the artifacts can hit
     proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(compiled_root)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

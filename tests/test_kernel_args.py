@@ -12,7 +12,8 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from talkrt.kernels import _cuda, emulate, kernel_args, launch
+import kernel_emulate as emulate
+from talkrt.kernels import _cuda, kernel_args, launch
 from talkrt.kernels.kernel_args import STRUCT_BYTES, ArgBlock, parse_kernels
 
 SOURCES = ("color.cu", "compose.cu", "compose_nv12.cu", "filter.cu", "resize.cu")

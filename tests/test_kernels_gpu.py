@@ -18,7 +18,8 @@ except Exception:  # noqa: BLE001 - no driver / driver too old
 if _DEVICES < 1:
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from talkrt.kernels import _cuda, gpu, parity, reference as ref  # noqa: E402
+import kernel_parity as parity  # noqa: E402
+from talkrt.kernels import _cuda, gpu, reference as ref  # noqa: E402
 from talkrt.kernels.colorspace import color_spec  # noqa: E402
 from talkrt.kernels.validate import SharpenParams  # noqa: E402
 
@@ -58,7 +59,7 @@ def test_compose_nv12_1080p_exact(matrix: str, full: bool) -> None:
 
 
 def test_compose_nv12_1080p_benchmark_layout_exact() -> None:
-    # talkrt.bench.kernels' layout: 400x450 boxes (odd x1 for some frames), masks 0 on the top
+    # benchmarks.kernels' layout: 400x450 boxes (odd x1 for some frames), masks 0 on the top
     # 45%, a 10% ramp, 255 below: mostly all-0 and all-255 2x2 blocks, the shortcuts of
     # compose_nv12.cu, with partial rows between them.
     rng = np.random.default_rng(105)

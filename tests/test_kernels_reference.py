@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 import talkrt.kernels as K
-from talkrt.kernels import _cuda, emulate, gaussian, gpu, launch, parity, reference as ref
+import kernel_emulate as emulate
+import kernel_parity as parity
+from talkrt.kernels import _cuda, gaussian, gpu, launch, reference as ref
 from talkrt.kernels.colorspace import MATRICES
 from talkrt.kernels.packing import pack_masks, pack_regions
 from talkrt.kernels.resize_tables import apply_plan, plan_resize
@@ -22,13 +24,13 @@ COMBOS = [(m, f) for m in ("bt601", "bt709") for f in (False, True)]
 
 def _smooth_rgb(rng: np.random.Generator, n: int, h: int, w: int, lo: int = 25,
                 hi: int = 230) -> np.ndarray:
-    """Low-frequency colour content (stays inside the RGB gamut after chroma subsampling)."""
+    """Low-frequency color content (stays inside the RGB gamut after chroma subsampling)."""
     small = rng.uniform(lo, hi, (n, max(2, h // 8), max(2, w // 8), 3)).astype(np.float32)
     return np.stack([np.clip(cv2.resize(s, (w, h), interpolation=cv2.INTER_LINEAR), 0, 255)
                      for s in small]).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------- colour references
+# ----------------------------------------------------------------------- color references
 
 def _forward_matrix(matrix: str) -> np.ndarray:
     kr, kb = MATRICES[matrix]

@@ -1,13 +1,13 @@
 """Latency regression against tests/latency_baselines/<gpu-slug>.json (GPU only, ``pytest -m latency``).
 
 Never runs in CI (the ``latency`` marker is excluded by default). Record a baseline with
-``python -m talkrt.bench.latency_baseline --update``; prove the test bites with
+``python -m benchmarks.latency_baseline --update``; prove the test bites with
 ``TALKRT_LATENCY_SLOWDOWN="3.unet=5" pytest -m latency -o addopts=""``.
 """
 import pytest
 import torch
 
-from talkrt.bench import latency_baseline as lb
+from benchmarks import latency_baseline as lb
 
 pytestmark = [pytest.mark.latency, pytest.mark.gpu]
 

@@ -40,7 +40,7 @@ W, H = 64, 48
 # Lossy H.264 (crf 18) + 4:2:0 chroma subsampling on 64x48 frames with a sharp-edged
 # moving box measure ~2-4 grey levels mean absolute error; 6 leaves headroom for
 # other libx264 builds while still failing for a wrong frame (the next pattern
-# frames differ by >= 10 levels on average, checked below) or a wrong colour matrix.
+# frames differ by >= 10 levels on average, checked below) or a wrong color matrix.
 MAE_TOLERANCE = 6.0
 
 
@@ -348,7 +348,7 @@ def test_writer_nv12_path(tmp_path):
             writer.write_nv12(nv12)
     with av.open(str(out)) as container:
         yuv = next(container.decode(video=0)).to_ndarray()
-    # Y plane survives up to H.264 loss (crf 20: ~1 level on average); a colour conversion would shift it.
+    # Y plane survives up to H.264 loss (crf 20: ~1 level on average); a color conversion would shift it.
     assert _mae(yuv[:H], nv12[:H]) < 1.5 and np.abs(yuv[:H].astype(int) - nv12[:H]).max() <= 6
     assert abs(float(yuv[H:].mean()) - 130) <= 2  # U (100) and V (160) planes, stacked
     assert probe_output(out).num_frames == 5

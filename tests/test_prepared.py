@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from talkrt.kernels import SharpenParams, emulate, gpu, pack_masks, reference as ref
+import kernel_emulate as emulate
+from talkrt.kernels import SharpenParams, gpu, pack_masks, reference as ref
 
 pytestmark = pytest.mark.skipif(not emulate.compiler_available(), reason="g++ not available")
 

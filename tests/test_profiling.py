@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from talkrt import profiling
-from talkrt.bench import latency_baseline as lb
-from talkrt.bench import profile as prof
-from talkrt.bench import report
-from talkrt.bench.common import gpu_slug, machine_info, percentiles
-from talkrt.bench.realtime import AudioTiming, BatchSizeResult, FrameLatency, gather_windows
+from benchmarks import latency_baseline as lb
+from benchmarks import profile as prof
+from benchmarks import report
+from benchmarks.common import gpu_slug, machine_info, percentiles
+from benchmarks.realtime import AudioTiming, BatchSizeResult, FrameLatency, gather_windows
 from talkrt.config import load_config
 from talkrt.models.audio import AudioFeatures
 from talkrt.profiling import StageClock, nvtx_range, parse_slowdown, torch_profiler_ranges
@@ -148,7 +148,7 @@ def test_nsys_command_is_an_argument_list_with_the_required_traces(tmp_path):
     assert cmd[cmd.index("--trace") + 1] == "cuda,nvtx,osrt"
     assert cmd[cmd.index("--gpu-video-device") + 1] == "all"
     assert cmd[cmd.index("-o") + 1] == str(tmp_path / "talkrt")
-    assert cmd[-1] == prof.CHILD_FLAG and "talkrt.bench.profile" in cmd
+    assert cmd[-1] == prof.CHILD_FLAG and "benchmarks.profile" in cmd
 
 
 # ----------------------------------------------------------------------------- latency comparison

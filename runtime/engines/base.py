@@ -1,6 +1,6 @@
 """One ``Engine`` interface for every backend (eager, compiled, TensorRT).
 
-An engine owns its executable (module, compiled artefact or TensorRT plan), named inputs
+An engine owns its executable (module, compiled artifact or TensorRT plan), named inputs
 and outputs, and runs on the caller's CUDA stream::
 
     outputs = engine.run({"latent_input": x, "audio_features": a}, stream)
@@ -11,10 +11,11 @@ Outputs may alias buffers the engine reuses on the next call; copy them if they 
 from __future__ import annotations
 
 import abc
-import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from talkrt.streams import on_stream
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,7 @@ class EagerEngine(Engine):
     @torch.inference_mode()
     def run(self, feeds, stream=None):
         self.check_inputs(feeds)
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
+        with on_stream(stream):
             result = self.module(*(feeds[s.name] for s in self.inputs))
         if not isinstance(result, (tuple, list)):
             result = (result,)

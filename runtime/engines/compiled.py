@@ -1,8 +1,8 @@
-"""The ``compiled`` backend: ``torch.compile`` per batch bucket, warmed from saved cache artefacts.
+"""The ``compiled`` backend: ``torch.compile`` per batch bucket, warmed from saved cache artifacts.
 
 ``make engines`` compiles every bucket once and saves ``torch.compiler.save_cache_artifacts()``
 (Inductor FX-graph, AOTAutograd and autotuning caches) beside a manifest whose ``entries``
-map model -> bucket -> artefacts file (one self-contained file per (model, bucket), so builds
+map model -> bucket -> artifacts file (one self-contained file per (model, bucket), so builds
 can be resumed or split across runs) and whose ``artifacts`` map file -> sha256.  At start-up
 ``load_compiled_artifacts`` checks the manifest against this machine and config and hot-loads
 the bytes; ``CompiledEngine`` then compiles its module per bucket, which now hits the caches
@@ -12,7 +12,7 @@ A cache miss during warm-up means Inductor compiled from scratch; that is logged
 warning, never silent.
 
 Why one file per bucket, each saved once: torch's mega-cache recorder appends a chunk per
-artefact kind on every ``save_cache_artifacts()`` call, but ``load_cache_artifacts()`` folds
+artifact kind on every ``save_cache_artifacts()`` call, but ``load_cache_artifacts()`` folds
 the chunks with ``dict()``, so from a blob saved N times only the LAST chunk of each kind is
 loaded (torch 2.11 and 2.13).  The build therefore records each bucket in a fresh recorder
 (``fresh_artifact_recording``) and saves it once, and the loader here merges every chunk
@@ -61,7 +61,7 @@ DEFAULT_FREEZING = True
 GRAPH_REWRITES = {REWRITE_NAME: rewrite_upsamplers}
 DEFAULT_REWRITES = (REWRITE_NAME,)
 MANIFEST_FILE = "manifest.json"
-_loaded_artifacts: set[str] = set()   # sha256 of artefacts already hot-loaded in this process
+_loaded_artifacts: set[str] = set()   # sha256 of artifacts already hot-loaded in this process
 
 
 def compiled_dir(cfg: TalkrtConfig, device: torch.device | str, dtype: torch.dtype,
@@ -70,7 +70,7 @@ def compiled_dir(cfg: TalkrtConfig, device: torch.device | str, dtype: torch.dty
 
 
 def expected_manifest(cfg: TalkrtConfig, device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
-    """Manifest fields that must match for saved artefacts to be usable here."""
+    """Manifest fields that must match for saved artifacts to be usable here."""
     return {"kind": "compiled", "torch_version": torch.__version__, **machine_info(device),
             "dtype": dtype_name(dtype), "config_hash": cfg.model_hash()}
 
@@ -159,10 +159,10 @@ def cache_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]
 
 @contextlib.contextmanager
 def fresh_artifact_recording() -> Iterator[None]:
-    """Record compile-cache artefacts from scratch inside the block (for one self-contained save).
+    """Record compile-cache artifacts from scratch inside the block (for one self-contained save).
 
     Outside it torch keeps one process-wide recorder whose saves accumulate chunks that
-    ``load_cache_artifacts`` partly drops (see the module docstring); inside it, artefacts
+    ``load_cache_artifacts`` partly drops (see the module docstring); inside it, artifacts
     already recorded earlier in the process (a kernel shared with another bucket, a graph this
     process hit in its local cache) are recorded again, so the block's save stands alone.
     """
@@ -180,7 +180,7 @@ def fresh_artifact_recording() -> Iterator[None]:
 
 
 def read_cache_artifacts(blob: bytes) -> dict[str, list] | None:
-    """The artefacts in a ``save_cache_artifacts()`` blob, every chunk merged per kind; None if unreadable.
+    """The artifacts in a ``save_cache_artifacts()`` blob, every chunk merged per kind; None if unreadable.
 
     ``torch.compiler.load_cache_artifacts`` keeps only the last chunk of each kind, which
     loses all but the last save of a recorder that was saved several times.
@@ -200,7 +200,7 @@ def read_cache_artifacts(blob: bytes) -> dict[str, list] | None:
 
 
 def hot_load_artifacts(blob: bytes) -> dict[str, int] | None:
-    """Write every artefact of ``blob`` into this process's local caches; per kind counts, None if unreadable."""
+    """Write every artifact of ``blob`` into this process's local caches; per kind counts, None if unreadable."""
     try:
         artifacts = read_cache_artifacts(blob)
     except (ImportError, AttributeError):    # private layout changed: torch's own (last-chunk) loader
@@ -235,7 +235,7 @@ def usable_buckets(built: Sequence[int], max_batch: int | None) -> tuple[int, ..
 def load_compiled_artifacts(cfg: TalkrtConfig, *, device: torch.device | str, dtype: torch.dtype,
                             models: Sequence[str], max_batch: int | None,
                             engines_dir: str | Path | None = None) -> CompiledBuild:
-    """Check the saved manifest, hot-load the cache artefacts ``models`` need, return what to run.
+    """Check the saved manifest, hot-load the cache artifacts ``models`` need, return what to run.
 
     Raises ``EngineError`` (saying to run ``make engines``) if they are missing, built on
     another GPU / torch / dtype / config, corrupt, or have no bucket holding ``max_batch``.
@@ -326,5 +326,5 @@ class CompiledEngine(BucketedEngine):
         log.info("compiled engine %s batch %d: cache %s", self.name, bucket, delta)
         if self.expect_cache_hits and misses:
             log.warning("compiled engine %s: %d graph(s) at batch %d were compiled from scratch (cache miss): "
-                        "the saved artefacts do not match this torch/Inductor setup; %s", self.name, misses,
+                        "the saved artifacts do not match this torch/Inductor setup; %s", self.name, misses,
                         bucket, rebuild_hint())

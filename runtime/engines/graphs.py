@@ -12,7 +12,6 @@ buffers and graph outputs are reused by the next call.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from talkrt.engines.base import Engine, TensorSpec
+from talkrt.streams import on_stream
 from talkrt.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ def bucket_for(batch: int, buckets: Sequence[int]) -> int:
 
 def plan_padding(batch: int, buckets: Sequence[int]) -> PaddingPlan:
     return PaddingPlan(batch, bucket_for(batch, buckets))
-
-
-def _stream_context(stream: torch.cuda.Stream | None):
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _as_tuple(result) -> tuple[torch.Tensor, ...]:
@@ -154,7 +150,7 @@ class BucketedEngine(Engine):
         batch = self.check_inputs(feeds)
         self._check_shapes(feeds, batch)
         plan = plan_padding(batch, self.buckets)
-        with _stream_context(stream):
+        with on_stream(stream):
             for spec in self.inputs:
                 self._buffers[spec.name][:batch].copy_(feeds[spec.name], non_blocking=True)
             if self.cuda_graphs:

@@ -8,7 +8,7 @@ Layout (one folder per config, named by config name + model hash)::
         tensorrt/unet.float16.plan, unet.float16.json, timing.cache
         compiled/cuda-float16/artifacts.bin, manifest.json
 
-Every artefact has a manifest; the run time compares the fields that must match this
+Every artifact has a manifest; the run time compares the fields that must match this
 machine and config and refuses a mismatch with an ``EngineError`` that says to rebuild.
 """
 
@@ -54,7 +54,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def machine_info(device: torch.device | str) -> dict[str, str]:
-    """What a built artefact depends on about this machine (GPU model and compute capability)."""
+    """What a built artifact depends on about this machine (GPU model and compute capability)."""
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -1,7 +1,7 @@
 """Pick and build the engines for a run: TensorRT > compiled > eager.
 
 ``create_engines(cfg, models, backend="auto")`` tries each prebuilt backend in order and
-takes the first whose artefacts exist and whose manifests match this machine and config.
+takes the first whose artifacts exist and whose manifests match this machine and config.
 An explicit ``backend="tensorrt"`` or ``"compiled"`` that cannot be used raises
 ``EngineError`` (saying to run ``make engines``); ``"auto"`` warns and falls back to eager,
 CUDA-graph captured per batch bucket on CUDA.  Whisper always runs eager.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from talkrt.build_engines.specs import ENGINE_MODELS, ModelSpec, default_max_batch, export_specs
+from talkrt.engines.specs import ENGINE_MODELS, ModelSpec, default_max_batch, export_specs
 from talkrt.config import BACKENDS, TalkrtConfig
 from talkrt.engines.base import EagerEngine, Engine
 from talkrt.engines.compiled import CompiledEngine, load_compiled_artifacts

@@ -98,7 +98,7 @@ def _too_big_message(path: PathLike, n: int, w: int, h: int, needed: int, max_by
 def _frame_to_rgb(frame: av.VideoFrame, reformatter: VideoReformatter) -> np.ndarray:
     """Convert a decoded frame to a C-contiguous RGB uint8 array.
 
-    The source frame's colour matrix and range tags drive the conversion.
+    The source frame's color matrix and range tags drive the conversion.
     """
     rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
     return np.ascontiguousarray(rgb)

@@ -137,7 +137,7 @@ class CpuDecodeUploadReader:
             except StopIteration:
                 break
             # FFmpeg repacks any pixel format / bit depth to 8-bit NV12, keeping the source matrix
-            # (ColourNormalizer converts it to BT.709 afterwards when needed)
+            # (ColorNormalizer converts it to BT.709 afterwards when needed)
             nv12 = frame.to_ndarray(format="nv12")
             host = torch.from_numpy(np.ascontiguousarray(nv12)).pin_memory()
             with torch.cuda.stream(self.stream):

@@ -140,8 +140,8 @@ class Mp4Writer:
     def write_nv12(self, nv12: np.ndarray) -> None:
         """Append one NV12 frame: ``uint8`` array ``[height * 3 // 2, width]`` (Y plane, then interleaved UV).
 
-        The samples are taken as BT.709 limited range (what the GPU colour kernels emit)
-        and are only repacked to yuv420p, not colour converted.
+        The samples are taken as BT.709 limited range (what the GPU color kernels emit)
+        and are only repacked to yuv420p, not color converted.
         """
         self._check_open()
         arr = np.asarray(nv12)

@@ -1,6 +1,6 @@
 """Profile one pipeline run on the bundled sample clip and say where the time went.
 
-    python -m talkrt.bench.profile --out DIR [--config musetalk|tiny] [--device auto|cpu|cuda]
+    python -m benchmarks.profile --out DIR [--config musetalk|tiny] [--device auto|cpu|cuda]
                                    [--video V --audio A] [--seconds S] [--no-nsys]
 
 A warm-up run first (avatar cache, compilation, allocator), then the profiled run, both on the
@@ -16,7 +16,7 @@ first ``--seconds`` of the speech (default: all 6 s on CUDA, 1 s on the CPU).
   its kernel / memcpy / memset events inside the ``talkrt.run`` range.
 
 Either way ``DIR/stages.md`` and ``DIR/profile.json`` (a ``profile`` section for
-``talkrt.bench.report``) are written and a table is printed: per stage ms per frame and share of
+``benchmarks.report``) are written and a table is printed: per stage ms per frame and share of
 the wall time, an ``other`` row for what no stage covers (avatar cache load, setup, mux), and the
 GPU idle time over the run's wall time ('n/a' on the CPU).
 """
@@ -142,7 +142,7 @@ class ProfileSummary:
     gpu: GpuBusy | None
 
     def to_section(self) -> dict[str, Any]:
-        """The ``profile`` section of a benchmark JSON (see :mod:`talkrt.bench.report`)."""
+        """The ``profile`` section of a benchmark JSON (see :mod:`benchmarks.report`)."""
         return {"config": self.config, "device": self.device, "tool": self.tool, "frames": self.frames,
                 "wall_s": self.wall_s, "fps": self.frames / self.wall_s if self.wall_s > 0 else 0.0,
                 "stages": {s.name: s.ms_per_frame for s in self.stages},
@@ -178,7 +178,7 @@ def format_summary(s: ProfileSummary) -> str:
 
 
 def write_outputs(out: Path, summary: ProfileSummary) -> None:
-    from talkrt.bench.common import machine_info
+    from benchmarks.common import machine_info
 
     (out / "stages.md").write_text("```\n" + format_summary(summary) + "\n```\n")
     payload = {"machine": machine_info(), "profile": summary.to_section()}
@@ -188,7 +188,7 @@ def write_outputs(out: Path, summary: ProfileSummary) -> None:
 # ------------------------------------------------------------------------------ running
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="talkrt.bench.profile", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="benchmarks.profile", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder (trace, tables, nsys report)")
     p.add_argument("--config", help="musetalk (default on CUDA) or tiny (default on CPU) or a .yaml")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -205,7 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _run_twice(args: argparse.Namespace, out: Path, profiled_ctx: Any) -> tuple[Any, str, str]:
     """Warm-up run, then the run inside ``profiled_ctx()``; returns (RunReport, config, device)."""
-    from talkrt.bench.common import default_config_and_device, sample_inputs, trim_clip
+    from benchmarks.common import default_config_and_device, sample_inputs, trim_clip
     from talkrt.config import load_config
     from talkrt.media.audio import load_audio
     from talkrt.media.probe import probe_video
@@ -271,7 +271,7 @@ def run_nsys_child(args: argparse.Namespace, out: Path) -> None:
 
 def nsys_command(nsys: str, out: Path, argv: list[str]) -> list[str]:
     return [nsys, "profile", "--trace", "cuda,nvtx,osrt", "--gpu-video-device", "all", "--force-overwrite", "true",
-            "-o", str(out / "talkrt"), sys.executable, "-m", "talkrt.bench.profile", *argv, CHILD_FLAG]
+            "-o", str(out / "talkrt"), sys.executable, "-m", "benchmarks.profile", *argv, CHILD_FLAG]
 
 
 def run_under_nsys(nsys: str, argv: list[str], out: Path) -> ProfileSummary:

@@ -1,11 +1,11 @@
 """Engine benchmark: ms/call, frames/s and TFLOP/s per backend and batch for the UNet + VAE decoder.
 
-    python -m talkrt.bench.engines                      # musetalk, fp16, batches 1,4,8,16,32,64
-    python -m talkrt.bench.engines --quick --json out.json
-    python -m talkrt.bench.engines --config tiny --device cpu --quick     # smoke test
+    python -m benchmarks.engines                      # musetalk, fp16, batches 1,4,8,16,32,64
+    python -m benchmarks.engines --quick --json out.json
+    python -m benchmarks.engines --config tiny --device cpu --quick     # smoke test
 
 Backends: eager, eager+graphs (CUDA graph per batch), compiled and compiled+graphs (from
-``make engines`` artefacts when they cover the batches, else compiled here for
+``make engines`` artifacts when they cover the batches, else compiled here for
 ``--compiled-batches`` only, within ``--budget-s``), tensorrt (when TensorRT and plans exist).
 FLOPs are counted once per batch with ``FlopCounterMode`` on the eager module; the peak is a
 large fp16 GEMM measured in the same run.  Prints a Markdown table; ``--json`` writes all numbers.
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from talkrt.build_engines.specs import export_specs
+from talkrt.engines.specs import export_specs
 from talkrt.config import load_config
 from talkrt.engines.base import EagerEngine
 from talkrt.engines.compiled import (CompiledEngine, add_compile_arguments, load_compiled_artifacts,
@@ -35,7 +35,7 @@ from talkrt.engines.tensorrt import TensorRTEngine, tensorrt_available
 from talkrt.errors import EngineError
 from talkrt.models.weights import load_models
 
-log = logging.getLogger("talkrt.bench.engines")
+log = logging.getLogger("benchmarks.engines")
 
 MODELS = ("unet", "vae_decoder")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -107,7 +107,7 @@ def _bench_engines(report: Report, label: str, engines: dict, feeds: dict, batch
 
 
 def _covered(try_load, batches: list[int]) -> list[int]:
-    """The longest prefix of the sorted ``batches`` that ``try_load`` accepts (artefacts built for less)."""
+    """The longest prefix of the sorted ``batches`` that ``try_load`` accepts (artifacts built for less)."""
     error = None
     for end in range(len(batches), 0, -1):
         try:
@@ -119,23 +119,23 @@ def _covered(try_load, batches: list[int]) -> list[int]:
 
 
 def _compiled(cfg, models, specs, args, batches, device, dtype, started: float, report: Report) -> dict | None:
-    """Compiled engines (from artefacts, else compiled here within the budget) with ``.ready`` batches."""
+    """Compiled engines (from artifacts, else compiled here within the budget) with ``.ready`` batches."""
     settings, from_artifacts = settings_from_args(args), False
     try:
         build = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=MODELS, max_batch=None,
                                         engines_dir=args.engines_dir)
         wanted = [b for b in batches if all(b in build.buckets[m] for m in MODELS)]
         if not wanted:
-            raise EngineError(f"the artefacts hold batches {build.buckets}, none of {batches}")
+            raise EngineError(f"the artifacts hold batches {build.buckets}, none of {batches}")
         settings, from_artifacts = build.settings, True
-        report.notes.append(f"compiled: from `make engines` artefacts ({settings.describe()}), batches {wanted}")
+        report.notes.append(f"compiled: from `make engines` artifacts ({settings.describe()}), batches {wanted}")
     except EngineError as exc:
         if args.quick or device.type != "cuda":
-            report.notes.append(f"compiled skipped (no usable artefacts; no cold compiles with --quick or on "
+            report.notes.append(f"compiled skipped (no usable artifacts; no cold compiles with --quick or on "
                                 f"the CPU): {exc}")
             return None
         wanted = [b for b in args.compiled_batches if b in batches]
-        report.notes.append(f"compiled: no usable artefacts, compiled in this run ({settings.describe()}) for "
+        report.notes.append(f"compiled: no usable artifacts, compiled in this run ({settings.describe()}) for "
                             f"batches {wanted} only, cold")
     engines = {}
     for name in MODELS:
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> Report:
         del graphs
         torch.cuda.empty_cache()
     else:
-        report.notes.append("CUDA graphs and TensorRT need CUDA; on the CPU compiled runs from artefacts only")
+        report.notes.append("CUDA graphs and TensorRT need CUDA; on the CPU compiled runs from artifacts only")
     compiled = timed_build("compiled", lambda: _compiled(cfg, models, specs, args, batches, device, dtype,
                                                          started, report))
     if compiled:
@@ -272,16 +272,16 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m talkrt.bench.engines", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.engines", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="musetalk")
     p.add_argument("--weights", help="official weights dir (default: synthetic; same speed)")
     p.add_argument("--batches", type=_ints, default=None, help="default 1,4,8,16,32,64 (--quick: 1,16)")
     p.add_argument("--precision", choices=tuple(DTYPES), default="float16")
     p.add_argument("--device", choices=("cuda", "cpu"))
-    p.add_argument("--engines-dir", help="where `make engines` put artefacts (default ./engines)")
+    p.add_argument("--engines-dir", help="where `make engines` put artifacts (default ./engines)")
     add_compile_arguments(p)
     p.add_argument("--compiled-batches", type=_ints, default=[16],
-                   help="batches to compile in this run when no artefacts exist (cold compiles take minutes)")
+                   help="batches to compile in this run when no artifacts exist (cold compiles take minutes)")
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting cold compiles after this")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)

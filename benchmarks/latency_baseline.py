@@ -1,7 +1,7 @@
 """Latency regression: measure per-stage and end-to-end ms per frame, compare with a baseline.
 
-    python -m talkrt.bench.latency_baseline            # measure and compare (exit 1 on a regression)
-    python -m talkrt.bench.latency_baseline --update   # record tests/latency_baselines/<gpu-slug>.json
+    python -m benchmarks.latency_baseline            # measure and compare (exit 1 on a regression)
+    python -m benchmarks.latency_baseline --update   # record tests/latency_baselines/<gpu-slug>.json
 
 The measurement runs the full-size synthetic model (``musetalk``) on CUDA over the first
 ``clip_seconds`` (2 s) of the bundled sample, after ``warmup`` untimed runs, ``repeats`` times,
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from talkrt.bench.common import REPO_ROOT, gpu_slug
+from benchmarks.common import REPO_ROOT, gpu_slug
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ BASELINE_DIR = next((d for d in (REPO_ROOT / "tests" / "latency_baselines", Path
                      if d.is_dir()), REPO_ROOT / "tests" / "latency_baselines")
 TOTAL = "total"                     # the end-to-end figure's name in comparisons
 SETUP_KEYS = ("config", "backend", "compose", "batch_size", "clip_seconds")
-UPDATE_HINT = "python -m talkrt.bench.latency_baseline --update"
+UPDATE_HINT = "python -m benchmarks.latency_baseline --update"
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def measure_latency(*, config: str = "musetalk", device: str = "cuda", backend: 
     """Median per-stage and end-to-end ms/frame of ``run_pipeline`` on the bundled sample."""
     import torch
 
-    from talkrt.bench.common import sample_inputs, trim_clip
+    from benchmarks.common import sample_inputs, trim_clip
     from talkrt.config import load_config
     from talkrt.media.audio import load_audio
     from talkrt.media.probe import probe_video
@@ -242,7 +242,7 @@ def measure_latency(*, config: str = "musetalk", device: str = "cuda", backend: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="talkrt.bench.latency_baseline", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="benchmarks.latency_baseline", description=__doc__.splitlines()[0])
     p.add_argument("--update", action="store_true", help="record the baseline for this GPU")
     p.add_argument("--config", help="default: the baseline's, else musetalk")
     p.add_argument("--device", default="cuda")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", help="avatar cache folder (default: a fresh temporary one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from talkrt.bench.common import machine_info
+    from benchmarks.common import machine_info
 
     machine = machine_info()
     gpu = (machine.get("gpu") or {}).get("name") or "cpu"

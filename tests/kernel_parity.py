@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import reference as ref
-from .packing import Packed
-from .resize_tables import apply_plan, plan_resize
-from .validate import SharpenParams
+from talkrt.kernels import reference as ref
+from talkrt.kernels.packing import Packed
+from talkrt.kernels.resize_tables import apply_plan, plan_resize
+from talkrt.kernels.validate import SharpenParams
 
 __all__ = ["Case", "CASES", "run_case", "assert_close"]
 
@@ -338,7 +338,7 @@ _SHORTCUT_BOXES = ((0, 0, 320, 288), (33, 17, 290, 273), (2, 9, 130, 100), (201,
 
 
 def _shortcut_mask(rng: np.random.Generator, h: int, w: int, kind: int) -> np.ndarray:
-    if kind == 0:     # MuseTalk-like: 0 on top, a ramp, 255 below (talkrt.bench.kernels._masks)
+    if kind == 0:     # MuseTalk-like: 0 on top, a ramp, 255 below (benchmarks.kernels._masks)
         ramp = np.clip((np.arange(h) - h * 0.45) / (h * 0.1) * 255, 0, 255).astype(np.uint8)
         return np.repeat(ramp[:, None], w, axis=1)
     if kind == 1:     # every pixel 0, 255 or partial at random: mixed 2x2 blocks

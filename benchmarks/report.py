@@ -1,25 +1,25 @@
 """One combined benchmark result: JSON + Markdown summary + PNG plots.
 
 Benchmarks write a JSON dict each (:func:`save_benchmark`), ``write_report`` renders one dict
-and ``python -m talkrt.bench.report --inputs out/bench_*.json --out out/report`` merges files
+and ``python -m benchmarks.report --inputs out/bench_*.json --out out/report`` merges files
 written by separate runs first.  Every section is optional; rows missing a needed key are
 skipped with a warning.  Canonical shapes (``ms`` milliseconds per call, ``fps`` frames/s):
 
-``machine``   :func:`talkrt.bench.common.machine_info` (filled in when absent)
+``machine``   :func:`benchmarks.common.machine_info` (filled in when absent)
 ``engines``   ``{"rows": [{"model": str, "backend": str, "batch": int, "ms": float, "fps": float?}]}``
 ``kernels``   ``{"rows": [{"kernel": str, "impl": str, "batch": int, "ms": float, "fps": float?}]}``
               (``fps`` defaults to ``batch * 1000 / ms``; plotted as fps against batch, one line per
               backend / impl, one panel per model / kernel)
 ``pipeline``  ``{"stages": {stage: ms_per_frame}, "label": str?, "fps": float?}``, or several runs as
               ``{"runs": [<that>, ...]}`` (one stacked bar of stage ms/frame per run)
-``profile``   one pipeline run as written by :mod:`talkrt.bench.profile` (also stacked)
+``profile``   one pipeline run as written by :mod:`benchmarks.profile` (also stacked)
 ``realtime``  ``{"rows": [{"batch": int, "p50_ms": float, "p95_ms": float, "p99_ms": float}],
-              "target_p95_ms": float?, "lookahead_ms": float?}`` as written by :mod:`talkrt.bench.realtime`
+              "target_p95_ms": float?, "lookahead_ms": float?}`` as written by :mod:`benchmarks.realtime`
 
-The native outputs of the other benchmarks are accepted too: ``talkrt.bench.engines``
-(``{"ms": {backend: {model: {batch: ms}}}}``), ``talkrt.bench.kernels`` (rows with ``op``,
+The native outputs of the other benchmarks are accepted too: ``benchmarks.engines``
+(``{"ms": {backend: {model: {batch: ms}}}}``), ``benchmarks.kernels`` (rows with ``op``,
 ``resolution``, ``batch`` and ``gpu_us`` / ``gpu_call_us`` / ``cpu_us`` / ``cvcuda_us`` per frame) and
-``talkrt.bench.pipeline`` (``{"rows": [{"resolution", "path", "fps", "stages_ms_per_frame"}]}``).
+``benchmarks.pipeline`` (``{"rows": [{"resolution", "path", "fps", "stages_ms_per_frame"}]}``).
 A file without a section key is taken as the section its name names (``bench_engines.json``).
 Any other top-level key is kept in the JSON and listed in the Markdown.
 """
@@ -47,7 +47,7 @@ KERNEL_IMPLS = {"gpu_us": "gpu kernels", "gpu_call_us": "gpu call", "cpu_us": "c
 
 def save_benchmark(path: str | Path, section: str, data: dict[str, Any], **extra: Any) -> Path:
     """Write ``{"machine": ..., section: data, **extra}`` for :func:`merge_results` to pick up."""
-    from talkrt.bench.common import machine_info
+    from benchmarks.common import machine_info
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def _merge_section(old: Any, new: Any, name: str) -> Any:
 
 def merge_results(inputs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Merge ``(source name, dict)`` pairs: rows and runs concatenate, the first ``machine`` wins."""
-    from talkrt.bench.common import gpu_name
+    from benchmarks.common import gpu_name
 
     merged: dict[str, Any] = {"schema": SCHEMA, "sources": []}
     for source, data in inputs:
@@ -295,7 +295,7 @@ def markdown(results: dict[str, Any], pngs: dict[str, Path]) -> str:
 
 def write_report(results: dict[str, Any], out_dir: str | Path, *, plots: bool = True) -> tuple[Path, Path, list[Path]]:
     """Write ``report.json``, ``report.md`` and the PNG plots into ``out_dir``."""
-    from talkrt.bench.common import machine_info
+    from benchmarks.common import machine_info
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="talkrt.bench.report", description="merge benchmark JSON files into one report")
+    p = argparse.ArgumentParser(prog="benchmarks.report", description="merge benchmark JSON files into one report")
     p.add_argument("--inputs", nargs="+", required=True, help="benchmark JSON files (globs allowed)")
     p.add_argument("--out", required=True, help="output folder (report.json, report.md, *.png)")
     p.add_argument("--no-plots", action="store_true")

@@ -1,4 +1,4 @@
-"""Benchmark of the talkrt kernels: ``python -m talkrt.bench.kernels [--json PATH]``.
+"""Benchmark of the talkrt kernels: ``python -m benchmarks.kernels [--json PATH]``.
 
 For every op, at 720p / 1080p / 4K and batch 1 / 32, it reports microseconds per frame of
 
@@ -18,7 +18,7 @@ For every op, at 720p / 1080p / 4K and batch 1 / 32, it reports microseconds per
 
 Face boxes are realistic for each resolution (1080p: 400x450). Prints a Markdown table and
 writes the same numbers as JSON with ``--json``. Targets: fused compose within 2x of its floor
-and >= 100x faster than the CPU path per 1080p frame; colour conversion within 2x of its floor.
+and >= 100x faster than the CPU path per 1080p frame; color conversion within 2x of its floor.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 from talkrt.kernels import (SharpenParams, _cuda, gpu_available, pack_masks, reference,
                             unavailable_reason)
 
-logger = logging.getLogger("talkrt.bench.kernels")
+logger = logging.getLogger("benchmarks.kernels")
 
 RESOLUTIONS = {"720p": (720, 1280), "1080p": (1080, 1920), "4k": (2160, 3840)}
 FACE_BOX = {"720p": (267, 300), "1080p": (400, 450), "4k": (800, 900)}   # (w, h)
@@ -261,7 +261,7 @@ def run(resolutions: list[str], batches: list[int], repeats: int, cpu_frames: in
     use_gpu = gpu_available()
     result: dict[str, Any] = {"gpu": None, "copy_bandwidth_gbps": None, "rows": []}
     try:  # the machine description every talkrt benchmark JSON carries
-        from talkrt.bench.common import machine_info
+        from benchmarks.common import machine_info
         result["machine"] = machine_info()
     except Exception as exc:  # noqa: BLE001 - optional; never fail the benchmark on it
         logger.info("machine_info unavailable: %s", exc)
@@ -325,7 +325,7 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m talkrt.bench.kernels", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--resolutions", default="720p,1080p,4k")

@@ -1,6 +1,6 @@
 """Real-time first-frame latency: speech arrives in 20 ms packets, frames leave as soon as they can.
 
-    python -m talkrt.bench.realtime [--batch-sizes 1,4,8] [--json PATH] [--pace realtime|asap]
+    python -m benchmarks.realtime [--batch-sizes 1,4,8] [--json PATH] [--pace realtime|asap]
                                     [--config musetalk|tiny] [--device auto|cpu|cuda] [--seconds S]
 
 Audio arrival (``--pace realtime``, the default): packet ``k = 1, 2, ...`` holds samples
@@ -29,7 +29,6 @@ start of its batch.  Target: p95 latency under 40 ms on one H200, on top of the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import sys
@@ -43,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from talkrt.bench.common import percentiles
+from benchmarks.common import percentiles
+from talkrt.streams import on_stream
 from talkrt.config import AudioConfig
 from talkrt.models.audio import (SAMPLE_RATE, SEGMENT_SECONDS, STEPS_PER_SECOND, AudioFeatures, num_video_frames,
                                  window_start)
@@ -214,11 +214,10 @@ def stream_pass(ctx: StreamContext, batch_size: int, pace: str, max_batches: int
     num_out = timing.num_frames
     audio = StreamingAudio(parts.audio_features, ctx.samples, info.fps)
     clock = StageClock(parts.stream)
-    on_stream = (lambda: torch.cuda.stream(parts.stream)) if parts.stream is not None else contextlib.nullcontext
     arrived_now = {"samples": 0}
 
     def streaming_audio_stage(batch) -> None:
-        with on_stream():
+        with on_stream(parts.stream):
             audio.update(arrived_now["samples"])
             batch.audio = audio.windows(batch.out_index[batch.found])
     enc = parts.cfg.pipeline.encoder
@@ -287,7 +286,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="talkrt.bench.realtime", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="benchmarks.realtime", description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1, 4, 8])
     p.add_argument("--json", help="write the results (a 'realtime' report section) here")
     p.add_argument("--pace", choices=("realtime", "asap"), default="realtime")
@@ -301,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-batches", type=int, default=2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from talkrt.bench.common import default_config_and_device, gpu_name, machine_info, sample_inputs, trim_clip
-    from talkrt.bench.report import save_benchmark
+    from benchmarks.common import default_config_and_device, gpu_name, machine_info, sample_inputs, trim_clip
+    from benchmarks.report import save_benchmark
     from talkrt.config import load_config
     from talkrt.media.audio import load_audio
     from talkrt.media.probe import probe_video

@@ -22,7 +22,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_VIDEO = "sample_avatar.mp4"
 SAMPLE_AUDIO = "sample_speech.wav"
 _OPTIONAL_PACKAGES = ("cupy-cuda13x", "cupy-cuda12x", "PyNvVideoCodec", "tensorrt", "onnxruntime", "onnxruntime-gpu")

@@ -26,8 +26,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import _cuda
-from .kernel_args import STRUCT_BYTES, Param, parse_kernels, struct_prefix
+from talkrt.kernels import _cuda
+from talkrt.kernels.kernel_args import STRUCT_BYTES, Param, parse_kernels, struct_prefix
 
 __all__ = ["compiler_available", "EmulatedKernel", "emulated_gpu", "struct_sizes"]
 

@@ -1,6 +1,6 @@
 """End-to-end benchmark: MuseTalk-style baseline vs talkrt, same process, same inputs.
 
-    python -m talkrt.bench.pipeline [--resolutions 720p,1080p,4k] [--speech-seconds 20]
+    python -m benchmarks.pipeline [--resolutions 720p,1080p,4k] [--speech-seconds 20]
         [--extra NAME=KEY=VALUE[,KEY=VALUE...]] [--long-minutes 10] [--json PATH]
 
 For each resolution a real-face clip (the bundled astronaut photo with head motion, 4 s at
