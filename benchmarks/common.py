@@ -116,17 +116,15 @@ class SampleInputs:
 
 
 def sample_inputs(video: str | Path | None = None, audio: str | Path | None = None) -> SampleInputs:
-    """The bundled sample clip (``tests/data``) unless paths are given."""
-    roots = [REPO_ROOT / "tests" / "data", Path.cwd() / "tests" / "data"]
+    """The checkout's sample clip (``tests/data``) unless paths are given; ``FileNotFoundError`` if absent."""
+    root = REPO_ROOT / "tests" / "data"
 
     def find(given: str | Path | None, name: str) -> Path:
         if given is not None:
             return Path(given)
-        for root in roots:
-            if (root / name).is_file():
-                return root / name
-        raise FileNotFoundError(f"sample {name} not found under {[str(r) for r in roots]}; "
-                                "pass --video/--audio or run `make sample`")
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"sample {name} not found in {root}; pass --video/--audio or run `make sample`")
+        return root / name
 
     return SampleInputs(video=find(video, SAMPLE_VIDEO), audio=find(audio, SAMPLE_AUDIO))
 

@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from talkrt.engines.specs import export_specs
 from talkrt.config import load_config
 from talkrt.engines.base import EagerEngine
 from talkrt.engines.compiled import (CompiledEngine, add_compile_arguments, load_compiled_artifacts,
                                     settings_from_args)
 from talkrt.engines.graphs import EagerGraphEngine
 from talkrt.engines.manifest import dtype_name
+from talkrt.engines.specs import export_specs
 from talkrt.engines.tensorrt import TensorRTEngine, tensorrt_available
 from talkrt.errors import EngineError
 from talkrt.models.weights import load_models

@@ -18,11 +18,11 @@ import torch
 
 from talkrt.build_engines.compiled_build import build_compiled
 from talkrt.build_engines.onnx_export import DEFAULT_OPSET, export_onnx
-from talkrt.engines.specs import ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs
 from talkrt.build_engines.tensorrt_build import DEFAULT_WORKSPACE_GIB, build_plan
 from talkrt.config import PRECISIONS, TalkrtConfig, load_config
 from talkrt.engines.compiled import add_compile_arguments, settings_from_args
 from talkrt.engines.manifest import config_dir, dtype_name
+from talkrt.engines.specs import ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs
 from talkrt.engines.tensorrt import import_tensorrt
 from talkrt.errors import EngineError, TalkrtError
 from talkrt.models.weights import load_models
@@ -36,7 +36,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talkrt-build-engines", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="musetalk", help="config name (musetalk, tiny) or YAML path")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set pipeline.batch_size=16 (repeatable)")
     p.add_argument("--weights", metavar="DIR", help="official MuseTalk v1.5 weights (default: SYNTHETIC weights)")
     p.add_argument("--backends", help=f"comma list of {','.join(ALL_BACKENDS)} (default: all that can run here)")
     p.add_argument("--precision", choices=PRECISIONS, help="engine precision (default: the config's; CPU: float32)")
@@ -113,7 +114,7 @@ class BuildRequest:
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BuildRequest | None:
     """Check the arguments (``parser.error`` on bad ones); None when nothing can be built here."""
-    cfg = load_config(args.config, args.override)
+    cfg = load_config(args.config, args.set)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda requested but no CUDA GPU is visible")

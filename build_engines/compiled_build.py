@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from talkrt.engines.specs import ENGINE_MODELS, batch_buckets, default_max_batch, export_specs
 from talkrt.config import TalkrtConfig
 from talkrt.engines.compiled import (
     MANIFEST_FILE, CompiledEngine, CompileSettings, compiled_dir, expected_manifest, fresh_artifact_recording,
 )
-from talkrt.engines.manifest import manifest_mismatches, read_manifest, sha256_files, write_manifest
+from talkrt.engines.manifest import manifest_mismatches, read_manifest, write_manifest
+from talkrt.engines.specs import ENGINE_MODELS, batch_buckets, default_max_batch, export_specs
 from talkrt.errors import EngineError
+from talkrt.hashing import sha256_files
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,13 @@ from pathlib import Path
 import onnx
 import torch
 
-from talkrt.engines.specs import ModelSpec
 from talkrt.config import TalkrtConfig
 from talkrt.engines.manifest import (
-    config_dir, dtype_name, manifest_mismatches, read_manifest, sha256_files, write_manifest,
+    config_dir, dtype_name, manifest_mismatches, read_manifest, write_manifest,
 )
+from talkrt.engines.specs import ModelSpec
 from talkrt.errors import EngineError
+from talkrt.hashing import sha256_files
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from talkrt.build_engines.onnx_export import OnnxModel
-from talkrt.engines.specs import ModelSpec, concrete_shape
 from talkrt.config import TalkrtConfig
-from talkrt.engines.manifest import manifest_mismatches, read_manifest, sha256_files, write_manifest
+from talkrt.engines.manifest import manifest_mismatches, read_manifest, write_manifest
+from talkrt.engines.specs import ModelSpec
 from talkrt.engines.tensorrt import (
     TIMING_CACHE_FILE, expected_plan_manifest, import_tensorrt, plan_path, tensorrt_dir,
 )
 from talkrt.errors import EngineError
+from talkrt.hashing import sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ DEFAULT_WORKSPACE_GIB = 16
 
 def _profile_shapes(spec: ModelSpec, tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     p = spec.profile
-    return concrete_shape(tensor, p.min), concrete_shape(tensor, p.opt), concrete_shape(tensor, p.max)
+    return tensor.concrete_shape(p.min), tensor.concrete_shape(p.opt), tensor.concrete_shape(p.max)
 
 
 def _load_timing_cache(config, path: Path):

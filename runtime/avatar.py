@@ -27,6 +27,7 @@ from talkrt.config import TalkrtConfig
 from talkrt.errors import InputError
 from talkrt.face.geometry import track_frames
 from talkrt.face.tracker import FaceTracker
+from talkrt.hashing import sha256_files
 from talkrt.media.frames import iter_video_frames
 from talkrt.media.probe import VideoInfo
 
@@ -58,14 +59,6 @@ class PreparedAvatar:
     @property
     def faces_found(self) -> int:
         return int(self.found.sum())
-
-
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def avatar_key(video_digest: str, cfg: TalkrtConfig, weights_identity: str, tracker_name: str) -> str:
@@ -112,7 +105,7 @@ class AvatarPreparer:
         self.batch_size = batch_size
 
     def __call__(self, video_path: str | os.PathLike, info: VideoInfo) -> PreparedAvatar:
-        key = avatar_key(file_digest(video_path), self.cfg, self.weights_identity, self.tracker_name)
+        key = avatar_key(sha256_files([video_path]), self.cfg, self.weights_identity, self.tracker_name)
         cached = self.cache_dir / key
         if (cached / "meta.json").is_file():
             log.info("avatar cache hit: %s", cached)

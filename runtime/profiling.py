@@ -1,4 +1,4 @@
-"""Per-stage timing, NVTX / torch-profiler ranges, GPU event timing and injected slowdowns.
+"""Per-stage timing, NVTX / torch-profiler ranges and GPU event timing.
 
 ``StageClock.stage(name, batch_index, frames)`` wraps one stage of one batch: it opens a range
 (only when ranges are on, so it costs nothing otherwise) and adds the stage's wall time to a
@@ -15,18 +15,13 @@ Ranges go to NVTX when ``TALKRT_NVTX=1`` and CUDA is available (what ``nsys`` re
 Environment:
   * ``TALKRT_NVTX=1``: NVTX ranges (read on first use; :func:`configure_ranges` overrides);
   * ``TALKRT_GPU_EVENTS=1``: every StageClock also records CUDA events on its stream, see
-    :meth:`StageClock.gpu_seconds`;
-  * ``TALKRT_LATENCY_SLOWDOWN="3.unet=5,compose=2"``: every StageClock sleeps that many ms *per
-    frame* of the batch (once for stages that report no frames) inside the named stage; a name
-    matches the stage name exactly or without its ``N.`` prefix.  Used to prove that the latency
-    regression test catches a slowed stage.
+    :meth:`StageClock.gpu_seconds`.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import os
 import time
 from collections import defaultdict
@@ -35,11 +30,8 @@ from typing import Any, ContextManager
 
 import torch
 
-log = logging.getLogger(__name__)
-
 ENV_NVTX = "TALKRT_NVTX"
 ENV_GPU_EVENTS = "TALKRT_GPU_EVENTS"
-ENV_SLOWDOWN = "TALKRT_LATENCY_SLOWDOWN"
 
 _nvtx_on: bool | None = None     # None: resolve from the environment on first use
 _torch_on: bool = False          # record_function ranges (inside torch_profiler_ranges)
@@ -110,37 +102,6 @@ def nvtx_range(name: str, *args: object) -> ContextManager[None]:
     return _Range(name % args if args else name, nvtx, _torch_on)
 
 
-def parse_slowdown(text: str | None) -> dict[str, float]:
-    """``"3.unet=5, compose=2.5"`` -> ``{"3.unet": 5.0, "compose": 2.5}`` (ms per frame)."""
-    result: dict[str, float] = {}
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        try:
-            ms = float(value)
-        except ValueError:
-            ms = -1.0
-        if not sep or not name.strip() or ms < 0:
-            raise ValueError(f"{ENV_SLOWDOWN}: '{item}' must look like stage=milliseconds (>= 0)")
-        result[name.strip()] = ms
-    return result
-
-
-def short_stage_name(name: str) -> str:
-    """``"3.unet"`` -> ``"unet"``; names without a numeric prefix are returned unchanged."""
-    head, dot, tail = name.partition(".")
-    return tail if dot and head.isdigit() else name
-
-
-def slowdown_for(slowdown: dict[str, float], name: str) -> float:
-    """Injected ms per frame for stage ``name`` (exact name first, then without its prefix)."""
-    if name in slowdown:
-        return slowdown[name]
-    return slowdown.get(short_stage_name(name), 0.0)
-
-
 class StageEventTotals:
     """Summed time between (begin, end) CUDA event pairs per stage, in constant memory.
 
@@ -179,24 +140,30 @@ class StageEventTotals:
 
 
 class StageClock:
-    """Per-stage wall seconds and call counts, with optional ranges, GPU events and slowdowns."""
+    """Per-stage wall seconds and call counts, with optional ranges and GPU events.
+
+    ``stream``: the pipeline's CUDA stream (None on the CPU); ``sync``: synchronise it at the end
+    of every stage; ``nvtx`` / ``gpu_events``: None reads ``TALKRT_NVTX`` / ``TALKRT_GPU_EVENTS``.
+    """
 
     def __init__(self, stream: torch.cuda.Stream | None = None, sync: bool = True, nvtx: bool | None = None,
-                 gpu_events: bool | None = None, slowdown: dict[str, float] | None = None):
+                 gpu_events: bool | None = None):
         self.stream = stream
         self.sync = sync and stream is not None
         self.nvtx = _nvtx() if nvtx is None else nvtx
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self.slowdown = parse_slowdown(os.environ.get(ENV_SLOWDOWN)) if slowdown is None else dict(slowdown)
-        if self.slowdown:
-            log.warning("%s active: injecting %s ms per frame", ENV_SLOWDOWN, self.slowdown)
         want_events = os.environ.get(ENV_GPU_EVENTS, "0") == "1" if gpu_events is None else gpu_events
         self.gpu_events = bool(want_events) and stream is not None
         self._events = StageEventTotals()
 
     @contextlib.contextmanager
     def stage(self, name: str, batch_index: int = -1, frames: int = 0) -> Iterator[None]:
+        """Time the block as stage ``name`` (``frames`` output frames of batch ``batch_index``).
+
+        Wall seconds are added to ``seconds[name]`` (after synchronising the stream when
+        ``sync``), ``calls[name]`` counts the blocks; the range is labelled with all three.
+        """
         ranged = self.nvtx or _torch_on
         if ranged:
             rng = _Range(f"{name} batch={batch_index} frames={frames}", self.nvtx, _torch_on)
@@ -208,10 +175,6 @@ class StageClock:
         try:
             yield
         finally:
-            if self.slowdown:
-                delay = slowdown_for(self.slowdown, name)
-                if delay > 0:
-                    time.sleep(delay * max(frames, 1) / 1000.0)
             if self.gpu_events:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record(self.stream)

@@ -21,20 +21,21 @@ import torch
 
 from talkrt.build_engines import cli
 from talkrt.build_engines.onnx_export import check_onnx, onnx_digest, onnx_path
-from talkrt.engines.specs import (
-    ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs,
-)
 from talkrt.config import load_config
-from talkrt.engines.base import EagerEngine
+from talkrt.engines.base import EagerEngine, TensorSpec
 from talkrt.engines.compiled import (
     MANIFEST_FILE, CompileSettings, compiled_dir, expected_manifest, fresh_artifact_recording, load_compiled_artifacts,
     read_cache_artifacts, usable_buckets,
 )
-from talkrt.engines.graphs import EagerGraphEngine, bucket_for, plan_padding
-from talkrt.engines.manifest import ENGINES_DIR_ENV, config_dir, engines_root, sha256_files, write_manifest
+from talkrt.engines.graphs import BucketedEngine, EagerGraphEngine, bucket_for, plan_padding
+from talkrt.engines.manifest import ENGINES_DIR_ENV, config_dir, engines_root, write_manifest
 from talkrt.engines.select import create_engines
+from talkrt.engines.specs import (
+    ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs,
+)
 from talkrt.engines.tensorrt import check_plan_manifest, expected_plan_manifest
 from talkrt.errors import EngineError
+from talkrt.hashing import sha256_files
 from talkrt.models.weights import build_synthetic
 
 CUDA = torch.cuda.is_available()
@@ -191,6 +192,45 @@ def test_bucketed_engine_pads_to_bucket_and_matches_eager(tiny_cfg, tiny_models)
         engine.run({"images": torch.zeros(2, 3, 64, 64)})
 
 
+class _RowsEngine(BucketedEngine):
+    """The smallest backend: doubles its input and records the rows of every launch."""
+
+    backend = "rows"
+
+    def __init__(self, fixed_shapes: bool):
+        self.fixed_shapes = fixed_shapes
+        self.launches: list[int] = []
+        spec_in, spec_out = TensorSpec("x", ("batch", 3)), TensorSpec("y", ("batch", 3))
+        super().__init__("rows", (spec_in,), (spec_out,), (1, 4, 8), device="cpu",
+                         input_dtypes={"x": torch.float64})
+        self.warm_up()
+
+    def _launch(self, rows):
+        self.launches.append(rows)
+        return (self._buffers["x"][:rows] * 2,)
+
+
+@pytest.mark.parametrize("fixed_shapes, rows", [(True, [4, 8, 1]), (False, [3, 5, 1])])
+def test_bucketed_engine_pads_only_fixed_shape_backends(fixed_shapes, rows):
+    engine = _RowsEngine(fixed_shapes)
+    assert engine.launches == [1, 4, 8] and sorted(engine.warmup_seconds) == [1, 4, 8]
+    assert engine.max_batch == 8 and engine._buffers["x"].dtype == torch.float64
+    engine.launches.clear()
+    for batch in (3, 5, 1):
+        x = torch.arange(3 * batch, dtype=torch.float32).reshape(batch, 3)
+        y = engine.run({"x": x})["y"]
+        assert y.shape == (batch, 3) and y.dtype == torch.float64
+        torch.testing.assert_close(y, 2 * x.double())
+    assert engine.launches == rows
+
+
+def test_tensor_spec_concrete_shape():
+    spec = TensorSpec("latents", ("batch", 4, 32, 32))
+    assert spec.concrete_shape(5) == (5, 4, 32, 32)
+    with pytest.raises(ValueError):
+        TensorSpec("bad", ("batch", "height")).concrete_shape(1)
+
+
 def test_engines_dir_resolution(monkeypatch, tiny_cfg, tmp_path):
     monkeypatch.delenv(ENGINES_DIR_ENV, raising=False)
     assert str(engines_root()) == "engines"
@@ -319,6 +359,17 @@ def test_cli_reports_unbuildable_backends(tmp_path):
     with pytest.raises(SystemExit) as info:
         cli.main(["--config", "tiny", "--backends", "onnx,bogus"])
     assert info.value.code == 2
+
+
+def test_cli_config_overrides_are_set_flags(capsys):
+    parser = cli._parser()
+    args = parser.parse_args(["--config", "tiny", "--backends", "onnx", "--set", "pipeline.batch_size=48",
+                              "--set", "pipeline.precision=float32"])
+    request = cli.resolve(args, parser)
+    assert request.cfg.pipeline.batch_size == 48 and request.max_batch == 48   # default max batch follows it
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", "tiny", "--override", "pipeline.batch_size=48"])
+    assert "unrecognized arguments: --override" in capsys.readouterr().err
 
 
 # ======================================================================================= GPU

@@ -1,13 +1,16 @@
 """Latency regression against tests/latency_baselines/<gpu-slug>.json (GPU only, ``pytest -m latency``).
 
 Never runs in CI (the ``latency`` marker is excluded by default). Record a baseline with
-``python -m benchmarks.latency_baseline --update``; prove the test bites with
-``TALKRT_LATENCY_SLOWDOWN="3.unet=5" pytest -m latency -o addopts=""``.
+``python -m benchmarks.latency_baseline --update``; prove the test bites by slowing a stage
+(``--slowdown``, see stage_slowdown.py), which must make it fail::
+
+    python -m pytest -q -m latency -o addopts="" --slowdown 3.unet=5 tests/test_latency.py
 """
 import pytest
 import torch
 
 from benchmarks import latency_baseline as lb
+from stage_slowdown import slow_stages, unmatched
 
 pytestmark = [pytest.mark.latency, pytest.mark.gpu]
 
@@ -26,10 +29,14 @@ def baseline() -> lb.Baseline:
 
 
 @pytest.fixture(scope="module")
-def comparison(baseline) -> lb.Comparison:
+def comparison(baseline, slowdown) -> lb.Comparison:
     base = baseline.measurement
-    measured = lb.measure_latency(config=base.config, device="cuda", backend=base.backend, compose=base.compose,
-                                  seconds=base.clip_seconds, repeats=base.repeats or 3)
+    with slow_stages(slowdown) as stages:
+        measured = lb.measure_latency(config=base.config, device="cuda", backend=base.backend,
+                                      compose=base.compose, seconds=base.clip_seconds, repeats=base.repeats or 3)
+    missed = unmatched(slowdown, stages)
+    if missed:
+        raise pytest.UsageError(f"--slowdown names {missed}, but the pipeline's stages are {sorted(stages)}")
     result = lb.compare(baseline, measured)
     print("\n" + result.table())
     return result

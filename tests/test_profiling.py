@@ -17,13 +17,14 @@ from benchmarks.common import gpu_slug, machine_info, percentiles
 from benchmarks.realtime import AudioTiming, BatchSizeResult, FrameLatency, gather_windows
 from talkrt.config import load_config
 from talkrt.models.audio import AudioFeatures
-from talkrt.profiling import StageClock, nvtx_range, parse_slowdown, torch_profiler_ranges
+from talkrt.profiling import StageClock, nvtx_range, torch_profiler_ranges
+from stage_slowdown import parse_slowdown, slow_stages, unmatched
 
 
 # ----------------------------------------------------------------------------- StageClock / ranges
 
 def test_stage_clock_accumulates_per_stage():
-    clock = StageClock(slowdown={})
+    clock = StageClock()
     for b in range(3):
         with clock.stage("1.frames", b, 4):
             pass
@@ -37,17 +38,34 @@ def test_stage_clock_accumulates_per_stage():
     assert clock.ms_per_frame(12)["3.unet"] == pytest.approx(1000 * clock.seconds["3.unet"] / 12)
 
 
-def test_slowdown_env_slows_only_the_named_stage(monkeypatch):
-    monkeypatch.setenv(profiling.ENV_SLOWDOWN, "unet=5")       # short name matches "3.unet"
-    clock = StageClock()
-    with clock.stage("3.unet", 0, 2):                          # 5 ms per frame x 2 frames
-        pass
-    with clock.stage("4.vae_decode", 0, 2):
-        pass
-    assert clock.seconds["3.unet"] >= 0.010
+def test_slowdown_slows_only_the_named_stage_and_only_inside_the_block():
+    with slow_stages({"unet": 5}) as seen:                     # short name matches "3.unet"
+        clock = StageClock()
+        with clock.stage("3.unet", 0, 2):                      # 5 ms per frame x 2 frames
+            pass
+        with clock.stage("4.vae_decode", 0, 2):
+            pass
+        with clock.stage("audio_features"):                    # no frames: once
+            pass
+    assert seen == {"3.unet", "4.vae_decode", "audio_features"}
+    assert clock.seconds["3.unet"] >= 0.010 and clock.calls["3.unet"] == 1
     assert clock.seconds["4.vae_decode"] < 0.005
-    monkeypatch.delenv(profiling.ENV_SLOWDOWN)
-    assert StageClock().slowdown == {}
+    assert unmatched({"unet": 5, "3.unte": 1}, seen) == ["3.unte"]
+    after = StageClock()                                       # the patch is gone
+    with after.stage("3.unet", 0, 2):
+        pass
+    assert after.seconds["3.unet"] < 0.005
+
+
+def test_slowdown_by_full_name_counts_once_without_frames():
+    with slow_stages({"audio_features": 20, "3.unet": 0}):
+        clock = StageClock()
+        with clock.stage("audio_features"):
+            pass
+        with clock.stage("3.unet", 0, 8):
+            pass
+    assert 0.020 <= clock.seconds["audio_features"] < 0.5
+    assert clock.seconds["3.unet"] < 0.005
 
 
 def test_parse_slowdown():
@@ -72,7 +90,7 @@ def test_nvtx_range_is_a_shared_noop_without_formatting_when_off():
 def test_torch_profiler_sees_stage_and_helper_ranges():
     profiling.configure_ranges(nvtx=False)
     try:
-        clock = StageClock(slowdown={})
+        clock = StageClock()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
             with torch_profiler_ranges():
                 with nvtx_range("decode batch=%d", 7):

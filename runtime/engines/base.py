@@ -20,8 +20,14 @@ from talkrt.streams import on_stream
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """A named tensor of an engine; ``"batch"`` in ``shape`` marks the dynamic batch axis."""
+
     name: str
-    shape: tuple[int | str, ...]   # "batch" marks the dynamic batch axis
+    shape: tuple[int | str, ...]
+
+    def concrete_shape(self, batch: int) -> tuple[int, ...]:
+        """``shape`` with its ``"batch"`` axis replaced by ``batch`` (every other axis is an int)."""
+        return tuple(batch if d == "batch" else int(d) for d in self.shape)
 
 
 class Engine(abc.ABC):

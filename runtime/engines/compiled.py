@@ -34,11 +34,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from talkrt.config import TalkrtConfig
-from talkrt.engines.graphs import BucketedEngine
+from talkrt.engines.graphs import CallableEngine
 from talkrt.engines.manifest import (
-    check_manifest, config_dir, dtype_name, machine_info, read_manifest, rebuild_hint, sha256_files,
+    check_manifest, config_dir, dtype_name, machine_info, read_manifest, rebuild_hint,
 )
 from talkrt.errors import EngineError
+from talkrt.hashing import sha256_files
 from talkrt.models.subpixel import REWRITE_NAME, rewrite_upsamplers
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def _load_artifacts_file(path: Path, expected_sha: str | None, cfg_name: str) ->
              counts, time.perf_counter() - start)
 
 
-class CompiledEngine(BucketedEngine):
+class CompiledEngine(CallableEngine):
     """``torch.compile``d module at fixed batch buckets (pads a smaller batch up to its bucket).
 
     Construct after ``load_compiled_artifacts`` (or in the build, which compiles from

@@ -1,10 +1,13 @@
-"""Fixed batch buckets, static buffers and per-bucket CUDA graphs, shared by the backends.
+"""Fixed batch buckets, static buffers and per-bucket CUDA graphs: the one implementation every
+bucketed backend (eager with graphs, compiled, TensorRT) runs on.
 
-A ``BucketedEngine`` runs a callable only at a few fixed batch sizes ("buckets"): a call with
+A ``BucketedEngine`` runs its network only at a few fixed batch sizes ("buckets"): a call with
 batch ``b`` is copied into preallocated max-batch input buffers, padded up to the smallest
 bucket ``>= b``, run (or replayed as a CUDA graph captured for that bucket) and the outputs
 are sliced back to ``b`` rows.  Padding rows hold stale but finite data from earlier calls;
 every network here treats batch rows independently, so they never affect real rows.
+A backend supplies only ``_launch(rows)``: run the network over the first ``rows`` rows of
+the input buffers on the current stream and return the outputs.
 
 Calls into one engine must be serialised (one stream, or synchronised streams): the input
 buffers and graph outputs are reused by the next call.
@@ -12,22 +15,25 @@ buffers and graph outputs are reused by the next call.
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from talkrt.engines.base import Engine, TensorSpec
-from talkrt.streams import on_stream
 from talkrt.errors import EngineError
+from talkrt.streams import on_stream
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PaddingPlan:
+    """How one call is run: ``batch`` real rows inside a ``bucket``-row launch."""
+
     batch: int      # rows the caller passed
     bucket: int     # rows actually run
 
@@ -37,7 +43,7 @@ class PaddingPlan:
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``batch`` rows."""
+    """The smallest bucket that holds ``batch`` rows; ``ValueError`` if ``batch < 1`` or none does."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     fitting = [b for b in buckets if b >= batch]
@@ -47,10 +53,12 @@ def bucket_for(batch: int, buckets: Sequence[int]) -> int:
 
 
 def plan_padding(batch: int, buckets: Sequence[int]) -> PaddingPlan:
+    """``PaddingPlan`` of ``batch`` rows over ``buckets`` (errors as :func:`bucket_for`)."""
     return PaddingPlan(batch, bucket_for(batch, buckets))
 
 
 def _as_tuple(result) -> tuple[torch.Tensor, ...]:
+    """A network's result (one tensor or a sequence of them) as a tuple."""
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
@@ -63,26 +71,26 @@ class _CapturedGraph:
 
 
 class BucketedEngine(Engine):
-    """Runs ``fn(*inputs)`` at fixed batch buckets with static input buffers and optional CUDA graphs.
+    """Static max-batch input buffers, bucket padding and optional CUDA graphs around ``_launch``.
 
-    ``warmup`` runs every bucket once at construction (this is where ``torch.compile``
-    compiles or loads from its cache) and captures the graphs, so no call pays that later.
-    ``graph_fallback``: if capture fails, log a warning and run without graphs instead of
-    raising ``EngineError``.
+    ``input_dtypes`` maps each input name to its buffer dtype (feeds are copied, and cast, into
+    the buffers).  A subclass finishes its own set-up, then calls :meth:`warm_up` (this is where
+    ``torch.compile`` compiles or loads from its cache, and graphs are captured), so no call pays
+    that later.  ``graph_fallback``: if capture fails, log a warning and run without graphs
+    instead of raising ``EngineError``.  Without graphs a call runs at its bucket when
+    ``fixed_shapes`` (the class attribute) is true, else at its own batch.
     """
 
     backend = "bucketed"
+    fixed_shapes = True     # False: the backend runs any batch exactly (a dynamic TensorRT profile)
 
-    def __init__(self, name: str, fn: Callable[..., object], inputs: tuple[TensorSpec, ...],
-                 outputs: tuple[TensorSpec, ...], buckets: Sequence[int], *, device: torch.device | str,
-                 dtype: torch.dtype, cuda_graphs: bool = False, warmup: bool = True,
-                 graph_fallback: bool = False):
+    def __init__(self, name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
+                 buckets: Sequence[int], *, device: torch.device | str, input_dtypes: Mapping[str, torch.dtype],
+                 cuda_graphs: bool = False, graph_fallback: bool = False):
         buckets = tuple(sorted(set(int(b) for b in buckets)))
         super().__init__(name, inputs, outputs, max(buckets))
-        self.fn = fn
         self.buckets = buckets
         self.device = torch.device(device)
-        self.dtype = dtype
         if cuda_graphs and self.device.type != "cuda":
             raise EngineError(f"engine '{name}': CUDA graphs need a CUDA device, got {self.device}")
         self.cuda_graphs = cuda_graphs
@@ -90,15 +98,22 @@ class BucketedEngine(Engine):
         self._graphs: dict[int, _CapturedGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         with torch.inference_mode():
-            self._buffers = {s.name: torch.zeros(_max_shape(s, self.max_batch), device=self.device, dtype=dtype)
-                             for s in inputs}
+            self._buffers = {s.name: torch.zeros(s.concrete_shape(self.max_batch), device=self.device,
+                                                 dtype=input_dtypes[s.name]) for s in inputs}
         self.warmup_seconds: dict[int, float] = {}
-        if warmup:
-            for bucket in self.buckets:
-                self.prepare(bucket)
 
-    def _args(self, bucket: int) -> tuple[torch.Tensor, ...]:
-        return tuple(self._buffers[s.name][:bucket] for s in self.inputs)
+    @abc.abstractmethod
+    def _launch(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Run the network over ``rows`` rows of the input buffers on the current stream."""
+
+    def _args(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """The first ``rows`` rows of every input buffer, in input order."""
+        return tuple(self._buffers[s.name][:rows] for s in self.inputs)
+
+    def warm_up(self) -> None:
+        """:meth:`prepare` every bucket."""
+        for bucket in self.buckets:
+            self.prepare(bucket)
 
     @torch.inference_mode()
     def prepare(self, bucket: int) -> None:
@@ -110,12 +125,13 @@ class BucketedEngine(Engine):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                for _ in range(2 if self.cuda_graphs else 1):   # cuDNN/cuBLAS pick algorithms on first use
-                    self.fn(*self._args(bucket))
+                # cuDNN/cuBLAS pick algorithms, TensorRT flushes deferred shape work, on first use
+                for _ in range(2 if self.cuda_graphs else 1):
+                    self._launch(bucket)
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
         else:
-            self.fn(*self._args(bucket))
+            self._launch(bucket)
         if self.cuda_graphs:
             self._capture(bucket)
         self.warmup_seconds[bucket] = time.perf_counter() - start
@@ -126,7 +142,7 @@ class BucketedEngine(Engine):
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                outputs = _as_tuple(self.fn(*self._args(bucket)))
+                outputs = self._launch(bucket)
         except Exception as exc:  # noqa: BLE001 - capture failures come as many types
             torch.cuda.synchronize(self.device)
             if not self.graph_fallback:
@@ -153,25 +169,40 @@ class BucketedEngine(Engine):
         with on_stream(stream):
             for spec in self.inputs:
                 self._buffers[spec.name][:batch].copy_(feeds[spec.name], non_blocking=True)
+            captured = None
             if self.cuda_graphs:
                 if plan.bucket not in self._graphs:
                     self.prepare(plan.bucket)
-                captured = self._graphs.get(plan.bucket)
-            else:
-                captured = None
+                captured = self._graphs.get(plan.bucket)      # None if capture fell back just now
             if captured is not None:
                 captured.graph.replay()
                 results = captured.outputs
             else:
-                results = _as_tuple(self.fn(*self._args(plan.bucket)))
+                results = self._launch(plan.bucket if self.fixed_shapes else batch)
         return {spec.name: value[:batch] for spec, value in zip(self.outputs, results)}
 
 
-def _max_shape(spec: TensorSpec, max_batch: int) -> tuple[int, ...]:
-    return tuple(max_batch if d == "batch" else int(d) for d in spec.shape)
+class CallableEngine(BucketedEngine):
+    """Runs ``fn(*inputs)`` (a module or a compiled function) at fixed buckets, all inputs in ``dtype``.
+
+    ``warmup`` prepares every bucket at construction.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., object], inputs: tuple[TensorSpec, ...],
+                 outputs: tuple[TensorSpec, ...], buckets: Sequence[int], *, device: torch.device | str,
+                 dtype: torch.dtype, cuda_graphs: bool = False, warmup: bool = True, graph_fallback: bool = False):
+        super().__init__(name, inputs, outputs, buckets, device=device, input_dtypes={s.name: dtype for s in inputs},
+                         cuda_graphs=cuda_graphs, graph_fallback=graph_fallback)
+        self.fn = fn
+        self.dtype = dtype
+        if warmup:
+            self.warm_up()
+
+    def _launch(self, rows: int) -> tuple[torch.Tensor, ...]:
+        return _as_tuple(self.fn(*self._args(rows)))
 
 
-class EagerGraphEngine(BucketedEngine):
+class EagerGraphEngine(CallableEngine):
     """PyTorch eager module at fixed buckets, CUDA-graph captured per bucket (closes launch overhead)."""
 
     backend = "eager"

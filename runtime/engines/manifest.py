@@ -14,7 +14,6 @@ machine and config and refuses a mismatch with an ``EngineError`` that says to r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -64,16 +63,6 @@ def machine_info(device: torch.device | str) -> dict[str, str]:
     # Inductor's CPU code is specialised to the thread count, so it is part of the cache key.
     return {"device_type": device.type, "gpu_name": "none", "compute_capability": "none",
             "cpu_arch": platform.machine(), "cpu_threads": str(torch.get_num_threads())}
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """SHA-256 over the contents of ``paths`` in order (1 MiB reads)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(path: Path, data: dict[str, Any]) -> Path:

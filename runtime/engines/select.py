@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from talkrt.engines.specs import ENGINE_MODELS, ModelSpec, default_max_batch, export_specs
 from talkrt.config import BACKENDS, TalkrtConfig
 from talkrt.engines.base import EagerEngine, Engine
 from talkrt.engines.compiled import CompiledEngine, load_compiled_artifacts
 from talkrt.engines.graphs import EagerGraphEngine
 from talkrt.engines.manifest import config_dir, rebuild_hint
+from talkrt.engines.specs import ENGINE_MODELS, ModelSpec, default_max_batch, export_specs
 from talkrt.engines.tensorrt import TensorRTEngine, import_tensorrt
 from talkrt.errors import EngineError
 

@@ -98,18 +98,13 @@ class ModelSpec:
         gen = torch.Generator().manual_seed(seed)
         feeds = {}
         for spec, (kind, scale) in zip(self.inputs, self.input_ranges):
-            shape = concrete_shape(spec, batch)
+            shape = spec.concrete_shape(batch)
             if kind == "normal":
                 x = torch.randn(shape, generator=gen) * scale
             else:
                 x = (torch.rand(shape, generator=gen) * 2 - 1) * scale
             feeds[spec.name] = x.to(device=device, dtype=dtype)
         return feeds
-
-
-def concrete_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
-    """Replace the ``"batch"`` axis of ``spec.shape`` by ``batch``."""
-    return tuple(batch if d == "batch" else int(d) for d in spec.shape)
 
 
 def export_specs(cfg: TalkrtConfig, max_batch: int | None = None) -> dict[str, ModelSpec]:

@@ -2,8 +2,9 @@
 
 Modelled on NVIDIA's TensorRT demo ``engine.py`` but with the named-tensor API only
 (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``): buffers are allocated
-once for the max batch, tensor addresses are set once, and with ``cuda_graphs`` one graph
-per batch bucket is captured (a smaller batch is padded up to its bucket).
+once for the max batch and tensor addresses are set once.  Buckets, padding and the per-bucket
+CUDA graphs are ``BucketedEngine``'s (``talkrt.engines.graphs``); without graphs a call runs
+at its own batch (the plan's profile is dynamic).
 
 ``tensorrt`` is imported lazily: without it this module still imports, the manifest logic
 still works, and building an engine raises ``EngineError``.
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 
 from talkrt.config import TalkrtConfig
-from talkrt.engines.base import Engine, TensorSpec
-from talkrt.engines.graphs import plan_padding
+from talkrt.engines.base import TensorSpec
+from talkrt.engines.graphs import BucketedEngine
 from talkrt.engines.manifest import (
     check_manifest, config_dir, dtype_name, machine_info, read_manifest, rebuild_hint,
 )
@@ -89,104 +90,79 @@ def _torch_dtype(trt, trt_dtype) -> torch.dtype:
     return table[trt_dtype]
 
 
-class TensorRTEngine(Engine):
-    """Runs a TensorRT plan on the caller's stream; outputs alias buffers reused next call."""
+class TensorRTEngine(BucketedEngine):
+    """Runs a TensorRT plan on the caller's stream; outputs alias buffers reused next call.
+
+    Raises ``EngineError`` when TensorRT is missing, the device is not CUDA, or the plan is
+    missing, unreadable or built for another machine, config, precision or a smaller batch.
+    """
 
     backend = "tensorrt"
+    fixed_shapes = False
 
     def __init__(self, cfg: TalkrtConfig, name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  *, dtype: torch.dtype, weights_identity: str, max_batch: int, buckets: Sequence[int],
                  engines_dir: str | Path | None = None, device: torch.device | str = "cuda",
                  cuda_graphs: bool = True, warmup: bool = True):
-        super().__init__(name, inputs, outputs, max_batch)
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise EngineError(f"TensorRT engine '{name}' needs a CUDA device, got {self.device}")
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise EngineError(f"TensorRT engine '{name}' needs a CUDA device, got {device}")
         path = plan_path(cfg, name, dtype, engines_dir)
-        manifest_path = path.with_suffix(".json")
         trt = import_tensorrt()
-        manifest = read_manifest(manifest_path, f"TensorRT plan '{name}'", cfg.name)
+        manifest = read_manifest(path.with_suffix(".json"), f"TensorRT plan '{name}'", cfg.name)
         expected = expected_plan_manifest(cfg, name, dtype, weights_identity, trt_version=trt.__version__,
-                                          device=self.device)
+                                          device=device)
         check_plan_manifest(manifest, expected, path=path, max_batch=max_batch, cfg_name=cfg.name)
         if not path.is_file():
             raise EngineError(f"TensorRT plan {path} is missing; {rebuild_hint(cfg.name)}")
-        self.buckets = tuple(sorted({b for b in buckets if b <= max_batch} | {max_batch}))
-        self.cuda_graphs = cuda_graphs
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(device):
             self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
             if self._engine is None:
                 raise EngineError(f"TensorRT could not deserialise {path}; {rebuild_hint(cfg.name)}")
             self._context = self._engine.create_execution_context()
-            self._allocate()
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, int]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        _check_tensor_names(self._engine, name, inputs, outputs)
+        input_dtypes = {s.name: _torch_dtype(trt, self._engine.get_tensor_dtype(s.name)) for s in inputs}
+        super().__init__(name, inputs, outputs, {b for b in buckets if b <= max_batch} | {max_batch},
+                         device=device, input_dtypes=input_dtypes, cuda_graphs=cuda_graphs)
+        self._outputs = self._bind()
         if warmup and cuda_graphs:
-            for bucket in self.buckets:
-                self._capture(bucket)
+            self.warm_up()
         log.info("TensorRT engine %s loaded from %s (batch <= %d%s)", name, path, max_batch,
                  f", CUDA graphs at {self.buckets}" if cuda_graphs else "")
 
-    def _allocate(self) -> None:
-        engine, trt = self._engine, self._trt
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        want = {s.name for s in self.inputs} | {s.name for s in self.outputs}
-        if set(names) != want:
-            raise EngineError(f"TensorRT plan for '{self.name}' has tensors {sorted(names)}, expected {sorted(want)}; "
-                              f"{rebuild_hint()}")
-        self._buffers: dict[str, torch.Tensor] = {}
+    def _bind(self) -> dict[str, torch.Tensor]:
+        """Set every input to its max-batch shape, allocate the outputs, set all tensor addresses once."""
         for spec in self.inputs:
-            shape = tuple(self.max_batch if d == "batch" else int(d) for d in spec.shape)
-            self._context.set_input_shape(spec.name, shape)
-            dtype = _torch_dtype(trt, engine.get_tensor_dtype(spec.name))
-            self._buffers[spec.name] = torch.zeros(shape, dtype=dtype, device=self.device)
-        for spec in self.outputs:
-            shape = tuple(self._context.get_tensor_shape(spec.name))
-            dtype = _torch_dtype(trt, engine.get_tensor_dtype(spec.name))
-            self._buffers[spec.name] = torch.empty(shape, dtype=dtype, device=self.device)
-        for name, buf in self._buffers.items():
+            self._context.set_input_shape(spec.name, tuple(self._buffers[spec.name].shape))
+        self._rows = self.max_batch
+        outputs = {}
+        with torch.inference_mode():
+            for spec in self.outputs:
+                dtype = _torch_dtype(self._trt, self._engine.get_tensor_dtype(spec.name))
+                shape = tuple(self._context.get_tensor_shape(spec.name))
+                outputs[spec.name] = torch.empty(shape, dtype=dtype, device=self.device)
+        for name, buf in {**self._buffers, **outputs}.items():
             self._context.set_tensor_address(name, buf.data_ptr())
+        return outputs
 
-    def _set_batch(self, batch: int) -> None:
-        for spec in self.inputs:
-            shape = (batch, *self._buffers[spec.name].shape[1:])
-            if not self._context.set_input_shape(spec.name, shape):
-                raise EngineError(f"TensorRT engine '{self.name}': shape {shape} rejected for '{spec.name}'")
-
-    def _execute(self, stream: torch.cuda.Stream) -> None:
-        if not self._context.execute_async_v3(stream.cuda_stream):
-            raise EngineError(f"TensorRT engine '{self.name}': execute_async_v3 failed")
-
-    def _capture(self, bucket: int) -> None:
-        """Run once (flushes deferred shape work), then capture ``execute_async_v3`` for ``bucket``."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        self._set_batch(bucket)
-        with torch.cuda.stream(side):
-            self._execute(side)
-        side.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=side):
-            self._execute(side)
-        torch.cuda.synchronize(self.device)
-        self._graphs[bucket] = (graph, bucket)
-
-    @torch.inference_mode()
-    def run(self, feeds, stream=None):
-        batch = self.check_inputs(feeds)
-        stream = stream or torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(stream):
+    def _launch(self, rows: int) -> tuple[torch.Tensor, ...]:
+        if rows != self._rows:      # shape changes are host-side work: never inside a graph capture
             for spec in self.inputs:
-                self._buffers[spec.name][:batch].copy_(feeds[spec.name], non_blocking=True)
-            if self.cuda_graphs:
-                bucket = plan_padding(batch, self.buckets).bucket
-                if bucket not in self._graphs:
-                    self._capture(bucket)
-                self._graphs[bucket][0].replay()
-            else:
-                self._set_batch(batch)
-                self._execute(stream)
-        return {spec.name: self._buffers[spec.name][:batch] for spec in self.outputs}
+                shape = (rows, *self._buffers[spec.name].shape[1:])
+                if not self._context.set_input_shape(spec.name, shape):
+                    raise EngineError(f"TensorRT engine '{self.name}': shape {shape} rejected for '{spec.name}'")
+            self._rows = rows
+        if not self._context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise EngineError(f"TensorRT engine '{self.name}': execute_async_v3 failed")
+        return tuple(self._outputs[spec.name][:rows] for spec in self.outputs)
+
+
+def _check_tensor_names(engine, name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    want = {s.name for s in inputs} | {s.name for s in outputs}
+    if names != want:
+        raise EngineError(f"TensorRT plan for '{name}' has tensors {sorted(names)}, expected {sorted(want)}; "
+                          f"{rebuild_hint()}")

@@ -69,12 +69,17 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _file_digest(paths: list[Path]) -> str:
+def _weights_fingerprint(paths: list[Path]) -> str:
+    """16 hex digits of SHA-256 over each file's name, size, first and last MiB.
+
+    Not a full content hash (``talkrt.hashing.sha256_files``): checkpoints are GBs and this runs
+    on every load, so it reads 2 MiB per file, enough to tell different checkpoints apart.
+    """
     h = hashlib.sha256()
     for p in paths:
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}".encode())
-        with open(p, "rb") as f:  # head and tail only: cheap on multi-GB files, still content-based
+        with open(p, "rb") as f:
             h.update(f.read(1 << 20))
             f.seek(max(0, st.st_size - (1 << 20)))
             h.update(f.read())
@@ -138,7 +143,7 @@ def load_official(cfg: TalkrtConfig, weights_dir: str | Path) -> LipSyncModels:
     files = [unet_path, _first_existing(vae_dir, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
              _first_existing(whisper_dir, ("model.safetensors", "pytorch_model.bin"))]
     log.info("loaded official MuseTalk v1.5 weights from %s", root)
-    return _assemble(cfg, unet, vae, encoder, "official", f"official-{_file_digest(files)}")
+    return _assemble(cfg, unet, vae, encoder, "official", f"official-{_weights_fingerprint(files)}")
 
 
 def load_models(cfg: TalkrtConfig, weights_dir: str | Path | None, device: torch.device,
