@@ -193,20 +193,13 @@ class StreamContext:
     work_dir: Path
 
 
-def _media_stages(ctx: StreamContext, num_out: int, writer: Any) -> Any:
-    """The pipeline's frame/compose/encode stages (stages 1, 5, 6) for this session."""
-    from talkrt.pipeline import CpuMediaStages, GpuMediaStages
-
-    cls = GpuMediaStages if ctx.parts.compose == "gpu" else CpuMediaStages
-    return cls(ctx.parts, ctx.video, ctx.info, num_out, ctx.avatar, writer)
-
-
 def stream_pass(ctx: StreamContext, batch_size: int, pace: str, max_batches: int | None = None,
                 tag: str = "run") -> tuple[list[FrameLatency], dict[str, float], float]:
     """Feed the clip as a live stream; returns per-frame latencies, stage ms/frame and wall seconds."""
     from talkrt.media.writer import Mp4Writer
-    from talkrt.pipeline import BatchRunner
+    from talkrt.pipeline import BatchRunner, build_stages, ping_pong_index
     from talkrt.profiling import StageClock
+    from talkrt.stages import FrameBatch
 
     parts, info = ctx.parts, ctx.info
     a = parts.cfg.model.audio
@@ -225,8 +218,8 @@ def stream_pass(ctx: StreamContext, batch_size: int, pace: str, max_batches: int
     out_path = ctx.work_dir / f"realtime_{tag}_b{batch_size}.mp4"
     with Mp4Writer(out_path, info.width, info.height, info.fps, video_codec=enc.codec, preset=enc.preset,
                    crf=enc.crf) as writer:
-        media = _media_stages(ctx, num_out, writer)
-        runner = BatchRunner(parts, ctx.avatar, media, streaming_audio_stage, clock)
+        stages = build_stages(parts, ctx.video, info, num_out, writer, streaming_audio_stage)
+        runner = BatchRunner(stages, clock, parts.stream)
         t0 = time.perf_counter()
         for b, first in enumerate(range(0, num_out, batch_size)):
             if max_batches is not None and b >= max_batches:
@@ -243,13 +236,13 @@ def stream_pass(ctx: StreamContext, batch_size: int, pace: str, max_batches: int
             else:
                 start = time.perf_counter()
                 arrived, need_at = need, [start] * len(idx)
-            batch = runner.new_batch(b, idx)
+            batch = FrameBatch.of_avatar(b, idx, ping_pong_index(idx, ctx.avatar.num_frames), ctx.avatar)
             arrived_now["samples"] = arrived
             runner(batch)
             done = time.perf_counter()
             rows += [FrameLatency(int(i), b, 1000.0 * (done - t), 1000.0 * (done - start)) for i, t in zip(idx, need_at)]
         wall = time.perf_counter() - t0
-        media.finish()
+        stages.finish()
     out_path.unlink(missing_ok=True)
     return rows, clock.ms_per_frame(len(rows)), wall
 

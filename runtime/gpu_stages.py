@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from talkrt import kernels
 from talkrt.avatar import PreparedAvatar
 from talkrt.config import SharpenConfig
 from talkrt.errors import TalkrtError
+from talkrt.kernels.packing import ALIGN as PACK_ALIGN
 from talkrt.media.nvcodec import open_gpu_reader
 from talkrt.media.probe import VideoInfo
 from talkrt.profiling import nvtx_range
+from talkrt.stages import sharpen_params
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,14 @@ class GpuFrameSource:
 
     def __init__(self, video_path: Path, info: VideoInfo, num_out: int, batch_size: int, max_cache_bytes: int,
                  device: torch.device, stream: torch.cuda.Stream | None, ring: int = 3):
+        self.color = ColorNormalizer(info)
         self.height, self.width = info.height, info.width
         rows = self.height * 3 // 2
         self.reader = open_gpu_reader(video_path, device, stream, info.num_frames)
         self.decode_path = self.reader.path_name
         self.cycle = num_out > info.num_frames
         self.stream = stream
+        self.cupy_stream = kernels.cupy_stream(stream)
         self.cache: torch.Tensor | None = None
         frame_bytes = rows * self.width
         if self.cycle:
@@ -85,6 +90,7 @@ class GpuFrameSource:
                 raise TalkrtError(f"decoder returned {got} frames, expected {batch.size}")
             batch.nv12 = buf
         self.calls += 1
+        self.color(batch.nv12, self.cupy_stream)
 
     def close(self) -> None:
         """Release the decoder (idempotent)."""
@@ -101,39 +107,75 @@ class ColorNormalizer:
             log.info("color: source %s %s range -> output BT.709 limited range on the GPU",
                      self.matrix, "full" if self.full_range else "limited")
 
-    def __call__(self, batch, stream) -> None:
+    def __call__(self, nv12: torch.Tensor, stream) -> None:
+        """Convert ``nv12`` [b, H*3//2, W] uint8 in place on ``stream`` (a CuPy stream)."""
         if not self.needed:
             return
-        from talkrt import kernels
-        rgb = kernels.nv12_to_rgb(batch.nv12, matrix=self.matrix, full_range=self.full_range, stream=stream)
-        kernels.rgb_to_nv12(rgb, matrix=OUTPUT_MATRIX, full_range=OUTPUT_FULL_RANGE, out=batch.nv12, stream=stream)
+        rgb = kernels.nv12_to_rgb(nv12, matrix=self.matrix, full_range=self.full_range, stream=stream)
+        kernels.rgb_to_nv12(rgb, matrix=OUTPUT_MATRIX, full_range=OUTPUT_FULL_RANGE, out=nv12, stream=stream)
+
+
+class DeviceMasks:
+    """Every avatar's packed blend masks in one device buffer, uploaded once per avatar, so that
+    a batch mixing avatars selects its masks as one :class:`talkrt.kernels.Packed`."""
+
+    def __init__(self):
+        self.xp = kernels.cupy_module()
+        self.first_row: dict[str, int] = {}        # avatar key -> its frame 0's row in ``packed``
+        self.packed: kernels.Packed | None = None
+
+    def rows(self, avatar: PreparedAvatar, src: np.ndarray) -> np.ndarray:
+        """[k] int64 rows of ``avatar``'s source frames ``src``, uploading its masks on first use."""
+        if avatar.key not in self.first_row:
+            self._add(avatar)
+        return self.first_row[avatar.key] + np.asarray(src, np.int64)
+
+    def _add(self, avatar: PreparedAvatar) -> None:
+        masks = [avatar.mask(i) if avatar.found[i] else np.zeros((0, 0), np.uint8) for i in range(avatar.num_frames)]
+        new = kernels.pack_masks(masks, xp=np)
+        old = self.packed
+        if old is None:
+            start, data = 0, self.xp.asarray(new.data)
+        else:
+            start = -(-old.data.shape[0] // PACK_ALIGN) * PACK_ALIGN   # keep offsets aligned
+            data = self.xp.zeros(start + new.data.shape[0], np.uint8)
+            data[:old.data.shape[0]] = old.data
+            data[start:] = self.xp.asarray(new.data)
+        self.first_row[avatar.key] = 0 if old is None else len(old)
+        self.packed = kernels.Packed(
+            data, new.offsets + start if old is None else np.concatenate([old.offsets, new.offsets + start]),
+            new.shapes if old is None else np.concatenate([old.shapes, new.shapes]),
+            new.row_spans if old is None else np.concatenate([old.row_spans, new.row_spans]))
+
+    def select(self, batch, rows: np.ndarray) -> kernels.Packed:
+        """The masks of the batch ``rows``, in row order."""
+        index = batch.gather(rows, lambda avatar, src: self.rows(avatar, src))
+        return self.packed.select(index)
 
 
 class GpuComposeStage:
     """Stage 5 (GPU): fused resize + optional unsharp + mask blend straight into the NV12 frames."""
 
-    def __init__(self, avatar: PreparedAvatar, sharpen: SharpenConfig, device: torch.device):
-        from talkrt import kernels
-        self.kernels = kernels
-        self.avatar = avatar
-        masks = [avatar.mask(i) if avatar.found[i] else np.zeros((0, 0), np.uint8) for i in range(avatar.num_frames)]
-        self.masks = kernels.pack_masks(masks, xp=kernels.cupy_module())   # uploaded once
-        self.sharpen = kernels.SharpenParams(sharpen.amount, sharpen.sigma, sharpen.threshold) if sharpen.enabled else None
+    def __init__(self, sharpen: SharpenConfig, stream: torch.cuda.Stream | None):
+        self.masks = DeviceMasks()
+        self.sharpen = sharpen_params(sharpen)
+        self.cupy_stream = kernels.cupy_stream(stream)
 
-    def __call__(self, batch, faces: torch.Tensor, stream) -> None:
-        rows = np.flatnonzero(batch.found)
-        src = batch.src_index[rows]
-        masks = self.masks.select(src)
-        boxes = np.ascontiguousarray(self.avatar.boxes[src])
+    def __call__(self, batch) -> None:
+        rows = batch.face_rows
+        masks = self.masks.select(batch, rows)
+        boxes = np.ascontiguousarray(batch.boxes(rows))
         if len(rows) == batch.size:
-            self.kernels.compose_nv12(batch.nv12, faces, boxes, masks, matrix=OUTPUT_MATRIX,
-                                      full_range=OUTPUT_FULL_RANGE, sharpen=self.sharpen, stream=stream)
+            self._compose(batch.nv12, batch.faces, boxes, masks)
             return
         index = torch.as_tensor(rows, device=batch.nv12.device)
         subset = batch.nv12.index_select(0, index)
-        self.kernels.compose_nv12(subset, faces, boxes, masks, matrix=OUTPUT_MATRIX,
-                                  full_range=OUTPUT_FULL_RANGE, sharpen=self.sharpen, stream=stream)
+        self._compose(subset, batch.faces, boxes, masks)
         batch.nv12.index_copy_(0, index, subset)
+
+    def _compose(self, nv12: torch.Tensor, faces: torch.Tensor, boxes: np.ndarray, masks) -> None:
+        kernels.compose_nv12(nv12, faces, boxes, masks, matrix=OUTPUT_MATRIX, full_range=OUTPUT_FULL_RANGE,
+                             sharpen=self.sharpen, stream=self.cupy_stream)
 
 
 @dataclass
@@ -154,6 +196,7 @@ class HostEncodeStage:
                  depth: int = 3):
         self.writer = writer
         self.stream = stream
+        self.encode_path = "libx264-nv12"
         self.buffers = [torch.empty((batch_size, height * 3 // 2, width), dtype=torch.uint8).pin_memory()
                         for _ in range(depth)]
         self.free: queue.Queue[int] = queue.Queue()
@@ -208,6 +251,7 @@ class NvencEncodeStage:
     def __init__(self, nvenc_writer, stream: torch.cuda.Stream | None):
         self.nvenc = nvenc_writer
         self.stream = stream
+        self.encode_path = "nvenc"
         self.bytes_downloaded = 0
 
     def __call__(self, batch) -> None:

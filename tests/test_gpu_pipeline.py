@@ -18,7 +18,8 @@ from talkrt.gpu_stages import GpuFrameSource  # noqa: E402
 from talkrt.media.audio import load_audio  # noqa: E402
 from talkrt.media.frames import iter_video_frames  # noqa: E402
 from talkrt.media.probe import probe_output, probe_video  # noqa: E402
-from talkrt.pipeline import FrameBatch, run_pipeline  # noqa: E402
+from talkrt.pipeline import run_pipeline  # noqa: E402
+from talkrt.stages import FrameBatch  # noqa: E402
 from talkrt.session import build_session  # noqa: E402
 
 SAMPLE = Path(__file__).parent / "data" / "sample_avatar.mp4"
@@ -31,7 +32,8 @@ def test_nvdec_frames_match_pyav():
     source = GpuFrameSource(SAMPLE, info, num_out=info.num_frames, batch_size=8, max_cache_bytes=1 << 30,
                             device=torch.device("cuda"), stream=None)
     assert source.decode_path == "nvdec"
-    batch = FrameBatch(index=0, out_index=np.arange(8), src_index=np.arange(8))
+    batch = FrameBatch(index=0, out_index=np.arange(8), src_index=np.arange(8), avatars=(),
+                       avatar_index=np.zeros(8, np.int64), found=np.zeros(8, bool))
     source(batch)
     rgb = kernels.nv12_to_rgb(batch.nv12, matrix="bt709", full_range=False)
     gpu = np.asarray(kernels.cupy_module().asnumpy(rgb))
@@ -106,3 +108,65 @@ def test_overlapped_stages_with_gpu_events_run_on_the_gpu_path(tmp_path):
     report = run_pipeline(parts, SAMPLE, probe_video(SAMPLE), SPEECH, load_audio(SPEECH), out)
     assert report.gpu_stage_seconds and report.gpu_stage_seconds.get("3.unet", 0) > 0
     assert probe_output(out).num_frames == report.frames
+
+
+def test_gpu_sharpen_matches_the_host_path(tmp_path):
+    """pipeline.sharpen on both stage sets: the GPU kernel and the CPU reference agree."""
+    cfg = load_config("tiny", ["pipeline.batch_size=8", "pipeline.sharpen.enabled=true"])
+    info, clip = probe_video(SAMPLE), load_audio(SPEECH)
+    outs = {}
+    for compose in ("gpu", "numpy"):
+        parts = build_session(cfg, device="cuda", backend="eager", compose=compose, cache_dir=tmp_path / "cache")
+        outs[compose] = tmp_path / f"{compose}.mp4"
+        run_pipeline(parts, SAMPLE, info, SPEECH, clip, outs[compose])
+    # the same bound as the unsharpened comparison above (8-bit YUV round trip, x264 at CRF 20)
+    diffs = [np.abs(x.astype(int) - y).mean()
+             for x, y in zip(iter_video_frames(outs["gpu"]), iter_video_frames(outs["numpy"]))]
+    assert max(diffs) < 3.0, diffs
+
+
+def test_gpu_batch_mixing_avatars_equals_one_batch_per_avatar(tmp_path):
+    from fractions import Fraction
+
+    from talkrt import kernels
+    from talkrt.config import SharpenConfig
+    from talkrt.gpu_stages import GpuComposeStage
+    from talkrt.media.writer import Mp4Writer
+    from talkrt.sample import moving_face_frames
+    from talkrt.stages import AudioWindows, UNetStage, VaeDecodeStage
+
+    parts = build_session(load_config("tiny"), device="cuda", backend="eager", compose="gpu",
+                          cache_dir=tmp_path / "cache")
+    clip = moving_face_frames(size=256, seconds=0.4)
+    avatars, nv12 = [], []
+    for name, frames in (("a.mp4", clip), ("b.mp4", clip[::-1])):     # same size, other boxes per frame
+        path = tmp_path / name
+        with Mp4Writer(path, 256, 256, Fraction(25)) as writer:
+            for frame in frames:
+                writer.write_rgb(frame)
+        avatars.append(parts.preparer(path, probe_video(path)))
+        rgb = kernels.cupy_module().asarray(np.stack(list(iter_video_frames(path))))
+        nv12.append(torch.as_tensor(kernels.rgb_to_nv12(rgb), device="cuda"))
+    speech = load_audio(SPEECH)
+    compose = GpuComposeStage(SharpenConfig(), parts.stream)        # one stage: masks of both avatars
+
+    def run(batch, sources):
+        with torch.cuda.stream(parts.stream):
+            batch.nv12 = torch.stack([sources[int(a)][int(s)] for a, s in zip(batch.avatar_index, batch.src_index)])
+            AudioWindows(parts.audio_features, speech, Fraction(25))(batch)
+            UNetStage(parts.unet, parts.device, parts.dtype, parts.stream)(batch)
+            VaeDecodeStage(parts.vae_decoder, parts.stream, on_device=True)(batch)
+            compose(batch)
+        parts.stream.synchronize()
+        return batch.nv12.cpu().numpy()
+
+    owner, src, out = np.array([0, 1, 1, 0, 1]), np.array([0, 9, 2, 7, 4]), np.array([3, 0, 5, 1, 8])
+    mixed = run(FrameBatch(index=0, out_index=out, src_index=src, avatars=tuple(avatars), avatar_index=owner,
+                           found=np.ones(len(owner), bool)), nv12)
+    for a, avatar in enumerate(avatars):
+        rows = np.flatnonzero(owner == a)
+        alone = run(FrameBatch.of_avatar(0, out[rows], src[rows], avatar), [nv12[a]])
+        # other batch sizes may pick other convolution algorithms: a level of rounding apart
+        assert np.abs(mixed[rows].astype(int) - alone).max() <= 2
+        original = nv12[a][torch.as_tensor(src[rows])].cpu().numpy()
+        assert not np.array_equal(mixed[rows], original)
