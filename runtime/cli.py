@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from talkrt.config import BACKENDS, COMPOSE_MODES, load_config
-from talkrt.errors import InputError, TalkrtError
+from talkrt.errors import TalkrtError
 
 log = logging.getLogger("talkrt")
 
@@ -37,13 +37,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _check_output_path(out: Path) -> None:
-    if out.suffix.lower() != ".mp4":
-        raise InputError(out, "output must be an .mp4 file")
-    if not out.parent.is_dir():
-        raise InputError(out.parent, "output folder does not exist")
-
-
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None, None
@@ -60,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from talkrt.media.audio import load_audio
         from talkrt.media.probe import probe_video
+        from talkrt.media.writer import check_output_path
         from talkrt.models.audio import num_video_frames
         from talkrt.pipeline import run_pipeline
         from talkrt.session import build_session
@@ -67,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.set) + ([f"pipeline.batch_size={args.batch_size}"] if args.batch_size else [])
         cfg = load_config(args.config, overrides)
         video, audio, out = Path(args.video), Path(args.audio), Path(args.out)
-        _check_output_path(out)
+        check_output_path(out)
         info = probe_video(video)          # fail fast on bad inputs, before loading any model
         clip = load_audio(audio)
         parts = build_session(cfg, device=args.device, weights_dir=args.weights, backend=args.backend,

@@ -282,8 +282,12 @@ class Mp4Writer:
             log.warning("could not delete temporary file %s: %s", self._temp_path, exc)
 
 
-def validate_output(out_path: Path, width: int, height: int, metadata: dict[str, str] | None = None) -> None:
-    """Refuse an output path/size/metadata that cannot work, before any work is done."""
+def check_output_path(out_path: Path) -> None:
+    """Refuse an output path that cannot work: not ``.mp4``, no such folder, or a folder itself.
+
+    Raises:
+        InputError: naming the path and the problem.
+    """
     if out_path.suffix.lower() != ".mp4":
         raise InputError(out_path, "output file name must end with .mp4")
     parent = out_path.parent
@@ -292,6 +296,11 @@ def validate_output(out_path: Path, width: int, height: int, metadata: dict[str,
         raise InputError(parent, problem)
     if out_path.is_dir():
         raise InputError(out_path, "output path is a directory")
+
+
+def validate_output(out_path: Path, width: int, height: int, metadata: dict[str, str] | None = None) -> None:
+    """Refuse an output path/size/metadata that cannot work, before any work is done."""
+    check_output_path(out_path)
     if width <= 0 or height <= 0 or width % 2 or height % 2:
         raise InputError(
             out_path,
