@@ -13,10 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_wheel_ships_only_the_product(tmp_path):
     src = tmp_path / "src"       # a copy: building writes build/ and egg-info next to the sources
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", ".whl", "build", "out", "engines",
-                                                             "*.egg-info", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(src)], check=True, capture_output=True)
+    top_level_outputs = {".git", ".venv", ".whl", "build", "out", "engines"}
+    shutil.copytree(ROOT, src, ignore=lambda folder, names: [
+        n for n in names if (Path(folder) == ROOT and n in top_level_outputs) or n.endswith(".egg-info")])
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path), str(src)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = tmp_path.glob("talkrt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     code = [n for n in names if not n.startswith("talkrt-") or not n.split("/")[0].endswith(".dist-info")]
