@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import percentiles
+from talkrt.media.audio import num_video_frames
 from talkrt.streams import on_stream
 from talkrt.config import AudioConfig
-from talkrt.models.audio import (SAMPLE_RATE, SEGMENT_SECONDS, STEPS_PER_SECOND, AudioFeatures, num_video_frames,
+from talkrt.models.audio import (SAMPLE_RATE, SEGMENT_SECONDS, STEPS_PER_SECOND, AudioFeatures,
                                  window_start)
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from talkrt.face.tracker import FaceTracker
 from talkrt.hashing import sha256_files
 from talkrt.media.frames import iter_video_frames
 from talkrt.media.probe import VideoInfo
+from talkrt.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,19 @@ class AvatarPreparer:
         self.cache_dir = Path(cache_dir)
         self.batch_size = batch_size
 
-    def __call__(self, video_path: str | os.PathLike, info: VideoInfo) -> PreparedAvatar:
+    def __call__(self, video_path: str | os.PathLike, info: VideoInfo, progress: Progress | None = None) -> PreparedAvatar:
+        """The prepared avatar of ``video_path``: from the cache, else tracked, encoded and cached.
+
+        ``progress`` gets the phases "tracking" (source frames) and "encoding" (face crops).
+        Raises:
+            InputError: the video cannot be decoded or has no face in any frame.
+        """
         key = avatar_key(sha256_files([video_path]), self.cfg, self.weights_identity, self.tracker_name)
         cached = self.cache_dir / key
         if (cached / "meta.json").is_file():
             log.info("avatar cache hit: %s", cached)
             return load_avatar(cached)
-        avatar = self._prepare(video_path, info, key)
+        avatar = self._prepare(video_path, info, key, progress or NoProgress())
         save_avatar(avatar, cached)
         return avatar
 
@@ -120,10 +127,16 @@ class AvatarPreparer:
             encoded = [self.vae_encoder.run({"images": images})["latents"].clone() for images in (masked, reference)]
         return torch.cat(encoded, dim=1).to(torch.float16).cpu().numpy()
 
-    def _prepare(self, video_path, info: VideoInfo, key: str) -> PreparedAvatar:
+    def _prepare(self, video_path, info: VideoInfo, key: str, progress: Progress) -> PreparedAvatar:
         p = self.cfg.pipeline
         log.info("preparing avatar from %s (%d frames): face tracking", video_path, info.num_frames)
-        track = track_frames(iter_video_frames(video_path), self.tracker, extra_margin=p.extra_margin,
+        progress.phase("tracking", info.num_frames)
+
+        def counted(frames):
+            for frame in frames:
+                yield frame
+                progress.advance()
+        track = track_frames(counted(iter_video_frames(video_path)), self.tracker, extra_margin=p.extra_margin,
                              smooth_window=p.smooth_window, expand=p.crop_expand)
         n = len(track.found)
         if n != info.num_frames:
@@ -139,9 +152,11 @@ class AvatarPreparer:
         def flush() -> None:
             if pending:
                 latents[[i for i, _ in pending]] = self._encode([c for _, c in pending])
+                progress.advance(len(pending))
                 pending.clear()
 
         log.info("preparing avatar: encoding %d face crops", int(track.found.sum()))
+        progress.phase("encoding", int(track.found.sum()))
         for i, frame in enumerate(iter_video_frames(video_path)):
             if i >= n:
                 break

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +30,13 @@ from talkrt.avatar import AvatarPreparer, PreparedAvatar
 from talkrt.config import TalkrtConfig
 from talkrt.engines.base import Engine
 from talkrt.errors import InputError
-from talkrt.media.audio import AudioClip
+from talkrt.media.audio import AudioClip, num_video_frames
 from talkrt.media.probe import VideoInfo
 from talkrt.media.segments import SegmentedMp4Writer
 from talkrt.media.writer import Mp4Writer
-from talkrt.models.audio import AudioFeatures, num_video_frames
+from talkrt.models.audio import AudioFeatures
 from talkrt.profiling import StageClock, nvtx_range
+from talkrt.progress import NoProgress, Progress
 from talkrt.stages import (AudioWindows, CpuComposeStage, CpuEncodeStage, FrameBatch, FrameSource, Stage, StageSet,
                            UNetStage, VaeDecodeStage)
 from talkrt.streams import on_stream
@@ -49,17 +49,24 @@ def ping_pong_index(out_index: np.ndarray, num_source: int) -> np.ndarray:
     j = np.asarray(out_index) % (2 * num_source)
     return np.where(j < num_source, j, 2 * num_source - 1 - j)
 
+
+
 @dataclass(frozen=True)
 class RunReport:
+    """What one run did. Times in seconds; ``seconds`` is the lip-sync pipeline alone (what
+    ``fps`` and the stage table describe), avatar preparation is ``prepare_seconds``."""
+
     out_path: Path
-    frames: int
-    seconds: float
-    faces_found: int
+    frames: int                     # output frames
+    seconds: float                  # pipeline wall time, avatar preparation excluded
+    prepare_seconds: float          # avatar preparation (a cache hit: loading it)
+    faces_found: int                # output frames whose source frame has a face
+    no_face_frames: np.ndarray      # [k] int64 output frames without a face (passed through unchanged)
     source_frames: int
     weights: str
     backend: str
     compose: str
-    stage_table: list[tuple[str, float, float]]
+    stage_table: list[tuple[str, float, float]]   # (stage, ms per output frame, share of stage time)
     decode_path: str = ""
     encode_path: str = ""
     frame_bytes_to_host: int = 0     # bytes of frame data copied device -> host (GPU path: NV12 only)
@@ -67,12 +74,8 @@ class RunReport:
 
     @property
     def fps(self) -> float:
+        """Output frames per second of pipeline time."""
         return self.frames / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        return (f"frames={self.frames} seconds={self.seconds:.2f} fps={self.fps:.1f} "
-                f"faces_found={self.faces_found}/{self.source_frames} weights={self.weights} "
-                f"backend={self.backend} compose={self.compose} encode={self.encode_path} out={self.out_path}")
 
 
 @dataclass
@@ -168,14 +171,23 @@ class BatchRunner:
 
 
 def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_path: Path, clip: AudioClip,
-                 out_path: Path, progress: Callable[[int], None] | None = None) -> RunReport:
-    """Run the six stages over every output frame; the MP4 appears at ``out_path`` only on success."""
+                 out_path: Path, progress: Progress | None = None) -> RunReport:
+    """Prepare the avatar (or load it from the cache), then run the six stages over every output
+    frame; the MP4 appears at ``out_path`` only on success.
+
+    ``progress`` gets the phases "tracking" and "encoding" (preparation) and "lip-sync" (frames).
+    Raises:
+        InputError: audio shorter than one video frame, a video without faces, a decode failure.
+        TalkrtError: an encoder or engine failure.
+    """
     cfg = parts.cfg
+    progress = progress or NoProgress()
     num_out = num_video_frames(len(clip.samples), info.fps, clip.sample_rate)
     if num_out == 0:
         raise InputError(audio_path, f"audio ({clip.duration_s:.3f} s) is shorter than one video frame")
+    prepare_start = time.perf_counter()
+    avatar = parts.preparer(video_path, info, progress)
     start = time.perf_counter()
-    avatar = parts.preparer(video_path, info)
     clock = StageClock(parts.stream, sync=cfg.pipeline.stage_sync,
                        gpu_events=None if cfg.pipeline.stage_sync else parts.stream is not None)
     with clock.stage("audio_features"):     # set-up only now: Whisper runs lazily inside "2.audio"
@@ -189,15 +201,17 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
             raise InputError(video_path, f"decoded {stages.frames.num_source} frames but the prepared avatar has "
                                          f"{avatar.num_frames}")
         runner = BatchRunner(stages, clock, parts.stream)
+        progress.phase("lip-sync", num_out)
         for b, first in enumerate(range(0, num_out, bs)):
             out_index = np.arange(first, min(first + bs, num_out))
             runner(FrameBatch.of_avatar(b, out_index, ping_pong_index(out_index, avatar.num_frames), avatar))
-            if progress:
-                progress(len(out_index))
+            progress.advance(len(out_index))
         with clock.stage("6.encode-drain"):
             stages.finish()
     seconds = time.perf_counter() - start
-    return RunReport(out_path=out_path, frames=num_out, seconds=seconds, faces_found=avatar.faces_found,
+    with_face = avatar.found[ping_pong_index(np.arange(num_out), avatar.num_frames)]
+    return RunReport(out_path=out_path, frames=num_out, seconds=seconds, prepare_seconds=start - prepare_start,
+                     faces_found=int(with_face.sum()), no_face_frames=np.flatnonzero(~with_face),
                      source_frames=avatar.num_frames, weights=parts.weights, backend=parts.backend,
                      compose=parts.compose, stage_table=clock.table(num_out), decode_path=stages.frames.decode_path,
                      encode_path=stages.encode.encode_path, frame_bytes_to_host=stages.encode.bytes_downloaded,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from talkrt.config import load_config
-from talkrt.models.audio import AudioFeatures, StreamingAudioStates, num_video_frames, window_start
+from talkrt.media.audio import num_video_frames
+from talkrt.models.audio import SAMPLE_RATE, AudioFeatures, StreamingAudioStates, window_start
 from talkrt.models.weights import build_synthetic
 
 
@@ -26,9 +27,9 @@ def test_window_start_known_values():
 
 
 def test_num_video_frames_is_floor_of_duration_times_fps():
-    assert num_video_frames(16000 * 3, Fraction(25)) == 75
-    assert num_video_frames(16000 * 3 - 1, Fraction(25)) == 74
-    assert num_video_frames(16000 * 10, Fraction(30000, 1001)) == 299
+    assert num_video_frames(16000 * 3, Fraction(25), 16000) == 75
+    assert num_video_frames(16000 * 3 - 1, Fraction(25), 16000) == 74
+    assert num_video_frames(16000 * 10, Fraction(30000, 1001), 16000) == 299
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_streaming_states_equal_whole_clip_windows_and_stay_bounded(tiny_feature
     fps = Fraction(30000, 1001)
     expected_padded = feats.pad(feats.encode(samples))
     stream = StreamingAudioStates(feats, samples)
-    n = num_video_frames(len(samples), fps)
+    n = num_video_frames(len(samples), fps, SAMPLE_RATE)
     held_steps = []
     for first in range(0, n, 16):
         frames = np.arange(first, min(first + 16, n))

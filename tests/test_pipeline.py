@@ -57,7 +57,7 @@ def test_end_to_end_tiny_with_cycling(media, tmp_path, capsys, caplog):
     assert info.metadata["talkrt_weights"] == "synthetic"
     assert info.metadata["talkrt_faces"] == "20/20"
     summary = capsys.readouterr().out
-    assert "frames=32" in summary and "faces_found=20/20" in summary and "weights=synthetic" in summary
+    assert "frames=32" in summary and "faces=32/32" in summary and "weights=synthetic" in summary
     # the mouth region changed, the forehead did not (compose touches only the face box)
     source = next(iter_video_frames(media["avatar"]))
     result = next(iter_video_frames(out))
@@ -133,7 +133,7 @@ def test_bad_config_override(media, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_frames_without_a_face_pass_through_unchanged(media, tmp_path, capsys):
+def test_frames_without_a_face_pass_through_unchanged(media, tmp_path, capsys, caplog):
     """Frames 6..9 show no face: they are counted, not generated, and stay aligned with the rest."""
     faces = moving_face_frames(seconds=0.4)          # 10 frames
     blank = np.full_like(faces[0], 128)
@@ -145,7 +145,9 @@ def test_frames_without_a_face_pass_through_unchanged(media, tmp_path, capsys):
     make_audio(audio, 0.4, sample_rate=16000)
     out = tmp_path / "mixed_out.mp4"
     assert run(media, out, audio=audio, video=mixed) == 0
-    assert "faces_found=6/10" in capsys.readouterr().out
+    assert "faces=6/10" in capsys.readouterr().out
+    assert any("no face in 4 of 10 output frames" in r.getMessage() and "frames 6-9" in r.getMessage()
+               for r in caplog.records)
     src, res = list(iter_video_frames(mixed)), list(iter_video_frames(out))
     assert len(res) == 10
     for i in range(6, 10):    # untouched apart from re-encoding

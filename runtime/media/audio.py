@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +34,12 @@ class AudioClip:
     @property
     def num_samples(self) -> int:
         return int(self.samples.shape[0])
+
+
+def num_video_frames(num_samples: int, fps: Fraction, sample_rate: int) -> int:
+    """Output frames for ``num_samples`` of audio at ``sample_rate`` Hz: ``floor(seconds * fps)``, exactly."""
+    fps = Fraction(fps)
+    return (num_samples * fps.numerator) // (sample_rate * fps.denominator)
 
 
 def load_audio(path: PathLike, sample_rate: int = 16000) -> AudioClip:

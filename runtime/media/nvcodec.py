@@ -18,7 +18,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -176,12 +175,12 @@ class NvencMp4Writer:
     def __init__(self, out_path: Path, width: int, height: int, fps: Fraction, *, audio_path: Path | None,
                  metadata: dict[str, str] | None, device: torch.device, stream: torch.cuda.Stream | None,
                  preset: str = "p4", cq: int = 20):
+        from talkrt.media.output import create_temp_file
         from talkrt.media.writer import validate_output
         validate_output(Path(out_path), width, height, metadata)
         self.out_path, self.fps, self.audio_path, self.metadata = Path(out_path), Fraction(fps), audio_path, metadata
-        fd, name = tempfile.mkstemp(prefix=f".{self.out_path.stem}.nvenc-", suffix=".h264", dir=self.out_path.parent)
-        self.h264_path = Path(name)
-        self.file = os.fdopen(fd, "wb")
+        self.h264_path = create_temp_file(self.out_path.parent, "nvenc", ".h264")
+        self.file = open(self.h264_path, "wb")
         self.frames_written = 0
         self._closed = False
         try:

@@ -24,7 +24,6 @@ import os
 import select
 import subprocess
 import sys
-import tempfile
 from multiprocessing import shared_memory
 from fractions import Fraction
 from pathlib import Path
@@ -33,7 +32,8 @@ from types import TracebackType
 import av
 import numpy as np
 
-from talkrt.errors import TalkrtError
+from talkrt.errors import InputError, TalkrtError
+from talkrt.media.output import temp_name
 from talkrt.media.writer import Mp4Writer, validate_output
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,11 @@ class SegmentedMp4Writer:
         self.segment_frames = segment_frames
         threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         self.options = {"threads": str(threads)} if video_codec.startswith("libx26") else {}
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_path.stem}.segments-", dir=self.out_path.parent))
+        self.tmp_dir = self.out_path.parent / temp_name("segments")
+        try:
+            self.tmp_dir.mkdir()
+        except OSError as exc:
+            raise InputError(self.out_path.parent, f"cannot create a folder in the output folder ({exc.strerror})") from exc
         self.segments: list[Path] = []
         self.frames_written = 0
         self._closed = False

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections import deque
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +28,7 @@ from talkrt.errors import InputError, TalkrtError
 
 from ._common import PathLike, exc_message
 from .audio import audio_stream_layout, iter_audio_chunks
+from .output import check_output_path, create_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Mp4Writer:
     """Context manager that writes an H.264 (yuv420p, BT.709 limited range) MP4 atomically.
 
     Frames go to a hidden temporary file next to ``out_path``
-    (``.<name>.partial-XXXXXXXX.mp4``); a successful :meth:`close` (or leaving the
+    (``.talkrt-partial-<random>.mp4``); a successful :meth:`close` (or leaving the
     ``with`` block normally) flushes the encoder, muxes the audio (see the module
     docstring for the length rule), writes ``metadata`` as MP4 container tags,
     moves the index to the front (``+faststart``) and ``os.replace``-s the temporary
@@ -91,7 +91,7 @@ class Mp4Writer:
         self._reformatter = VideoReformatter()
         self._audio: _AudioTrack | None = None
         self._container: Any = None
-        self._temp_path = _create_temp_file(self.out_path)
+        self._temp_path = create_temp_file(self.out_path.parent, "partial", ".mp4")
         try:
             self._container = av.open(
                 str(self._temp_path),
@@ -282,22 +282,6 @@ class Mp4Writer:
             log.warning("could not delete temporary file %s: %s", self._temp_path, exc)
 
 
-def check_output_path(out_path: Path) -> None:
-    """Refuse an output path that cannot work: not ``.mp4``, no such folder, or a folder itself.
-
-    Raises:
-        InputError: naming the path and the problem.
-    """
-    if out_path.suffix.lower() != ".mp4":
-        raise InputError(out_path, "output file name must end with .mp4")
-    parent = out_path.parent
-    if not parent.is_dir():
-        problem = "is not a directory" if parent.exists() else "output directory does not exist"
-        raise InputError(parent, problem)
-    if out_path.is_dir():
-        raise InputError(out_path, "output path is a directory")
-
-
 def validate_output(out_path: Path, width: int, height: int, metadata: dict[str, str] | None = None) -> None:
     """Refuse an output path/size/metadata that cannot work, before any work is done."""
     check_output_path(out_path)
@@ -409,18 +393,3 @@ def _exact_fps(fps: Any) -> Fraction:
     if value <= 0:
         raise ValueError(f"fps must be positive, got {fps!r}")
     return value
-
-
-def _create_temp_file(out_path: Path) -> Path:
-    """Create ``.<name>.partial-XXXXXXXX.mp4`` next to ``out_path`` (mode 0666 minus umask)."""
-    for _ in range(100):
-        temp = out_path.with_name(f".{out_path.stem}.partial-{secrets.token_hex(4)}.mp4")
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise InputError(out_path.parent, f"cannot create a file in the output directory ({exc.strerror})") from exc
-        os.close(fd)
-        return temp
-    raise TalkrtError(f"{out_path}: could not create a unique temporary file")

@@ -30,12 +30,6 @@ SEGMENT_SECONDS = 30
 SEGMENT_STEPS = SEGMENT_SECONDS * STEPS_PER_SECOND
 
 
-def num_video_frames(num_samples: int, fps: Fraction, sample_rate: int = SAMPLE_RATE) -> int:
-    """``floor(seconds * fps)`` computed exactly."""
-    fps = Fraction(fps)
-    return (num_samples * fps.numerator) // (sample_rate * fps.denominator)
-
-
 def window_start(frame_index: int | np.ndarray, fps: Fraction) -> int | np.ndarray:
     """First padded Whisper step of video frame ``i``: ``floor(50 * i / fps)``, exactly."""
     fps = Fraction(fps)

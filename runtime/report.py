@@ -1,0 +1,98 @@
+"""A run's report: the one-line ``key=value`` summary and the JSON document of ``--json``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from talkrt import __version__
+from talkrt.media.output import create_temp_file
+from talkrt.pipeline import RunReport
+
+REPORT_VERSION = 1
+_PACKAGES = ("torch", "av", "numpy", "diffusers", "transformers", "cupy-cuda13x", "PyNvVideoCodec")
+
+
+def missing_ranges(found: np.ndarray) -> list[tuple[int, int]]:
+    """[n] bool -> inclusive (first, last) ranges of the False entries."""
+    idx = np.flatnonzero(~np.asarray(found, bool))
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > 1)
+    starts = np.concatenate([idx[:1], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], idx[-1:]])
+    return [(int(a), int(b)) for a, b in zip(starts, ends)]
+
+
+def no_face_ranges(report: RunReport) -> list[tuple[int, int]]:
+    """Output frames without a face as inclusive (first, last) ranges."""
+    found = np.ones(report.frames, bool)
+    found[report.no_face_frames] = False
+    return missing_ranges(found)
+
+
+def format_ranges(ranges: list[tuple[int, int]]) -> str:
+    """``[(0, 12), (40, 40)]`` -> ``"0-12,40"`` (no spaces)."""
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges)
+
+
+def summary_line(report: RunReport, startup_seconds: float) -> str:
+    """One line of ``key=value`` fields with no spaces in any value (the output path is in the
+    log and the JSON report, not here, since paths may hold spaces)."""
+    fields = {
+        "frames": report.frames, "fps": f"{report.fps:.1f}", "seconds": f"{report.seconds:.2f}",
+        "startup_s": f"{startup_seconds:.2f}", "prepare_s": f"{report.prepare_seconds:.2f}",
+        "faces": f"{report.faces_found}/{report.frames}", "weights": report.weights, "backend": report.backend,
+        "compose": report.compose, "decode": report.decode_path, "encode": report.encode_path,
+    }
+    return " ".join(f"{k}={str(v).replace(' ', '_')}" for k, v in fields.items())
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, talkrt and the packages that shape the output (absent ones left out)."""
+    found = {"python": platform.python_version(), "talkrt": __version__}
+    for name in _PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def report_document(report: RunReport, *, startup_seconds: float, config: str, device: str,
+                    video: Path, audio: Path) -> dict[str, Any]:
+    """The JSON report of one run (``--json``); times in seconds, stage times in ms per output frame."""
+    return {
+        "report_version": REPORT_VERSION,
+        "inputs": {"video": str(video), "audio": str(audio)},
+        "output": str(report.out_path),
+        "config": config, "device": device, "weights": report.weights, "backend": report.backend,
+        "compose": report.compose, "decode": report.decode_path, "encode": report.encode_path,
+        "frames": report.frames,
+        "faces": {"output_frames_with_face": report.faces_found, "output_frames": report.frames,
+                  "source_frames": report.source_frames, "no_face_ranges": no_face_ranges(report)},
+        "seconds": {"startup": startup_seconds, "preparation": report.prepare_seconds,
+                    "pipeline": report.seconds,
+                    "total": startup_seconds + report.prepare_seconds + report.seconds},
+        "fps": report.fps,
+        "stages": [{"stage": name, "ms_per_frame": ms, "share": share} for name, ms, share in report.stage_table],
+        "frame_bytes_to_host": report.frame_bytes_to_host,
+        "versions": versions(),
+    }
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` to ``path`` atomically (a temporary file renamed into place)."""
+    temp = create_temp_file(path.parent, "report", ".json")
+    try:
+        temp.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

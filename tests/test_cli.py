@@ -1,0 +1,152 @@
+"""The CLI's contract: inputs never harmed, refusals before any model is built, reports that parse."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+import talkrt.session
+from talkrt import __version__
+from talkrt.cli import main
+from talkrt.media.probe import probe_output
+from talkrt.media.writer import Mp4Writer
+from talkrt.sample import moving_face_frames
+from media_factory import make_audio
+
+FPS = 25
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A 10-frame face clip (0.4 s) and 0.6 s of speech-like audio."""
+    root = tmp_path_factory.mktemp("cli")
+    video = root / "avatar.mp4"
+    with Mp4Writer(video, 256, 256, Fraction(FPS)) as writer:
+        for frame in moving_face_frames(size=256, seconds=0.4):
+            writer.write_rgb(frame)
+    audio = root / "speech.wav"
+    make_audio(audio, 0.6, sample_rate=16000, kind="chirp")
+    return {"video": video, "audio": audio, "cache": root / "cache"}
+
+
+def args(media, out, video=None, audio=None, *extra):
+    return ["--config", "tiny", "--device", "cpu", "--no-progress", "--video", str(video or media["video"]),
+            "--audio", str(audio or media["audio"]), "--out", str(out), "--cache-dir", str(media["cache"]), *extra]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if a refusal got as far as building the models."""
+    def refuse(*a, **k):
+        raise AssertionError("the models were built for an input that should have been refused")
+    monkeypatch.setattr(talkrt.session, "build_session", refuse)
+
+
+def refused(rc, out: Path, caplog, *phrases):
+    assert rc == 2
+    assert not out.exists() or out.is_symlink()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".talkrt-")]
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    for phrase in phrases:
+        assert phrase in errors, errors
+    assert "Traceback" not in caplog.text
+
+
+def test_output_equal_to_the_video_is_refused_and_the_video_untouched(media, tmp_path, caplog, no_models):
+    video = tmp_path / "v.mp4"
+    video.write_bytes(media["video"].read_bytes())
+    before = digest(video)
+    refused(main(args(media, video, video=video)), tmp_path / "none.mp4", caplog, "same file as --video", str(video))
+    assert digest(video) == before
+
+
+def test_output_through_a_symlink_or_relative_path_to_the_audio_is_refused(media, tmp_path, caplog, no_models,
+                                                                           monkeypatch):
+    audio = tmp_path / "speech.mp4"            # AAC in an .mp4 container, so the .mp4 check passes
+    make_audio(audio, 0.6, sample_rate=16000)
+    link = tmp_path / "link.mp4"
+    link.symlink_to(audio)
+    before = digest(audio)
+    refused(main(args(media, link, audio=audio)), link, caplog, "same file as --audio")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    refused(main(args(media, Path("sub/../speech.mp4"), audio=audio)), tmp_path / "none.mp4", caplog,
+            "same file as --audio")
+    assert digest(audio) == before
+
+
+def test_a_name_longer_than_the_filesystem_allows_is_refused_before_work(media, tmp_path, caplog, no_models):
+    out = tmp_path / ("n" * 252 + ".mp4")      # 256 bytes
+    refused(main(args(media, out)), tmp_path / "none.mp4", caplog, "bytes; this filesystem allows")
+
+
+@pytest.mark.slow
+def test_the_longest_legal_name_works(media, tmp_path):
+    out = tmp_path / ("é" * 125 + ".mp4")      # 254 bytes of UTF-8
+    assert len(os.fsencode(out.name)) == 254
+    assert main(args(media, out)) == 0
+    assert probe_output(out).num_frames == int(0.6 * FPS)
+
+
+def test_audio_shorter_than_a_frame_is_refused_before_the_models(media, tmp_path, caplog, no_models):
+    short = tmp_path / "blip.wav"
+    make_audio(short, 0.02, sample_rate=16000)
+    refused(main(args(media, tmp_path / "o.mp4", audio=short)), tmp_path / "o.mp4", caplog, "blip.wav",
+            "shorter than one video frame")
+
+
+def test_bad_batch_size_is_refused(media, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(media, tmp_path / "o.mp4", None, None, "--batch-size", "0"))
+    assert exit_info.value.code == 2
+    assert "--batch-size: must be at least 1" in capsys.readouterr().err
+
+
+def test_refusals_do_not_import_torch(media, tmp_path):
+    code = ("import sys; from talkrt.cli import main; "
+            f"rc = main({args(media, tmp_path / 'o.mp4', tmp_path / 'missing.mp4')!r}); "
+            "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert "missing.mp4" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"talkrt {__version__}"
+
+
+@pytest.mark.slow
+def test_json_report_and_summary_line(media, tmp_path, capsys):
+    out, report = tmp_path / "my result.mp4", tmp_path / "report.json"
+    assert main(args(media, out, None, None, "--json", str(report))) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(item.split("=", 1) for item in line.split(" "))      # key=value, no spaces in values
+    assert fields["frames"] == "15" and fields["faces"] == "15/15" and fields["weights"] == "synthetic"
+    assert fields["encode"] == "libx264-rgb" and float(fields["startup_s"]) > 0
+    doc = json.loads(report.read_text())
+    assert doc["output"] == str(out) and doc["frames"] == 15 and doc["config"] == "tiny"
+    assert doc["faces"] == {"output_frames_with_face": 15, "output_frames": 15, "source_frames": 10,
+                            "no_face_ranges": []}
+    seconds = doc["seconds"]
+    assert seconds["total"] == pytest.approx(seconds["startup"] + seconds["preparation"] + seconds["pipeline"])
+    assert [s["stage"] for s in doc["stages"]][:6] == ["audio_features", "1.frames", "2.audio", "3.unet",
+                                                      "4.vae_decode", "5.compose"]
+    assert doc["versions"]["talkrt"] == __version__ and "torch" in doc["versions"]
+
+
+@pytest.mark.slow
+def test_without_config_the_cpu_runs_tiny_and_says_so(media, tmp_path, caplog):
+    argv = [a for a in args(media, tmp_path / "o.mp4") if a not in ("--config", "tiny")]
+    assert main(argv) == 0
+    assert any("config: tiny" in r.getMessage() and "--config musetalk" in r.getMessage() for r in caplog.records)
