@@ -22,7 +22,7 @@ from talkrt.face import (
     track_frames,
 )
 from talkrt.face import blazeface_mesh
-from talkrt.face.blazeface_mesh import ssd_anchors_full_range, ssd_anchors_short_range, weighted_nms
+from talkrt.face.blazeface import ssd_anchors_full_range, ssd_anchors_short_range, weighted_nms
 from talkrt.face.geometry import blur_kernel_size
 from talkrt.face.mesh68 import MESH_TO_IBUG68, mesh_to_ibug68
 
@@ -96,6 +96,9 @@ def test_weighted_nms_merges_overlaps() -> None:
     merged, _, score = out[0]
     assert score == pytest.approx(0.9)
     np.testing.assert_allclose(merged, [0.6, 0.6, 10.6, 10.6], atol=1e-5)  # (0.6*0 + 0.9*1) / 1.5
+    kept = weighted_nms(boxes, kps, scores, 0.3, blend=False)
+    np.testing.assert_array_equal(kept[0][0], boxes[1])  # the best one, as it is
+    assert [round(s, 2) for _, _, s in kept] == [0.9, 0.7]
 
 
 def test_astronaut_detected_with_plausible_box(astronaut: np.ndarray, astronaut_face: FaceDetection) -> None:
@@ -285,7 +288,7 @@ class _ScriptedTracker:
     def __init__(self) -> None:
         self.calls = 0
 
-    def detect(self, frame_rgb: np.ndarray) -> list[FaceDetection]:
+    def detect(self, frame_rgb: np.ndarray, near=None) -> list[FaceDetection]:
         self.calls += 1
         if frame_rgb[0, 0, 0] == 0:
             return []
@@ -300,7 +303,7 @@ def test_track_frames_alignment() -> None:
     pattern = [0, 1, 2, 0, 3, 4, 5, 0]  # 0 = no face; otherwise the face's x shift
     frames = (np.full((480, 640, 3), v, np.uint8) for v in pattern)  # a generator: consumed once
     tracker = _ScriptedTracker()
-    result = track_frames(frames, tracker, smooth_window=3)
+    result = track_frames(frames, tracker, smooth_window=3, max_gap=0)
     assert tracker.calls == len(pattern) == len(result)
     expected_found = np.array([v != 0 for v in pattern])
     np.testing.assert_array_equal(result.found, expected_found)
@@ -312,6 +315,7 @@ def test_track_frames_alignment() -> None:
     assert tuple(result.boxes[5]) == (44, 70, 144, 180)
     assert tuple(result.crop_boxes[5]) == crop_box((44, 70, 144, 180))
     assert tuple(result.boxes[1]) == (41, 70, 141, 180)  # run edge: unsmoothed
+    assert not result.bridged.any()
     assert result.frame_hw == (480, 640)
     assert result.blend_mask(5).shape == (110, 100)
     with pytest.raises(TalkrtError):
@@ -328,7 +332,14 @@ def test_track_frames_rejects_bad_input() -> None:
 
 def test_track_frames_real_face(astronaut: np.ndarray, tracker: FaceTracker) -> None:
     frames = [astronaut, np.zeros_like(astronaut), astronaut, astronaut]
-    result = track_frames(iter(frames), tracker)
+    result = track_frames(iter(frames), tracker, max_gap=0)
     np.testing.assert_array_equal(result.found, [True, False, True, True])
-    np.testing.assert_array_equal(result.boxes[2], result.boxes[3])
+    # same image; the search region follows the previous frame's face, which moves the box by <= 1 px
+    assert np.abs(result.boxes[2] - result.boxes[3]).max() <= 1
     assert _inside(ASTRONAUT_MOUTH, result.boxes[0])
+    # the one-frame gap is bridged by default, from the (same) face either side
+    bridged = track_frames(iter(frames), tracker)
+    np.testing.assert_array_equal(bridged.found, [True, True, True, True])
+    np.testing.assert_array_equal(bridged.bridged, [False, True, False, False])
+    assert np.abs(bridged.boxes[1] - result.boxes[0]).max() <= 2
+    assert bridged.scores[1] == 0.0 and bridged.scores[0] > 0.7

@@ -13,6 +13,10 @@ Faithful to MuseTalk v1.5 (``musetalk/utils/preprocessing.py`` and
   box centre (may extend past the frame, as MuseTalk's PIL crop allows).
 * blend mask ("jaw" mode): MuseTalk segments the crop with a face parser; we
   use the landmark polygon instead. See :func:`jaw_mask_crop`.
+* over time (:func:`track_frames`): each frame's search starts where the face
+  was last seen; detection gaps of up to ``DEFAULT_MAX_GAP`` frames between two
+  frames with a face are bridged by linear interpolation
+  (:func:`bridge_gaps`); :func:`missing_ranges` lists the frames left without one.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ __all__ = [
     "jaw_blend_mask",
     "blur_kernel_size",
     "smooth_landmarks",
+    "bridge_gaps",
+    "missing_ranges",
     "select_largest",
     "track_frames",
 ]
@@ -53,6 +59,20 @@ DEFAULT_EXTRA_MARGIN = 10
 DEFAULT_EXPAND = 1.5
 DEFAULT_UPPER_BOUNDARY_RATIO = 0.5
 DEFAULT_SMOOTH_WINDOW = 5
+DEFAULT_MAX_GAP = 5
+"""Longest detection gap bridged, in frames (0.2 s at 25 fps, 0.08 s at 60 fps).
+
+Counted in frames, not seconds, so the result does not depend on a container's
+frame-rate metadata. Five frames cover detector dropouts (blur, a hand or a
+turn for a moment) while a head barely moves, so a straight line between the
+two sides is accurate to a few pixels; longer gaps are more likely a real
+occlusion or a cut, where a pasted mouth would be wrong, so those frames stay
+without a face and pass through unchanged.
+"""
+BRIDGE_MAX_SHIFT = 1.0
+"""Bridge only if the face centre moved at most this many face sizes across the gap."""
+BRIDGE_MAX_SCALE = 1.5
+"""Bridge only if the face size changed at most by this factor across the gap."""
 
 
 def _check_landmarks(landmarks68: np.ndarray) -> np.ndarray:
@@ -184,6 +204,68 @@ def _runs(found: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
+def missing_ranges(found: np.ndarray) -> list[tuple[int, int]]:
+    """Frame ranges without a face, half-open ``[start, end)`` (end exclusive), in order.
+
+    E.g. ``found = [T, F, F, T, F]`` gives ``[(1, 3), (4, 5)]``: frames 1-2 and 4.
+
+    Args:
+        found: [N] bool (or anything ``astype(bool)`` takes), per frame.
+    """
+    return _runs(~np.asarray(found, dtype=bool).reshape(-1))
+
+
+def _centre_and_size(landmarks68: np.ndarray) -> tuple[np.ndarray, float]:
+    lo, hi = landmarks68.min(axis=0), landmarks68.max(axis=0)
+    return (lo + hi) / 2.0, float(max(hi - lo))
+
+
+def bridge_gaps(
+    landmarks: np.ndarray, found: np.ndarray, max_gap: int = DEFAULT_MAX_GAP
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fill short detection gaps by linear interpolation between the frames on either side.
+
+    A gap (run of ``found == False``) is filled when it has at most ``max_gap``
+    frames, a face on both sides (gaps at the clip's start or end are not),
+    and the two sides agree: the face centre moved at most ``BRIDGE_MAX_SHIFT``
+    face sizes and its size changed at most ``BRIDGE_MAX_SCALE`` times (face
+    size = long side of the landmarks' extent), so a cut to another face is
+    not bridged.
+
+    Args:
+        landmarks: [N, 68, 2] float pixels; rows where ``found`` is False are ignored.
+        found: [N] bool.
+        max_gap: longest gap filled, frames; 0 fills nothing.
+
+    Returns:
+        (landmarks float32 [N, 68, 2] with the filled rows, filled [N] bool).
+
+    Raises:
+        TalkrtError: mismatched shapes or a negative ``max_gap``.
+    """
+    lms = np.asarray(landmarks, dtype=np.float32).copy()
+    flags = np.asarray(found, dtype=bool)
+    if max_gap < 0:
+        raise TalkrtError(f"max_gap must be >= 0 frames, got {max_gap}")
+    if lms.ndim != 3 or lms.shape[1:] != (68, 2) or flags.shape != lms.shape[:1]:
+        raise TalkrtError(f"bridge_gaps wants landmarks [N, 68, 2] and found [N], got {lms.shape} and {flags.shape}")
+    filled = np.zeros(len(flags), dtype=bool)
+    for start, end in missing_ranges(flags):
+        if start == 0 or end == len(flags) or end - start > max_gap:
+            continue
+        before, after = lms[start - 1].astype(np.float64), lms[end].astype(np.float64)
+        (c0, s0), (c1, s1) = _centre_and_size(before), _centre_and_size(after)
+        small, large = min(s0, s1), max(s0, s1)
+        if small <= 0 or large > BRIDGE_MAX_SCALE * small:
+            continue
+        if float(np.hypot(*(c1 - c0))) > BRIDGE_MAX_SHIFT * (s0 + s1) / 2:
+            continue
+        t = (np.arange(start, end) - (start - 1)) / (end - (start - 1))
+        lms[start:end] = (before[None] + t[:, None, None] * (after - before)[None]).astype(np.float32)
+        filled[start:end] = True
+    return lms, filled
+
+
 def smooth_landmarks(landmarks: np.ndarray, found: np.ndarray, window: int = DEFAULT_SMOOTH_WINDOW) -> np.ndarray:
     """Centred moving average of landmarks over time, within runs of found frames.
 
@@ -234,11 +316,12 @@ class TrackResult:
     """Per-frame face geometry for a whole clip, index-aligned with its frames.
 
     Attributes:
-        found: [N] bool, a usable face in that frame.
+        found: [N] bool, a usable face in that frame (detected or bridged).
         landmarks68: [N, 68, 2] float32 (smoothed); zeros where not found.
         boxes: [N, 4] int32 MuseTalk v1.5 face boxes (x1, y1, x2, y2); zeros where not found.
         crop_boxes: [N, 4] int32 enlarged crops (``crop_box(box, expand)``); zeros where not found.
-        scores: [N] float32 detector scores; 0 where not found.
+        scores: [N] float32 detector scores; 0 where not found or bridged.
+        bridged: [N] bool, found by interpolation across a detection gap (:func:`bridge_gaps`).
         frame_hw: (height, width) of the frames.
         expand: crop expansion the crop boxes were made with.
     """
@@ -248,6 +331,7 @@ class TrackResult:
     boxes: np.ndarray
     crop_boxes: np.ndarray
     scores: np.ndarray
+    bridged: np.ndarray
     frame_hw: tuple[int, int]
     expand: float = DEFAULT_EXPAND
 
@@ -267,20 +351,30 @@ def track_frames(
     extra_margin: int = DEFAULT_EXTRA_MARGIN,
     smooth_window: int = DEFAULT_SMOOTH_WINDOW,
     expand: float = DEFAULT_EXPAND,
+    max_gap: int = DEFAULT_MAX_GAP,
 ) -> TrackResult:
     """Track the largest face through ``frames`` (uint8 RGB [H, W, 3], all one size).
 
-    Frames are consumed one at a time and not kept. Landmarks are smoothed
-    over time (:func:`smooth_landmarks`), then boxes are computed from the
-    smoothed landmarks; a frame whose box is degenerate counts as not found.
+    Frames are consumed one at a time and not kept. Each frame is searched
+    first where the face was last detected (``tracker.detect(frame, near=...)``,
+    which lets small faces be searched at a fitting scale), so once a face is
+    followed it is kept even if a larger one appears elsewhere. Detection gaps
+    of at most ``max_gap`` frames (default ``DEFAULT_MAX_GAP`` = 5 frames)
+    between two frames with a face are filled by linear interpolation of the
+    landmarks (:func:`bridge_gaps`); longer gaps and gaps at the clip's ends
+    stay without a face (those frames pass through unchanged;
+    :func:`missing_ranges` lists them). Landmarks are then smoothed over time
+    (:func:`smooth_landmarks`) and boxes computed from the smoothed landmarks;
+    a frame whose box is degenerate counts as not found.
 
     Raises:
-        TalkrtError: no frames, or frames of differing size/shape.
+        TalkrtError: no frames, frames of differing size/shape, or a negative ``max_gap``.
     """
     found: list[bool] = []
     landmarks: list[np.ndarray] = []
     scores: list[float] = []
     frame_hw: tuple[int, int] | None = None
+    near: tuple[float, float, float, float] | None = None
     blank = np.zeros((68, 2), dtype=np.float32)
     for i, frame in enumerate(frames):
         if frame.ndim != 3 or frame.shape[2] != 3:
@@ -290,16 +384,21 @@ def track_frames(
             frame_hw = hw
         elif hw != frame_hw:
             raise TalkrtError(f"frame {i} is {hw[1]}x{hw[0]}, earlier frames are {frame_hw[1]}x{frame_hw[0]}")
-        face = select_largest(tracker.detect(frame))
+        face = select_largest(tracker.detect(frame, near=near))
         ok = face is not None and face_box(face.landmarks68, hw, extra_margin) is not None
         found.append(ok)
         landmarks.append(face.landmarks68 if ok and face is not None else blank)
         scores.append(face.score if ok and face is not None else 0.0)
+        if ok and face is not None:
+            lo, hi = face.landmarks68.min(axis=0), face.landmarks68.max(axis=0)
+            near = (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
     if frame_hw is None:
         raise TalkrtError("track_frames() got no frames")
     n = len(found)
-    found_arr = np.array(found, dtype=bool)
-    lms = smooth_landmarks(np.stack(landmarks), found_arr, smooth_window)
+    detected = np.array(found, dtype=bool)
+    lms, bridged = bridge_gaps(np.stack(landmarks), detected, max_gap)
+    found_arr = detected | bridged
+    lms = smooth_landmarks(lms, found_arr, smooth_window)
     boxes = np.zeros((n, 4), dtype=np.int32)
     crops = np.zeros((n, 4), dtype=np.int32)
     for i in np.flatnonzero(found_arr):
@@ -310,6 +409,8 @@ def track_frames(
         boxes[i] = box
         crops[i] = crop_box(box, expand)
     lms[~found_arr] = 0.0
-    score_arr = np.where(found_arr, np.array(scores, dtype=np.float32), 0.0).astype(np.float32)
-    log.info("track_frames: face in %d of %d frames", int(found_arr.sum()), n)
-    return TrackResult(found_arr, lms, boxes, crops, score_arr, frame_hw, float(expand))
+    bridged &= found_arr
+    score_arr = np.where(detected & found_arr, np.array(scores, dtype=np.float32), 0.0).astype(np.float32)
+    log.info("track_frames: face in %d of %d frames (%d bridged across gaps of <= %d frames)",
+             int(found_arr.sum()), n, int(bridged.sum()), max_gap)
+    return TrackResult(found_arr, lms, boxes, crops, score_arr, bridged, frame_hw, float(expand))

@@ -9,6 +9,7 @@ can be plugged in later as another ``FaceTracker``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -54,8 +55,13 @@ class FaceDetection:
 class FaceTracker(Protocol):
     """Anything that finds faces with 68 landmarks in an RGB frame."""
 
-    def detect(self, frame_rgb: np.ndarray) -> list[FaceDetection]:
-        """Return every face in ``frame_rgb`` (uint8 [H, W, 3] RGB), any order."""
+    def detect(self, frame_rgb: np.ndarray, near: Sequence[float] | None = None) -> list[FaceDetection]:
+        """Return the faces in ``frame_rgb`` (uint8 [H, W, 3] RGB), any order.
+
+        ``near`` is a hint, (x1, y1, x2, y2) in frame pixels: where a face was
+        in a recent frame. A tracker may search there first, at a scale fitted
+        to that face, and return only the faces found there; it may ignore it.
+        """
         ...
 
 
