@@ -4,15 +4,13 @@ For every op, at 720p / 1080p / 4K and batch 1 / 32, it reports microseconds per
 
 * the CuPy kernels alone: their recorded launches captured :data:`KERNEL_REPLAYS` times into a
   CUDA graph, the graph timed between two CUDA events after warm-up and divided by the replays
-  (GPU time only: the host's launch cost, ~4-20 us a launch, is not counted; median of the
-  repeats), and the whole wrapper call (plus host validation, tables, uploads and launch; one
-  call between the events, so at batch 1 this is mostly host time),
+  (GPU time only: the host's launch cost is not counted; median of the repeats), and the whole
+  wrapper call (plus host validation, tables, uploads and launch; one call between the events,
+  so at batch 1 this is mostly host time),
 * the CPU path (talkrt.kernels.reference: numpy / OpenCV / PIL; timed on a few frames),
 * CV-CUDA where ``import cvcuda`` works and has an equivalent op (else "-"; the whole call
   between CUDA events on the same stream, like the talkrt call column), and CV-CUDA's call
   time over talkrt's (above 1: talkrt's call is faster),
-* the same talkrt call prepared once (``talkrt.kernels.gpu.prepare``: arguments validated and
-  bound once, as CV-CUDA's callers wrap their buffers once) and then only launched,
 * the op's bandwidth floor: bytes it must read + write / measured device-to-device copy
   bandwidth (a copy of N bytes counted as 2N bytes moved), and kernel time / floor.
 
@@ -24,6 +22,7 @@ and >= 100x faster than the CPU path per 1080p frame; color conversion within 2x
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -31,7 +30,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -52,7 +51,6 @@ class OpBench:
 
     name: str
     gpu: Callable[[], Any] | None
-    prepared: Callable[[], Any] | None      # the same call, prepared (talkrt.kernels.gpu.prepare)
     cpu: Callable[[], Any] | None
     cpu_frames: int
     cvcuda: Callable[[], Any] | None
@@ -98,6 +96,24 @@ def time_gpu(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list]:
+    """The (kernel, grid, block, args, shared_mem) of every launch the talkrt wrappers make
+    inside the block (they are launched too)."""
+    launches: list = []
+    launch = _cuda.launch
+
+    def recording(kernel: Any, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0):
+        launch(kernel, grid, block, args, shared_mem)
+        launches.append((kernel, grid, block, args, shared_mem))
+
+    _cuda.launch = recording
+    try:
+        yield launches
+    finally:
+        _cuda.launch = launch
+
+
 def time_kernels(launches: list, repeats: int, replays: int = KERNEL_REPLAYS) -> float:
     """Median GPU seconds of one replay of recorded ``launches``: they are captured ``replays``
     times into a CUDA graph, which is timed between CUDA events (no host launch cost)."""
@@ -107,7 +123,8 @@ def time_kernels(launches: list, repeats: int, replays: int = KERNEL_REPLAYS) ->
         stream.begin_capture()
         try:
             for _ in range(replays):
-                _cuda.replay(launches)
+                for launch in launches:
+                    _cuda.launch(*launch)
         finally:
             graph = stream.end_capture()
         return time_gpu(lambda: graph.launch(stream), repeats) / replays
@@ -189,7 +206,6 @@ def build_ops(res: str, batch: int, cpu_frames: int, use_gpu: bool) -> list[OpBe
         ("nv12_to_rgb", "rgb_to_nv12", "crop_area", "crop_lanczos", "resize", "unsharp", "blend",
          "compose_nv12", "compose_nv12_sharp", "compose_rgb"))
     cv: dict[str, Callable[[], Any] | None] = {}
-    prepared: dict[str, Callable[[], Any]] = {}
     if use_gpu:
         import cupy
         from talkrt.kernels import gpu
@@ -216,7 +232,6 @@ def build_ops(res: str, batch: int, cpu_frames: int, use_gpu: bool) -> list[OpBe
         }
         for name, (fn, args, kwargs) in calls.items():
             g[name] = functools.partial(fn, *args, **kwargs)
-            prepared[name] = gpu.prepare(fn, *args, **kwargs)
         ops = _cvcuda_ops(cupy)
         for name, make, args in (("nv12_to_rgb", "nv12_to_rgb", (nv12,)),
                                  ("rgb_to_nv12", "rgb_to_nv12", (rgb,)),
@@ -251,7 +266,7 @@ def build_ops(res: str, batch: int, cpu_frames: int, use_gpu: bool) -> list[OpBe
         "compose_nv12_sharp": face_bytes + box + 2 * box * 3 // 2,
         "compose_rgb": face_bytes + box + 2 * box * 3,
     }
-    return [OpBench(name, g[name], prepared.get(name), c[name], k, cv.get(name),
+    return [OpBench(name, g[name], c[name], k, cv.get(name),
                     sizes[name] * batch) for name in c]
 
 
@@ -279,12 +294,10 @@ def run(resolutions: list[str], batches: list[int], repeats: int, cpu_frames: in
             for op in build_ops(res, batch, cpu_frames, use_gpu):
                 row: dict[str, Any] = {"op": op.name, "resolution": res, "batch": batch}
                 if op.gpu is not None:
-                    with _cuda.record_launches() as launches:
+                    with recorded_launches() as launches:
                         op.gpu()
                     row["gpu_us"] = time_kernels(launches, repeats) / batch * 1e6
                     row["gpu_call_us"] = time_gpu(op.gpu, repeats) / batch * 1e6
-                if op.prepared is not None:
-                    row["prepared_us"] = time_gpu(op.prepared, repeats) / batch * 1e6
                 if op.cvcuda is not None:
                     row["cvcuda_us"] = time_gpu(op.cvcuda, repeats) / batch * 1e6
                 if not skip_cpu:
@@ -297,7 +310,6 @@ def run(resolutions: list[str], batches: list[int], repeats: int, cpu_frames: in
                     row["speedup_vs_cpu"] = row["cpu_us"] / row["gpu_call_us"]
                 if "gpu_call_us" in row and "cvcuda_us" in row:
                     row["cvcuda_over_call"] = row["cvcuda_us"] / row["gpu_call_us"]
-                    row["cvcuda_over_prepared"] = row["cvcuda_us"] / row["prepared_us"]
                 result["rows"].append(row)
                 logger.info("%s", row)
     return result
@@ -310,17 +322,15 @@ def markdown_table(result: dict) -> str:
 
     lines = [f"GPU: {result['gpu'] or 'none'}; D2D copy bandwidth: "
              f"{fmt(result['copy_bandwidth_gbps'])} GB/s (read + write)", "",
-             "| op | res | batch | kernel us/frame | call us/frame | prepared us/frame | floor us "
-             "| kernel / floor | CPU us/frame | CPU / call | CV-CUDA us/frame | CV-CUDA / call "
-             "| CV-CUDA / prepared |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| op | res | batch | kernel us/frame | call us/frame | floor us | kernel / floor "
+             "| CPU us/frame | CPU / call | CV-CUDA us/frame | CV-CUDA / call |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['op']} | {r['resolution']} | {r['batch']} | {fmt(r.get('gpu_us'), 2)} "
-                     f"| {fmt(r.get('gpu_call_us'), 2)} | {fmt(r.get('prepared_us'), 2)} "
-                     f"| {fmt(r.get('floor_us'), 2)} | {fmt(r.get('x_floor'), 2)} "
-                     f"| {fmt(r.get('cpu_us'))} | {fmt(r.get('speedup_vs_cpu'), 0)} "
-                     f"| {fmt(r.get('cvcuda_us'), 2)} | {fmt(r.get('cvcuda_over_call'), 2)} "
-                     f"| {fmt(r.get('cvcuda_over_prepared'), 2)} |")
+                     f"| {fmt(r.get('gpu_call_us'), 2)} | {fmt(r.get('floor_us'), 2)} "
+                     f"| {fmt(r.get('x_floor'), 2)} | {fmt(r.get('cpu_us'))} "
+                     f"| {fmt(r.get('speedup_vs_cpu'), 0)} | {fmt(r.get('cvcuda_us'), 2)} "
+                     f"| {fmt(r.get('cvcuda_over_call'), 2)} |")
     return "\n".join(lines) + "\n"
 
 

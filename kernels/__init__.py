@@ -3,7 +3,7 @@ with numpy/OpenCV references that double as the CPU fallback.
 
 Two modules with identical op signatures:
 
-* :mod:`talkrt.kernels.gpu` - CUDA kernels (CuPy ``RawModule``), batched, one launch per op;
+* :mod:`talkrt.kernels.gpu` - CUDA kernels (CuPy ``RawKernel``), batched, one launch per op;
   also re-exported here (``talkrt.kernels.compose_nv12`` is the GPU op);
 * :mod:`talkrt.kernels.reference` - numpy/OpenCV, the definition the kernels are tested against.
 
@@ -22,8 +22,8 @@ from typing import Any
 from . import _cuda
 from ._cuda import gpu_available, unavailable_reason
 from .colorspace import ColorSpec, color_spec
-from .gpu import (Prepared, blend, compose_nv12, compose_rgb, crop_resize, gaussian_blur,
-                  nv12_to_rgb, prepare, resize_to_boxes, rgb_to_nv12, unsharp_mask)
+from .gpu import (blend, compose_nv12, compose_rgb, crop_resize, gaussian_blur, nv12_to_rgb,
+                  resize_to_boxes, rgb_to_nv12, unsharp_mask)
 from .packing import Packed, empty_packed, pack_masks, pack_regions
 from .validate import SharpenParams
 
@@ -31,8 +31,7 @@ __all__ = [
     "gpu_available", "unavailable_reason", "select_backend", "note_fallback", "cupy_module",
     "cupy_stream", "Packed", "pack_masks", "pack_regions", "empty_packed", "SharpenParams",
     "ColorSpec", "color_spec", "nv12_to_rgb", "rgb_to_nv12", "crop_resize", "resize_to_boxes",
-    "gaussian_blur", "unsharp_mask", "blend", "compose_rgb", "compose_nv12", "prepare",
-    "Prepared",
+    "gaussian_blur", "unsharp_mask", "blend", "compose_rgb", "compose_nv12",
 ]
 
 

@@ -1,4 +1,5 @@
-"""CuPy plumbing: optional import, device detection, per-device module cache, array adoption.
+"""CuPy plumbing: optional import, device detection, kernel loading and launching, array
+adoption, staged uploads.
 
 Nothing here raises at import time when CuPy or a GPU is missing; :func:`gpu_available` says so.
 """
@@ -6,17 +7,15 @@ Nothing here raises at import time when CuPy or a GPU is missing; :func:`gpu_ava
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
+import functools
+import hashlib
 import logging
-import operator
 import threading
-from importlib import resources
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-from . import kernel_args
 
 logger = logging.getLogger("talkrt.kernels")
 
@@ -27,16 +26,13 @@ except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA install
     cupy = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
+#: the .cu sources and common.cuh, which they include (NVRTC's include path)
+KERNEL_DIR = Path(__file__).resolve().parent
 _HEADER = "common.cuh"
 _DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
-_modules: dict[tuple[int, str, str], Any] = {}
-_functions: dict[tuple[int, str, str, str], Any] = {}
-_params: dict[str, dict[str, list]] = {}
 _external_streams: dict[tuple[int, int], Any] = {}
 _staged: collections.deque = collections.deque()   # (event, pinned buffer) of pending uploads
 _staged_lock = threading.Lock()
-_modules_lock = threading.Lock()
-_recorder: tuple[list, bool] | None = None   # (launches, execute them) while recording
 _gpu_seen = False                # a CUDA device was found once (see unavailable_reason)
 
 
@@ -73,99 +69,49 @@ def require_cupy() -> Any:
     return cupy
 
 
-def kernel_source(name: str) -> str:
-    """CUDA source ``name`` from the package, with ``#include "common.cuh"`` pasted in."""
-    root = resources.files("talkrt.kernels")
-    text = root.joinpath(name).read_text(encoding="utf-8")
-    header = root.joinpath(_HEADER).read_text(encoding="utf-8")
-    return text.replace(f'#include "{_HEADER}"', header)
+@functools.cache
+def get_kernel(source: str, name: str) -> Any:
+    """Kernel ``name`` of the package's CUDA source ``source`` as a ``cupy.RawKernel``.
 
-
-class Kernel:
-    """A compiled kernel, launched through ``cuLaunchKernel`` with a reusable
-    :class:`~talkrt.kernels.kernel_args.ArgBlock` (see there for why and for the argument
-    types). Called like a CuPy RawKernel: ``kernel(grid, block, args, shared_mem=0)``, on the
-    current CuPy stream of the current device (the one it was compiled for)."""
-
-    def __init__(self, raw: Any, name: str, params: list) -> None:
-        self.name = name
-        self.params = params
-        self._raw = raw
-        self._function = int(raw.kernel.ptr)       # CUfunction on the current device
-        self._args = kernel_args.ArgBlock(name, params, _device_pointer)
-        self._last: tuple = ()                     # the arguments now in self._args
-        self._smem_limit = 48 * 1024               # dynamic shared memory allowed without opt-in
-
-    def _allow_smem(self, shared_mem: int) -> None:
-        if shared_mem > self._smem_limit:
-            self._raw.max_dynamic_shared_size_bytes = shared_mem
-            self._smem_limit = shared_mem
-
-    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
-        self._allow_smem(shared_mem)
-        stream = cupy.cuda.get_current_stream().ptr
-        block_args = self._args
-        with block_args.lock:
-            # the same objects again (arrays keep their memory, scalars and bytes are immutable)
-            # leave the block as it is
-            last = self._last
-            if len(last) != len(args) or not all(map(operator.is_, args, last)):
-                self._last = ()
-                block_args.fill(args)
-                self._last = args
-            cupy.cuda.driver.launchKernel(
-                self._function, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                shared_mem, stream, block_args.pointers_address, 0)
-
-    def bind(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> Callable:
-        """A launch with these arguments in its own argument block: ``bound(stream_ptr)``."""
-        self._allow_smem(shared_mem)
-        block_args = kernel_args.ArgBlock(self.name, self.params, _device_pointer)
-        block_args.fill(args)
-        function, address = self._function, block_args.pointers_address
-
-        def bound(stream: int, _keep: tuple = (block_args, args)) -> None:
-            cupy.cuda.driver.launchKernel(function, grid[0], grid[1], grid[2], block[0],
-                                          block[1], block[2], shared_mem, stream, address, 0)
-        return bound
-
-
-def _device_pointer(array: Any) -> int:
-    if type(array) is not cupy.ndarray:
-        raise TypeError(f"expected a CuPy array, got {type(array).__name__}")
-    return array.data.ptr
-
-
-def kernel_params(source: str) -> dict[str, list]:
-    """{kernel: parameters} of a ``.cu`` source (parsed once)."""
-    params = _params.get(source)
-    if params is None:
-        params = _params[source] = kernel_args.parse_kernels(kernel_source(source))
-    return params
-
-
-def get_kernel(source: str, name: str, dtype: Any = np.uint8) -> Kernel:
-    """Compiled kernel ``name`` of ``source`` for the current device, as a :class:`Kernel`.
-
-    Modules are compiled once per (device id, source, dtype) and cached, as cupyx does; CuPy also
-    keeps the compiled binary in its on-disk kernel cache. Every talkrt kernel works on uint8
-    pixels today; ``dtype`` (a numpy scalar type or dtype) is part of the key so that other
-    pixel types can be added.
+    CuPy compiles the source with NVRTC once per device, on the first launch there, and keeps
+    the binary in its on-disk cache, keyed on the source text and the options: the options carry
+    a digest of common.cuh, so that an edited header is never served from a stale binary.
     """
     cp = require_cupy()
-    key = (cp.cuda.runtime.getDevice(), source, dtype)
-    function = _functions.get((*key, name))
-    if function is not None:
-        return function
-    with _modules_lock:
-        module = _modules.get(key)
-        if module is None:
-            logger.debug("compiling %s for device %d", source, key[0])
-            module = cp.RawModule(code=kernel_source(source))
-            _modules[key] = module
-        function = _functions[(*key, name)] = Kernel(module.get_function(name), name,
-                                                     kernel_params(source)[name])
-    return function
+    code = (KERNEL_DIR / source).read_text(encoding="utf-8")
+    header = hashlib.sha256((KERNEL_DIR / _HEADER).read_bytes()).hexdigest()[:16]
+    logger.debug("loading %s from %s", name, source)
+    return cp.RawKernel(code, name, options=(f"-I{KERNEL_DIR}", f"-DTALKRT_HEADER_{header}"))
+
+
+def launch(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: tuple,
+           shared_mem: int = 0) -> None:
+    """Launch ``kernel`` on the current stream; empty grids are skipped.
+
+    ``args`` as CuPy takes them: device arrays for pointers, 1-element numpy arrays of a
+    structured dtype for structs passed by value, ``np.float32`` for ``float``; a Python int
+    becomes an ``int`` (int32; OverflowError when it does not fit). A Python float is refused
+    (TypeError): CuPy would pass it as a double.
+    """
+    if min(grid) <= 0:
+        return
+    converted = []
+    for arg in args:
+        if type(arg) is int:
+            arg = np.int32(arg)
+        elif type(arg) is float:
+            raise TypeError(f"{kernel.name}: pass float arguments as np.float32")
+        elif type(arg) is np.ndarray and arg.dtype.names is not None:
+            # CuPy takes a numpy argument's address from __array_interface__, which lists
+            # every field of a structured dtype (~10 us a struct); the same bytes, opaque
+            arg = arg.view(_opaque(arg.itemsize))
+        converted.append(arg)
+    kernel(grid, block, tuple(converted), shared_mem=shared_mem)
+
+
+@functools.cache
+def _opaque(itemsize: int) -> np.dtype:
+    return np.dtype((np.void, itemsize))
 
 
 def adopt(array: Any, name: str) -> Any:
@@ -215,13 +161,6 @@ def same_device(reference: Any, others: dict[str, Any]) -> None:
                              f"{device_id(reference)}")
 
 
-def synchronize(array: Any) -> None:
-    """Wait for all work queued on ``array``'s device (nothing to wait for on the host arrays of
-    the CPU emulator)."""
-    if not isinstance(array, np.ndarray):
-        require_cupy().cuda.Device(device_id(array)).synchronize()
-
-
 def as_stream(stream: Any) -> Any:
     """A CuPy stream for ``stream``: None (current stream), a CuPy stream, or any object with a
     ``cuda_stream`` handle (e.g. ``torch.cuda.Stream``)."""
@@ -241,7 +180,7 @@ def as_stream(stream: Any) -> Any:
                     f"got {type(stream).__name__}")
 
 
-class on_device:  # noqa: N801 - used like the context manager function it replaces
+class on_device:  # noqa: N801 - a context manager, named like one
     """``with on_device(array, stream) as s``: ``array``'s device and ``stream`` (see
     :func:`as_stream`) are current for allocations, copies and launches inside the block;
     ``s`` is the CuPy stream. Switches only what differs from the current state."""
@@ -273,7 +212,8 @@ class on_device:  # noqa: N801 - used like the context manager function it repla
 
 def upload(host: np.ndarray) -> Any:
     """Copy a small host table to a new array on the current device, queued on the current
-    stream without waiting for it.
+    stream without waiting for it. A table of C structs (a structured dtype) arrives as its
+    bytes (uint8).
 
     A copy from pageable memory would first wait for all work queued on the stream (~100 us in
     a busy pipeline); this one goes through pinned staging memory, which is kept until an event
@@ -281,6 +221,8 @@ def upload(host: np.ndarray) -> Any:
     """
     cp = require_cupy()
     host = np.ascontiguousarray(host)
+    if host.dtype.names is not None:
+        host = host.reshape(-1).view(np.uint8)
     with _staged_lock:
         while _staged and _staged[0][0].done:
             _staged.popleft()
@@ -295,37 +237,3 @@ def upload(host: np.ndarray) -> Any:
     with _staged_lock:
         _staged.append((event, pinned))
     return device
-
-
-def launch(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: tuple,
-           shared_mem: int = 0) -> None:
-    """Launch on the current stream; empty grids are skipped."""
-    if min(grid) <= 0:
-        return
-    if _recorder is None or _recorder[1]:
-        kernel(grid, block, args, shared_mem=shared_mem)
-    if _recorder is not None:
-        _recorder[0].append((kernel, grid, block, args, shared_mem))
-
-
-@contextlib.contextmanager
-def record_launches(execute: bool = True) -> Iterator[list]:
-    """Collect (kernel, grid, block, args, shared_mem) of every launch made inside the block,
-    launching them too unless ``execute`` is False.
-
-    The benchmark replays them to time the kernels alone, without the host-side validation,
-    table building and uploads of the wrappers; :func:`talkrt.kernels.prepared.prepare` binds
-    them. Not thread safe.
-    """
-    global _recorder
-    saved, _recorder = _recorder, ([], execute)
-    try:
-        yield _recorder[0]
-    finally:
-        _recorder = saved
-
-
-def replay(launches: list) -> None:
-    """Launch recorded kernels again, in order, on the current stream."""
-    for kernel, grid, block, args, shared_mem in launches:
-        kernel(grid, block, args, shared_mem=shared_mem)

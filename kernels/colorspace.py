@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ColorSpec", "MATRICES", "color_spec"]
+__all__ = ["ColorSpec", "MATRICES", "DECODE_COEFFS", "ENCODE_COEFFS", "color_spec"]
 
 #: Luma weights (Kr, Kb) of the supported color matrices.
 MATRICES: dict[str, tuple[float, float]] = {
@@ -44,9 +44,17 @@ MATRICES: dict[str, tuple[float, float]] = {
 }
 
 
+#: common.cuh's DecodeCoeffs and EncodeCoeffs, field for field
+DECODE_COEFFS = np.dtype([(name, "<f4") for name in
+                          ("y_offset", "y_scale", "r_v", "g_u", "g_v", "b_u")])
+ENCODE_COEFFS = np.dtype([(name, "<f4") for name in
+                          ("y_r", "y_g", "y_b", "u_r", "u_g", "u_b", "v_r", "v_g", "v_b",
+                           "y_offset")])
+
+
 @dataclass(frozen=True)
 class ColorSpec:
-    """float32 coefficients of one (matrix, range) pair, in the order the kernels take them."""
+    """float32 coefficients of one (matrix, range) pair."""
 
     matrix: str
     full_range: bool
@@ -68,25 +76,22 @@ class ColorSpec:
     v_g: np.float32
     v_b: np.float32
 
-    def decode_args(self) -> tuple[np.float32, ...]:
-        """Coefficients of the YUV -> RGB direction, in the field order of common.cuh's
-        DecodeCoeffs."""
-        return (self.y_offset, self.y_scale, self.r_v, self.g_u, self.g_v, self.b_u)
-
-    def encode_args(self) -> tuple[np.float32, ...]:
-        """Coefficients of the RGB -> YUV direction, in the field order of EncodeCoeffs."""
-        return (self.y_r, self.y_g, self.y_b, self.u_r, self.u_g, self.u_b,
-                self.v_r, self.v_g, self.v_b, self.y_offset)
+    @functools.cached_property
+    def decode_struct(self) -> np.ndarray:
+        """The YUV -> RGB coefficients as the kernels take them by value: a read-only
+        1-element :data:`DECODE_COEFFS` array."""
+        return _struct(self, DECODE_COEFFS)
 
     @functools.cached_property
-    def decode_bytes(self) -> bytes:
-        """DecodeCoeffs as the kernels take it by value (float32, native byte order)."""
-        return np.array(self.decode_args(), np.float32).tobytes()
+    def encode_struct(self) -> np.ndarray:
+        """The RGB -> YUV coefficients, a read-only 1-element :data:`ENCODE_COEFFS` array."""
+        return _struct(self, ENCODE_COEFFS)
 
-    @functools.cached_property
-    def encode_bytes(self) -> bytes:
-        """EncodeCoeffs as the kernels take it by value."""
-        return np.array(self.encode_args(), np.float32).tobytes()
+
+def _struct(spec: ColorSpec, dtype: np.dtype) -> np.ndarray:
+    array = np.array([tuple(getattr(spec, name) for name in dtype.names)], dtype)
+    array.flags.writeable = False
+    return array
 
 
 _SPECS: dict[tuple[str, bool], ColorSpec] = {}

@@ -1,6 +1,5 @@
-// Shared device helpers of the talkrt kernels. The Python loader (talkrt.kernels._cuda) pastes
-// this file in place of `#include "common.cuh"` before handing a source to NVRTC, so no include
-// path and no standard header is needed.
+// Shared device helpers of the talkrt kernels, included through NVRTC's include path (the
+// package folder, talkrt.kernels._cuda); no standard header is needed.
 //
 // Float arithmetic that must match the numpy references bit for bit uses the explicit
 // round-to-nearest intrinsics (__fmul_rn, __fadd_rn, __fsub_rn, __fdiv_rn): they are never
@@ -77,12 +76,11 @@ __device__ __forceinline__ void store_bytes(u8* __restrict__ p, const u8 (&v)[N]
 
 // ---------------------------------------------------------------- color conversion (colorspace.py)
 
-// Kernels take these by value, in this field order (ColorSpec.decode_bytes / encode_bytes;
-// kernel_args.STRUCT_BYTES has the same sizes).
+// Kernels take these by value; colorspace.DECODE_COEFFS / ENCODE_COEFFS mirror them.
 struct DecodeCoeffs { float y_offset, y_scale, r_v, g_u, g_v, b_u; };
 struct EncodeCoeffs { float y_r, y_g, y_b, u_r, u_g, u_b, v_r, v_g, v_b, y_offset; };
-static_assert(sizeof(DecodeCoeffs) == 24, "DecodeCoeffs: see kernel_args.STRUCT_BYTES");
-static_assert(sizeof(EncodeCoeffs) == 40, "EncodeCoeffs: see kernel_args.STRUCT_BYTES");
+static_assert(sizeof(DecodeCoeffs) == 24, "DecodeCoeffs: mirrored by colorspace.DECODE_COEFFS");
+static_assert(sizeof(EncodeCoeffs) == 40, "EncodeCoeffs: mirrored by colorspace.ENCODE_COEFFS");
 
 // YUV -> RGB in the float32 order of colorspace.py.
 __device__ __forceinline__ void decode_pixel(const DecodeCoeffs& k, int y, int u, int v,

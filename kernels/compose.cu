@@ -1,35 +1,26 @@
 // Face resize, mask blend and the fused RGB compose (talkrt.kernels.gpu.resize_to_boxes / blend /
-// compose_rgb; the fused NV12 compose is compose_nv12.cu). Per-frame parameters come in one int64
-// table `params` [B, 8]:
-//   x1, y1, x2, y2 (face box, end exclusive), mask_offset, region_offset, 0, 0
-// where mask_offset / region_offset index the packed mask / packed box-sized face buffers
-// (talkrt.kernels.packing). The 256x256 generated face is resized with OpenCV's INTER_LINEAR
-// half-pixel mapping in float32 (common.cuh: linear_tap / sample_rgb). A pixel whose mask is 0
-// is never written: the blend formula would return the body pixel unchanged anyway.
+// compose_rgb; the fused NV12 compose is compose_nv12.cu). Per-frame parameters come in an
+// uploaded table of FrameBox records, one per frame (below). The 256x256 generated face is
+// resized with OpenCV's INTER_LINEAR half-pixel mapping in float32 (common.cuh: linear_tap /
+// sample_rgb). A pixel whose mask is 0 is never written: the blend formula would return the body
+// pixel unchanged anyway.
 // Launch: block (32, 8), grid (ceil(max box w / 32), ceil(max box h / 8), B).
 #include "common.cuh"
 
-#define PARAM_STRIDE 8
-
+// The face box (end exclusive) and the frame's offsets into the packed masks / packed
+// box-sized faces (talkrt.kernels.packing); launch.FRAME_BOX mirrors it (launch.box_params).
 struct FrameBox { int x1, y1, x2, y2; long long mask_off, region_off; };
-
-__device__ __forceinline__ FrameBox load_box(const long long* __restrict__ params, int b) {
-    const long long* p = params + (size_t)b * PARAM_STRIDE;
-    FrameBox box;
-    box.x1 = (int)p[0]; box.y1 = (int)p[1]; box.x2 = (int)p[2]; box.y2 = (int)p[3];
-    box.mask_off = p[4]; box.region_off = p[5];
-    return box;
-}
+static_assert(sizeof(FrameBox) == 32, "FrameBox: mirrored by launch.FRAME_BOX");
 
 // faces [B, face_h, face_w, 3] -> packed regions [box_h, box_w, 3] at region_off.
 extern "C" __global__ void resize_to_boxes_kernel(
     const u8* __restrict__ faces, int face_h, int face_w,
-    u8* __restrict__ regions, const long long* __restrict__ params)
+    u8* __restrict__ regions, const FrameBox* __restrict__ params)
 {
     const int dx = blockIdx.x * blockDim.x + threadIdx.x;
     const int dy = blockIdx.y * blockDim.y + threadIdx.y;
     const int b = blockIdx.z;
-    const FrameBox box = load_box(params, b);
+    const FrameBox box = params[b];
     const int w = box.x2 - box.x1, h = box.y2 - box.y1;
     if (dx >= w || dy >= h) return;
     const u8* face = faces + (size_t)b * face_h * face_w * 3;
@@ -45,12 +36,12 @@ extern "C" __global__ void resize_to_boxes_kernel(
 extern "C" __global__ void blend_kernel(
     u8* __restrict__ frames, int height, int width,
     const u8* __restrict__ regions, const u8* __restrict__ masks,
-    const long long* __restrict__ params)
+    const FrameBox* __restrict__ params)
 {
     const int dx = blockIdx.x * blockDim.x + threadIdx.x;
     const int dy = blockIdx.y * blockDim.y + threadIdx.y;
     const int b = blockIdx.z;
-    const FrameBox box = load_box(params, b);
+    const FrameBox box = params[b];
     const int w = box.x2 - box.x1, h = box.y2 - box.y1;
     if (dx >= w || dy >= h) return;
     const int m = masks[box.mask_off + (size_t)dy * w + dx];
@@ -65,12 +56,12 @@ extern "C" __global__ void blend_kernel(
 extern "C" __global__ void compose_rgb_kernel(
     u8* __restrict__ frames, int height, int width,
     const u8* __restrict__ faces, int face_h, int face_w,
-    const u8* __restrict__ masks, const long long* __restrict__ params)
+    const u8* __restrict__ masks, const FrameBox* __restrict__ params)
 {
     const int dx = blockIdx.x * blockDim.x + threadIdx.x;
     const int dy = blockIdx.y * blockDim.y + threadIdx.y;
     const int b = blockIdx.z;
-    const FrameBox box = load_box(params, b);
+    const FrameBox box = params[b];
     const int w = box.x2 - box.x1, h = box.y2 - box.y1;
     if (dx >= w || dy >= h) return;
     const int m = masks[box.mask_off + (size_t)dy * w + dx];

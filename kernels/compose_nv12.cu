@@ -4,18 +4,10 @@
 //
 // The work is cut into 2x2 pixel blocks of the box grown to even coordinates (a block shares one
 // UV sample); a thread does NV12_BLOCKS blocks stacked vertically, so that consecutive output
-// rows share their face rows (below). Per-frame params: 12 int32 per frame
-// (launch.nv12_compose_params) in a table the kernel takes by value; for a box x1, y1, x2, y2
-// (end exclusive) grown to ex1 = x1 & ~1, ey1, ex2 = (x2 + 1) & ~1, ey2: (ex2 - ex1) / 2 block
-// columns, (ey2 - ey1) / 2 block rows, ex1, ey1 | x1 & 1, y1 & 1, x2 - x1, y2 - y1 | mask
-// offset (low, high word) into the packed masks, the float32 bits of face_w / (x2 - x1) and
-// face_h / (y2 - y1) (IEEE division on the host: the same float as __fdiv_rn). When the mask's
-// non-zero rows are known, the grid leaves out the block rows above and below them: block rows
-// then count from the first kept one, ey1 moves down by 2 per skipped block row and the
-// "y1 & 1" entry becomes y1 & 1 - 2 * skipped (it only maps block rows to box rows). The table
-// holds up to NV12_TABLE_FRAMES frames (a launch covers at most that many); it and the color
-// coefficients travel in the kernel's parameter block, so a launch uploads nothing and a
-// thread's first load is its mask.
+// rows share their face rows (below). Each frame is described by an NV12Frame record (below) in
+// a table that the kernel takes by value, with the color coefficients: a launch uploads nothing
+// and a thread's first load is its mask.
+//
 // Launch (launch.nv12_compose_grid): block (32, 4), grid (ceil(max block columns / 32),
 // ceil(ceil(max block rows / NV12_BLOCKS) / 4), B <= NV12_TABLE_FRAMES). Needs face_w >= 2 (the
 // wrapper widens 1-pixel-wide faces, which changes no output: every tap reads the same value)
@@ -38,7 +30,6 @@
 // * clamps that provably change nothing are left out (round_held_in_range, round_held_max255).
 #include "common.cuh"
 
-#define NV12_PARAMS 12        // int32 per frame in params (launch.nv12_compose_params)
 #define NV12_TABLE_FRAMES 64  // frames per launch (launch.NV12_TABLE_FRAMES)
 #define NV12_BLOCKS 2         // 2x2 blocks per thread, stacked (launch.NV12_COMPOSE_BLOCKS)
 #define TWO_23 8388608.0f     // 2^23; its float bits are 0x4B000000
@@ -226,11 +217,25 @@ __device__ __forceinline__ void store_uv(u8* uvp, const EncodeCoeffs& k, const f
 
 // --------------------------------------------------------------------------------- kernel
 
-// Per-frame params, 3 x 16 bytes per frame (see the top of this file). Passed by value and
-// declared __grid_constant__: read in place from the parameter bank, indexed by the frame.
-struct __align__(16) NV12ComposeTable { uint4 q[NV12_TABLE_FRAMES * NV12_PARAMS / 4]; };
-static_assert(sizeof(NV12ComposeTable) == NV12_TABLE_FRAMES * NV12_PARAMS * 4,
-              "NV12ComposeTable: see kernel_args.STRUCT_BYTES");
+// One frame of the launch, for a box x1, y1, x2, y2 (end exclusive) grown to even coordinates
+// ex1 = x1 & ~1, ey1 = y1 & ~1, ex2 = (x2 + 1) & ~1, ey2. Built by launch.nv12_compose_params,
+// whose numpy dtype launch.NV12_FRAME mirrors this layout (48 bytes, 16-byte aligned records).
+// When the mask's non-zero rows are known, the grid leaves out the block rows above and below
+// them: rows counts from the first kept block row, ey1 moves down by 2 per skipped block row
+// and y_odd becomes (y1 & 1) - 2 * skipped (it only maps block rows to box rows).
+struct __align__(16) NV12Frame {
+    int cols, rows;            // 2x2 block columns (ex2 - ex1) / 2 and rows (ey2 - ey1) / 2
+    int ex1, ey1;              // frame position of block (0, 0)
+    int x_odd, y_odd;          // x1 & 1, y1 & 1 (see above)
+    int w, h;                  // box size x2 - x1, y2 - y1
+    long long mask_off;        // the frame's mask in the packed masks ([h, w] uint8)
+    float scale_x, scale_y;    // face_w / w, face_h / h (IEEE division on the host: __fdiv_rn)
+};
+static_assert(sizeof(NV12Frame) == 48, "NV12Frame: mirrored by launch.NV12_FRAME");
+
+// Passed by value and declared __grid_constant__: read in place from the parameter bank,
+// indexed by the frame (launch.NV12_TABLE; frames past the grid are never read).
+struct NV12ComposeTable { NV12Frame frames[NV12_TABLE_FRAMES]; };
 
 extern "C" __global__ void compose_nv12_kernel(
     u8* __restrict__ nv12, int height, int width,    // [B, H*3/2, W], in place
@@ -241,18 +246,15 @@ extern "C" __global__ void compose_nv12_kernel(
     const int bx = blockIdx.x * blockDim.x + threadIdx.x;                  // block column
     const int by = (blockIdx.y * blockDim.y + threadIdx.y) * NV12_BLOCKS;  // first block row
     const int b = blockIdx.z;
-    const uint4* prm = table.q + b * (NV12_PARAMS / 4);
-    const uint4 q0 = prm[0];                            // block columns, block rows, ex1, ey1
-    if (bx >= (int)q0.x || by >= (int)q0.y) return;
+    const NV12Frame f = table.frames[b];   // the whole record: three 16-byte parameter loads
+    if (bx >= f.cols || by >= f.rows) return;
 
     // Masks of the thread's blocks, pixel p = 2 * row + col in byte p; 0 outside the box (odd
     // x1, y1, x2 or y2 put the grown box's edge pixels outside it; rows past the box too).
-    // x1 & 1, y1 & 1 (- 2 * skipped), w, h | mask offset (low, high), scales
-    const uint4 q1 = prm[1], q2 = prm[2];
-    const int w = (int)q1.z, h = (int)q1.w;
-    const int dx = 2 * bx - (int)q1.x, dy = 2 * by - (int)q1.y;   // box coordinates (>= -1)
+    const int w = f.w, h = f.h;
+    const int dx = 2 * bx - f.x_odd, dy = 2 * by - f.y_odd;   // box coordinates (>= -1)
     const bool in_l = dx >= 0, in_r = dx + 1 < w;
-    const u8* mrow = masks + (((size_t)q2.y << 32) | q2.x) + (dy * w + dx);
+    const u8* mrow = masks + f.mask_off + (dy * w + dx);
     u32 mk[NV12_BLOCKS];
     u32 any = 0;
 #pragma unroll
@@ -270,7 +272,7 @@ extern "C" __global__ void compose_nv12_kernel(
     if (any == 0) return;                               // the reference leaves these blocks alone
 
     // Face taps of the two columns (pixels outside the box get clamped taps, never used).
-    const float scale_x = __int_as_float((int)q2.z), scale_y = __int_as_float((int)q2.w);
+    const float scale_x = f.scale_x, scale_y = f.scale_y;
     const float face_w2f = exact_float(face_w - 2), face_h1f = exact_float(face_h - 1);
     const XTap tx0 = x_tap(dx, scale_x, face_w, face_w2f);
     const XTap tx1 = x_tap(dx + 1, scale_x, face_w, face_w2f);
@@ -279,7 +281,7 @@ extern "C" __global__ void compose_nv12_kernel(
     const u8* col0 = face + 3 * tx0.i0;
     const int col1 = 3 * (tx1.i0 - tx0.i0);             // second column, from the first
     u8* frame = nv12 + (unsigned long long)(u32)b * (u32)(height * width / 2 * 3);
-    const int px0 = (int)q0.z + 2 * bx, py0 = (int)q0.w + 2 * by;   // frame coordinates
+    const int px0 = f.ex1 + 2 * bx, py0 = f.ey1 + 2 * by;   // frame coordinates
     u8* luma = frame + (py0 * width + px0);             // 32-bit offsets within a frame
     u8* uvp = frame + ((height + (py0 >> 1)) * width + px0);
 

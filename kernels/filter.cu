@@ -38,8 +38,9 @@ typedef unsigned short u16;
 
 // The taps travel by value in the kernel's parameter block (__grid_constant__: read in place,
 // indexed at run time, never copied per thread); the first 2 * radius + 1 are used.
+// launch.FILTER_TAPS mirrors it.
 struct FilterTaps { int w[MAX_TAPS]; };
-static_assert(sizeof(FilterTaps) == 4 * MAX_TAPS, "FilterTaps: see kernel_args.STRUCT_BYTES");
+static_assert(sizeof(FilterTaps) == 4 * MAX_TAPS, "FilterTaps: mirrored by launch.FILTER_TAPS");
 
 // cv::borderInterpolate(p, n, BORDER_REFLECT_101) for any p (period 2n - 2).
 __device__ __forceinline__ int reflect101(int p, int n) {

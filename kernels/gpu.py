@@ -8,10 +8,8 @@ from __future__ import annotations
 from .gpu_compose import blend, compose_nv12, compose_rgb, resize_to_boxes
 from .gpu_ops import crop_resize, gaussian_blur, nv12_to_rgb, rgb_to_nv12, unsharp_mask
 from .packing import pack_masks, pack_regions
-from .prepared import Prepared, prepare
 
 __all__ = [
     "nv12_to_rgb", "rgb_to_nv12", "crop_resize", "resize_to_boxes", "gaussian_blur",
     "unsharp_mask", "blend", "compose_rgb", "compose_nv12", "pack_masks", "pack_regions",
-    "prepare", "Prepared",
 ]

@@ -17,27 +17,21 @@ from . import _cuda, launch
 from .colorspace import color_spec
 from .gpu_ops import unsharp_mask
 from .packing import Packed, empty_packed, pack_regions
-from .validate import (SharpenParams, as_image_batch, as_nv12_batch, check_boxes, check_out,
-                       check_uint8)
+from .validate import SharpenParams, as_image_batch, as_nv12_batch, check_boxes, check_out
 
 __all__ = ["resize_to_boxes", "blend", "compose_rgb", "compose_nv12"]
 
 
-def _device_packed(regions: Packed | Sequence[Any], channels: int, boxes: np.ndarray | None,
+def _device_packed(regions: Packed | Sequence[Any], channels: int, boxes: np.ndarray,
                    name: str, like: Any) -> Packed:
-    """Validate against boxes and return a Packed whose data is on ``like``'s device. With
-    ``boxes`` None the layout was checked by the caller (launch.nv12_compose_rows_small) and
-    only the data buffer is."""
+    """Validate against boxes and return a Packed whose data is on ``like``'s device."""
     cp = _cuda.require_cupy()
     packed = regions if isinstance(regions, Packed) else pack_regions(regions, channels, cp)
     if isinstance(packed.data, np.ndarray):   # host-packed: one upload
         packed = packed.with_data(_cuda.upload(packed.data))
     else:
         packed = packed.with_data(_cuda.adopt(packed.data, f"{name}.data"))
-    if boxes is None:
-        check_uint8(packed.data, f"{name}.data")
-    else:
-        packed.check_matches(boxes, channels, name)
+    packed.check_matches(boxes, channels, name)
     _cuda.same_device(like, {name: packed.data})
     return packed
 
@@ -94,7 +88,7 @@ def resize_to_boxes(faces: Any, boxes: Any, *, out: Packed | None = None,
         params = _cuda.upload(launch.box_params(box_arr, region_offsets=out.offsets))
         kernel = _cuda.get_kernel("compose.cu", "resize_to_boxes_kernel")
         _cuda.launch(kernel, launch.grid_2d(*launch.box_extent(box_arr), n), launch.BLOCK,
-                     (face_batch, np.int32(face_h), np.int32(face_w), out.data, params))
+                     (face_batch, face_h, face_w, out.data, params))
     return out
 
 
@@ -113,8 +107,7 @@ def blend(frames: Any, faces_in_boxes: Packed | Sequence[Any], boxes: Any,
         params = _cuda.upload(launch.box_params(box_arr, masks_p.offsets, faces_p.offsets))
         kernel = _cuda.get_kernel("compose.cu", "blend_kernel")
         _cuda.launch(kernel, launch.grid_2d(*launch.box_extent(box_arr), n), launch.BLOCK,
-                     (target, np.int32(height), np.int32(width), faces_p.data, masks_p.data,
-                      params))
+                     (target, height, width, faces_p.data, masks_p.data, params))
     return result
 
 
@@ -136,9 +129,8 @@ def compose_rgb(frames: Any, faces: Any, boxes: Any, masks: Packed | Sequence[An
         params = _cuda.upload(launch.box_params(box_arr, masks_p.offsets))
         kernel = _cuda.get_kernel("compose.cu", "compose_rgb_kernel")
         _cuda.launch(kernel, launch.grid_2d(*launch.box_extent(box_arr), n), launch.BLOCK,
-                     (target, np.int32(height), np.int32(width), face_batch,
-                      np.int32(face_batch.shape[1]), np.int32(face_batch.shape[2]),
-                      masks_p.data, params))
+                     (target, height, width, face_batch, face_batch.shape[1],
+                      face_batch.shape[2], masks_p.data, params))
     return result
 
 
@@ -160,15 +152,9 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
     batch, single, height, width = as_nv12_batch(nv12)
     n = batch.shape[0]
     spec = color_spec(matrix, full_range)
-    small = None
-    if (n <= launch.SMALL_BATCH and isinstance(masks, Packed)       # tables in Python, checks too
-            and isinstance(masks.data, _cuda.require_cupy().ndarray) and masks.data.ndim == 1):
-        small = launch.nv12_compose_rows_small(boxes, height, width, masks.shapes,
-                                               masks.offsets, int(masks.data.shape[0]),
-                                               masks.row_spans)
-    box_arr = check_boxes(boxes, n, height, width) if small is None else None
+    box_arr = check_boxes(boxes, n, height, width)
     with _cuda.on_device(batch, stream):
-        masks_p = _device_packed(masks, 1, box_arr, "masks", batch)   # box_arr None: checked
+        masks_p = _device_packed(masks, 1, box_arr, "masks", batch)
         face_batch = _faces(faces, n, batch, sharpen)
         target, result = _in_place_target(nv12, single, out)
         if face_batch.shape[2] < 2:
@@ -177,21 +163,15 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
             face_batch = face_batch.repeat(2, axis=2)
         face_h, face_w = int(face_batch.shape[1]), int(face_batch.shape[2])
         kernel = _cuda.get_kernel("compose_nv12.cu", "compose_nv12_kernel")
-        if small is not None:
-            rows, grid = small
-            _cuda.launch(kernel, grid, launch.NV12_COMPOSE_BLOCK,
-                         (target, height, width, face_batch, face_h, face_w, masks_p.data,
-                          spec.decode_bytes, spec.encode_bytes,
-                          launch.pack_nv12_rows(rows, face_w, face_h)))
-            return result
-        table = launch.nv12_compose_params(box_arr, masks_p.offsets, face_w, face_h,
-                                           masks_p.row_spans)
-        step = launch.NV12_TABLE_FRAMES   # frames per launch: the table travels by value
+        params = launch.nv12_compose_params(box_arr, masks_p.offsets, face_w, face_h,
+                                            masks_p.row_spans)
+        step = launch.NV12_TABLE_FRAMES
         for start in range(0, n, step):
-            part = table[start:start + step]
+            part = params[start:start + step]
             frames, face_part = ((target, face_batch) if n <= step else
                                  (target[start:start + step], face_batch[start:start + step]))
             _cuda.launch(kernel, launch.nv12_compose_grid(part), launch.NV12_COMPOSE_BLOCK,
                          (frames, height, width, face_part, face_h, face_w, masks_p.data,
-                          spec.decode_bytes, spec.encode_bytes, part.tobytes()))
+                          spec.decode_struct, spec.encode_struct,
+                          launch.nv12_compose_table(part)))
     return result

@@ -51,7 +51,7 @@ def nv12_to_rgb(nv12: Any, *, matrix: str = "bt709", full_range: bool = False,
         target, result = _output(out, shape, single, batch)
         kernel = _cuda.get_kernel("color.cu", "nv12_to_rgb_kernel")
         _cuda.launch(kernel, launch.color_grid(height, width, n), launch.BLOCK,
-                     (batch, target, height, width, int(planar), int(bgr), spec.decode_bytes))
+                     (batch, target, height, width, int(planar), int(bgr), spec.decode_struct))
     return result
 
 
@@ -70,7 +70,7 @@ def rgb_to_nv12(rgb: Any, *, matrix: str = "bt709", full_range: bool = False,
         target, result = _output(out, (n, height * 3 // 2, width), single, batch)
         kernel = _cuda.get_kernel("color.cu", "rgb_to_nv12_kernel")
         _cuda.launch(kernel, launch.color_grid(height, width, n), launch.BLOCK,
-                     (batch, target, height, width, int(bgr), spec.encode_bytes))
+                     (batch, target, height, width, int(bgr), spec.encode_struct))
     return result
 
 
@@ -94,18 +94,20 @@ def crop_resize(frames: Any, boxes: Any, *, size: tuple[int, int] = (256, 256),
         device_buffer = _cuda.upload(tables.buffer)
         kernel = _cuda.get_kernel("resize.cu", "crop_resize_kernel")
         _cuda.launch(kernel, launch.grid_2d(out_w, out_h, n), launch.BLOCK, (
-            batch, target, np.int32(height), np.int32(width), np.int32(out_h), np.int32(out_w),
+            batch, target, height, width, out_h, out_w,
             tables.view("x_index", device_buffer), tables.view("x_weight", device_buffer),
-            np.int32(tables.x_taps),
+            tables.x_taps,
             tables.view("y_index", device_buffer), tables.view("y_weight", device_buffer),
-            np.int32(tables.y_taps), tables.view("meta", device_buffer)))
+            tables.y_taps, tables.view("meta", device_buffer)))
     return result
 
 
 @functools.lru_cache(maxsize=64)
-def _filter_taps(ksize: int, sigma: float) -> bytes:
+def _filter_taps(ksize: int, sigma: float) -> np.ndarray:
     """filter.cu's FilterTaps (the first ksize of them) for a Gaussian of ``sigma``."""
-    return np.asarray(gaussian.gaussian_weights_fixed(ksize, sigma), np.int32).tobytes()
+    taps = launch.filter_taps(gaussian.gaussian_weights_fixed(ksize, sigma))
+    taps.flags.writeable = False   # cached: shared by every call
+    return taps
 
 
 def _filter(images: Any, mode: int, sigma: float, ksize: int | None, amount: float,

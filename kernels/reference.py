@@ -31,7 +31,6 @@ from .validate import (SharpenParams, as_image_batch, as_nv12_batch, check_boxes
 __all__ = [
     "nv12_to_rgb", "rgb_to_nv12", "crop_resize", "resize_to_boxes", "gaussian_blur",
     "unsharp_mask", "blend", "compose_rgb", "compose_nv12", "pack_masks", "pack_regions",
-    "prepare",
 ]
 
 _HALF = np.float32(0.5)
@@ -354,11 +353,3 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
         target[i, height + ey1 // 2:height + ey2 // 2, ex1:ex2] = np.where(
             np.repeat(block, 2, axis=1), uv_new, uv_old)
     return result
-
-
-def prepare(op: Any, *args: Any, **kwargs: Any) -> Any:
-    """The CPU twin of :func:`talkrt.kernels.gpu.prepare`: ``prepared(stream=None)`` runs
-    ``op(*args, **kwargs)`` (a reference op) on the same arrays each time."""
-    if getattr(op, "__module__", None) != __name__:
-        raise ValueError(f"{getattr(op, '__name__', op)!r} is not a talkrt.kernels.reference op")
-    return lambda stream=None: op(*args, **kwargs)

@@ -27,9 +27,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from talkrt.kernels import _cuda
-from talkrt.kernels.kernel_args import STRUCT_BYTES, Param, parse_kernels, struct_prefix
 
-__all__ = ["compiler_available", "EmulatedKernel", "emulated_gpu", "struct_sizes"]
+__all__ = ["compiler_available", "EmulatedKernel", "emulated_gpu", "signature"]
 
 _PRELUDE = r"""
 #include <cmath>
@@ -74,7 +73,45 @@ using std::min; using std::max;
 alignas(16) static unsigned char g_smem[1 << 17];
 """
 
-_cache: dict[str, tuple[ctypes.CDLL, dict[str, list[Param]]]] = {}
+# Launch and signature of any kernel, from its C++ function type (no parsing): each argument is
+# read from the address at args[i], as cuLaunchKernel reads it; sizeof and kind of each parameter
+# let the Python side check what a launch passes, as the GPU would silently misread it.
+_LAUNCHER = r"""
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+template <class T> static T emu_arg(void* p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
+template <class... A, std::size_t... I>
+static void emu_call(void (*k)(A...), void** args, std::index_sequence<I...>) {
+    k(emu_arg<A>(args[I])...);
+}
+template <class... A>
+static void emu_launch(void (*k)(A...), const unsigned* d, void** args) {
+    gridDim = {d[0], d[1], d[2]}; blockDim = {d[3], d[4], d[5]};
+    for (unsigned z = 0; z < d[2]; ++z) for (unsigned y = 0; y < d[1]; ++y) for (unsigned x = 0; x < d[0]; ++x) {
+        blockIdx = {x, y, z};
+        for (unsigned tz = 0; tz < d[5]; ++tz) for (unsigned ty = 0; ty < d[4]; ++ty) for (unsigned tx = 0; tx < d[3]; ++tx) {
+            threadIdx = {tx, ty, tz};
+            emu_call(k, args, std::index_sequence_for<A...>{});
+        }
+    }
+}
+template <class T> static constexpr char emu_kind() {
+    return std::is_pointer<T>::value ? 'p' : std::is_integral<T>::value ? 'i'
+         : std::is_floating_point<T>::value ? 'f' : 's';
+}
+template <class... A>
+static unsigned emu_signature(void (*)(A...), char* kinds, unsigned* sizes) {
+    const char k[] = {emu_kind<A>()..., 0};
+    const unsigned s[] = {(unsigned)sizeof(A)..., 0};
+    for (std::size_t i = 0; i < sizeof...(A); ++i) { kinds[i] = k[i]; sizes[i] = s[i]; }
+    return sizeof...(A);
+}
+"""
+
+_KERNEL = re.compile(r'extern "C" __global__ void (\w+)\s*\(')
+_MAX_PARAMS = 64
+_cache: dict[str, ctypes.CDLL] = {}
 
 
 def compiler_available() -> bool:
@@ -82,43 +119,20 @@ def compiler_available() -> bool:
     return shutil.which("g++") is not None
 
 
-def _c_decl(param: Param) -> str:
-    """The emulator wrapper's parameter: by-value structs travel as pointers to their bytes."""
-    if param.kind == "struct":
-        return f"const {param.struct}* {param.name}"
-    return f"{param.c_type} {param.name}"
-
-
-def _ctype(param: Param) -> Any:
-    if param.kind in ("pointer", "struct"):
-        return ctypes.c_void_p
-    return ctypes.c_float if param.kind == "float" else ctypes.c_int
-
-
-def _build(source_name: str) -> tuple[ctypes.CDLL, dict[str, list[Param]]]:
-    text = _cuda.kernel_source(source_name)
-    kernels = parse_kernels(text)
+def _library(source_name: str) -> ctypes.CDLL:
+    """The emulator build of ``source_name`` (compiled once per content, kept in the temp dir)."""
+    lib = _cache.get(source_name)
+    if lib is not None:
+        return lib
+    text = (_cuda.KERNEL_DIR / source_name).read_text(encoding="utf-8")
     body = re.sub(r"extern __shared__[^;]*\bsmem\[\];", "u8* smem = g_smem;", text)
-    wrappers = []
-    for name, params in kernels.items():
-        decl = ", ".join(_c_decl(p) for p in params)
-        call = ", ".join(f"*{p.name}" if p.kind == "struct" else p.name for p in params)
-        wrappers.append(f"""
-extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                           unsigned bz, {decl}) {{
-    gridDim = {{gx, gy, gz}}; blockDim = {{bx, by, bz}};
-    for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {{
-        blockIdx = {{x, y, z}};
-        for (unsigned tz = 0; tz < bz; ++tz) for (unsigned ty = 0; ty < by; ++ty) for (unsigned tx = 0; tx < bx; ++tx) {{
-            threadIdx = {{tx, ty, tz}};
-            {name}({call});
-        }}
-    }}
-}}""")
-    for struct in sorted({p.struct for params in kernels.values() for p in params if p.struct}):
-        wrappers.append(f'extern "C" unsigned emu_sizeof_{struct}() {{ return sizeof({struct}); }}')
-    code = _PRELUDE + body + "\n".join(wrappers)
-    digest = hashlib.sha256(code.encode()).hexdigest()[:16]
+    entries = "".join(
+        f'extern "C" void emu_{name}(const unsigned* d, void** a) {{ emu_launch({name}, d, a); }}\n'
+        f'extern "C" unsigned emu_sig_{name}(char* k, unsigned* s) '
+        f'{{ return emu_signature({name}, k, s); }}\n' for name in _KERNEL.findall(text))
+    code = _PRELUDE + _LAUNCHER + body + "\n" + entries
+    header = (_cuda.KERNEL_DIR / "common.cuh").read_bytes()
+    digest = hashlib.sha256(code.encode() + header).hexdigest()[:16]
     out_dir = Path(tempfile.gettempdir()) / "talkrt_kernel_emulator"
     out_dir.mkdir(exist_ok=True)
     lib_path = out_dir / f"{Path(source_name).stem}_{digest}.so"
@@ -126,72 +140,77 @@ extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, u
         src_path = out_dir / f"{Path(source_name).stem}_{digest}.cpp"
         src_path.write_text(code, encoding="utf-8")
         tmp_lib = lib_path.with_suffix(f".{id(code)}.tmp")
-        subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off",
-                        "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-o", str(tmp_lib),
-                        str(src_path)], check=True, capture_output=True, text=True)
+        done = subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off",
+                               "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+                               f"-I{_cuda.KERNEL_DIR}", "-o", str(tmp_lib), str(src_path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"g++ failed on {src_path}:\n{done.stderr[-4000:]}")
         tmp_lib.replace(lib_path)
-    lib = ctypes.CDLL(str(lib_path))
-    for name, params in kernels.items():
-        fn = getattr(lib, f"emu_{name}")
-        fn.argtypes = [ctypes.c_uint] * 6 + [_ctype(p) for p in params]
-        fn.restype = None
-    return lib, kernels
+    lib = _cache[source_name] = ctypes.CDLL(str(lib_path))
+    return lib
 
 
-def struct_sizes(source_name: str) -> dict[str, int]:
-    """g++'s sizeof of every struct that a kernel of ``source_name`` takes by value."""
-    lib, kernels = _cache.get(source_name) or _build(source_name)
-    _cache[source_name] = (lib, kernels)
-    names = {p.struct for params in kernels.values() for p in params if p.struct}
-    sizes = {}
-    for name in sorted(names):
-        fn = getattr(lib, f"emu_sizeof_{name}")
-        fn.restype = ctypes.c_uint
-        sizes[name] = int(fn())
-    return sizes
+def signature(source_name: str, name: str) -> list[tuple[str, int]]:
+    """(kind, sizeof) of each parameter of kernel ``name`` as g++ compiled it: kind "p"
+    (pointer), "i" (integer), "f" (floating point) or "s" (a struct passed by value)."""
+    fn = getattr(_library(source_name), f"emu_sig_{name}")
+    fn.restype = ctypes.c_uint
+    kinds = ctypes.create_string_buffer(_MAX_PARAMS)
+    sizes = (ctypes.c_uint * _MAX_PARAMS)()
+    count = fn(kinds, sizes)
+    return [(kinds.raw[i:i + 1].decode(), int(sizes[i])) for i in range(count)]
+
+
+def _argument(kernel: str, index: int, kind: str, size: int, value: Any) -> Any:
+    """A ctypes object holding what the GPU would read for this parameter (TypeError /
+    ValueError for an argument that CuPy would pass with another type or size)."""
+    where = f"{kernel} argument {index}"
+    if kind == "p":
+        if not (isinstance(value, np.ndarray) and value.dtype.kind != "V"
+                and value.flags.c_contiguous):
+            raise TypeError(f"{where}: expected a contiguous device array, got {type(value)}")
+        return ctypes.c_void_p(value.__array_interface__["data"][0])
+    if kind == "s":
+        if not (isinstance(value, np.ndarray) and value.dtype.kind == "V" and value.size == 1):
+            raise TypeError(f"{where}: expected a 1-element numpy array of a struct dtype (a "
+                            f"struct by value), got {type(value).__name__}")
+        if value.itemsize != size:
+            raise ValueError(f"{where}: a {value.itemsize}-byte struct for a {size}-byte "
+                             "parameter")
+        return ctypes.create_string_buffer(value.tobytes(), size)
+    numpy_kind = np.integer if kind == "i" else np.floating
+    if not isinstance(value, numpy_kind) or value.itemsize != size:
+        raise TypeError(f"{where}: expected a {size}-byte numpy "
+                        f"{'integer' if kind == 'i' else 'float'}, got {type(value).__name__}")
+    return ctypes.create_string_buffer(value.tobytes(), size)
 
 
 class EmulatedKernel:
-    """Callable like a CuPy RawKernel: ``kernel(grid, block, args, shared_mem=0)``."""
+    """Callable like a CuPy RawKernel: ``kernel(grid, block, args, shared_mem=0)``. Every
+    launch is appended to ``launched`` (the kernel's name and grid)."""
 
-    def __init__(self, source_name: str, name: str) -> None:
-        lib, kernels = _cache.get(source_name) or _build(source_name)
-        _cache[source_name] = (lib, kernels)
+    def __init__(self, source_name: str, name: str, launched: list) -> None:
         self.name = name
-        self.params = kernels[name]
-        self._fn = getattr(lib, f"emu_{name}")
-        self._single_thread = "__syncthreads" in _cuda.kernel_source(source_name)
+        self.params = signature(source_name, name)
+        self._fn = getattr(_library(source_name), f"emu_{name}")
+        self._fn.restype = None
+        text = (_cuda.KERNEL_DIR / source_name).read_text(encoding="utf-8")
+        self._single_thread = "__syncthreads" in text
+        self._launched = launched
 
     def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
         if len(args) != len(self.params):
             raise TypeError(f"{self.name} takes {len(self.params)} arguments, got {len(args)}")
         if shared_mem > (1 << 17):
             raise ValueError(f"{self.name}: {shared_mem} bytes of shared memory requested")
-        converted: list[Any] = []
-        for param, value in zip(self.params, args):
-            where = f"{self.name}.{param.name}"
-            if param.kind == "pointer":
-                if not isinstance(value, np.ndarray) or not value.flags.c_contiguous:
-                    raise TypeError(f"{where}: expected a contiguous array")
-                converted.append(value.__array_interface__["data"][0])
-            elif param.kind == "struct":   # a zero-padded copy of the struct's bytes
-                data = struct_prefix(value, param, self.name)
-                buffer = ctypes.create_string_buffer(data, STRUCT_BYTES[param.struct])
-                converted.append(ctypes.cast(buffer, ctypes.c_void_p))
-            elif param.kind == "int":
-                if not isinstance(value, (np.int32, int)):
-                    raise TypeError(f"{where}: expected np.int32, got {type(value)}")
-                converted.append(int(value))
-            else:
-                if not isinstance(value, np.float32):
-                    raise TypeError(f"{where}: expected np.float32, got {type(value)}")
-                converted.append(float(value))
+        held = [_argument(self.name, i, kind, size, value)
+                for i, ((kind, size), value) in enumerate(zip(self.params, args))]
+        pointers = (ctypes.c_void_p * len(held))(*[ctypes.addressof(h) for h in held])
         block = (1, 1, 1) if self._single_thread else tuple(block)
-        self._fn(*(int(g) for g in grid), *(int(b) for b in block), *converted)
-
-    def bind(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> Any:
-        """Like the GPU Kernel.bind: a launch with fixed arguments, ``bound(stream)``."""
-        return lambda stream: self(grid, block, args, shared_mem)
+        dims = (ctypes.c_uint * 6)(*(int(g) for g in grid), *(int(b) for b in block))
+        self._launched.append((self.name, tuple(int(g) for g in grid)))
+        self._fn(dims, pointers)
 
 
 class _Context:
@@ -218,14 +237,22 @@ def _fake_cupy() -> types.SimpleNamespace:
         copyto=np.copyto, from_dlpack=np.from_dlpack)
 
 
+def _upload(host: np.ndarray) -> np.ndarray:
+    """_cuda.upload on the host: a copy (tables of structs as their bytes, like the GPU's)."""
+    host = np.array(host, copy=True)
+    return host.reshape(-1).view(np.uint8) if host.dtype.names is not None else host
+
+
 @contextlib.contextmanager
-def emulated_gpu() -> Iterator[None]:
-    """Run :mod:`talkrt.kernels.gpu` on host arrays through the emulator (not thread safe)."""
+def emulated_gpu() -> Iterator[list]:
+    """Run :mod:`talkrt.kernels.gpu` on host arrays through the emulator (not thread safe).
+    Yields the list of launches made inside the block: (kernel name, grid)."""
+    launched: list = []
     saved = (_cuda.cupy, _cuda.get_kernel, _cuda.upload)
     _cuda.cupy = _fake_cupy()
-    _cuda.get_kernel = lambda source, name, dtype=np.uint8: EmulatedKernel(source, name)
-    _cuda.upload = lambda host: np.array(host, copy=True)
+    _cuda.get_kernel = lambda source, name: EmulatedKernel(source, name, launched)
+    _cuda.upload = _upload
     try:
-        yield
+        yield launched
     finally:
         _cuda.cupy, _cuda.get_kernel, _cuda.upload = saved

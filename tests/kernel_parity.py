@@ -1,7 +1,7 @@
 """Parity cases: one test body per op, run on any backend and compared with the reference.
 
 ``tests/test_kernels_gpu.py`` runs every case on CuPy (real GPU); ``tests/test_kernels_reference.py``
-runs them on the CPU emulator of the CUDA sources (:mod:`talkrt.kernels.emulate`). Each case
+runs them on the CPU emulator of the CUDA sources (``tests/kernel_emulate.py``). Each case
 builds fresh random inputs from a fixed seed, calls the backend op, and compares with the
 reference under a tolerance whose justification is in ``why``.
 """
@@ -317,9 +317,9 @@ def _compose_cases() -> list[Case]:
                                      d["masks"], out=d["out"]), d["out"]],
         lambda d: [ref.compose_nv12(ref.rgb_to_nv12(d["frames"]), d["faces"], d["host_boxes"],
                                     d["masks"], resize_impl="kernel")] * 2))
-    # more frames than one launch's params table holds (launch.NV12_TABLE_FRAMES = 64): the
-    # wrapper launches per 64 frames, each with its frames', faces' and table's slice; packed
-    # masks, so the numpy table path also skips their zero rows
+    # more frames than one launch's table holds (launch.NV12_TABLE_FRAMES = 64): the wrapper
+    # launches per 64 frames, each with its frames', faces' and table's slice; packed masks, so
+    # the table also skips their zero rows
     cases.append(Case(
         "compose_nv12_batch70_two_launches",
         lambda rng: _compose_inputs(rng, 70, 20, 26),
@@ -363,8 +363,7 @@ def _shortcut_inputs(rng: np.random.Generator, boxes, kinds, height: int = 288,
 
 def _nv12_case(name: str, build: Callable, **kw: Any) -> Case:
     """compose_nv12 of the NV12 encoding of d["frames"]; one [H*3/2, W] frame if d["single"].
-    The masks go in packed, as the pipeline passes them (with <= launch.SMALL_BATCH frames the
-    GPU wrapper then builds its table in Python: these cases cover that path)."""
+    The masks go in packed, as the pipeline passes them (with their row spans)."""
     color = {"matrix": kw.get("matrix", "bt709"), "full_range": kw.get("full_range", False)}
 
     def call(B: Any, d: dict, **extra: Any) -> list:

@@ -273,21 +273,28 @@ def test_nv12_encode_clamps_are_no_ops(matrix: str, full: bool) -> None:
 
 
 def test_compose_nv12_launch_constants_and_params() -> None:
-    text = _cuda.kernel_source("compose_nv12.cu")
+    text = (_cuda.KERNEL_DIR / "compose_nv12.cu").read_text()
     assert f"#define NV12_BLOCKS {launch.NV12_COMPOSE_BLOCKS} " in text
-    assert f"#define NV12_PARAMS {launch.NV12_PARAMS} " in text
+    assert f"#define NV12_TABLE_FRAMES {launch.NV12_TABLE_FRAMES} " in text
     boxes = np.array([[1, 3, 400, 452], [0, 0, 2, 2], [1919, 1079, 1920, 1080]])
     params = launch.nv12_compose_params(boxes, np.array([0, 16, 2**33 + 48]), 256, 256)
-    assert params.dtype == np.int32 and params.shape == (3, launch.NV12_PARAMS)
-    assert params[0, :8].tolist() == [200, 225, 0, 2, 1, 1, 399, 449]
-    assert params[2, :8].tolist() == [1, 1, 1918, 1078, 1, 1, 1, 1]
-    assert params[2, 8] == 48 and params[2, 9] == 2
-    assert params[0, 10] == (np.float32(256) / np.float32(399)).view(np.int32)
-    assert params[1, 11] == np.float32(128).view(np.int32)
+    assert params.dtype == launch.NV12_FRAME and params.shape == (3,)
+    ints = ["cols", "rows", "ex1", "ey1", "x_odd", "y_odd", "w", "h"]
+    assert [int(params[0][k]) for k in ints] == [200, 225, 0, 2, 1, 1, 399, 449]
+    assert [int(params[2][k]) for k in ints] == [1, 1, 1918, 1078, 1, 1, 1, 1]
+    assert params[2]["mask_off"] == 2**33 + 48
+    assert params[0]["scale_x"] == np.float32(256) / np.float32(399)
+    assert params[1]["scale_y"] == np.float32(128)
     grid, block = launch.nv12_compose_grid(params), launch.NV12_COMPOSE_BLOCK
     assert grid[1] * block[1] * launch.NV12_COMPOSE_BLOCKS >= 225 and grid[2] == 3
     assert (grid[1] - 1) * block[1] * launch.NV12_COMPOSE_BLOCKS < 225
     assert grid[0] * block[0] >= 200 > (grid[0] - 1) * block[0]
+    table = launch.nv12_compose_table(params)
+    assert table.shape == (1,) and table.itemsize == launch.NV12_TABLE_FRAMES * 48
+    assert table["frames"][0, :3].tobytes() == params.tobytes()
+    assert not table["frames"][0, 3:].tobytes().strip(b"\0")   # the rest stays zero
+    with pytest.raises(ValueError, match="65 frames"):
+        launch.nv12_compose_table(np.zeros(65, launch.NV12_FRAME))
 
 
 def test_blend_reference_equals_pil_paste() -> None:
@@ -359,7 +366,7 @@ def test_launch_grids_cover_the_work() -> None:
     boxes = np.array([[1, 3, 400, 452], [0, 0, 2, 2], [1919, 1079, 1920, 1080]])
     assert launch.box_extent(boxes) == (399, 449)
     params = launch.nv12_compose_params(boxes, np.zeros(3, np.int64), 256, 256)
-    bw, bh = int(params[:, 0].max()), int(params[:, 1].max())
+    bw, bh = int(params["cols"].max()), int(params["rows"].max())
     assert (bw, bh) == (200, 225)   # x: [0, 400) -> 200 blocks, y: [2, 452) -> 225
     grid = launch.grid_2d(bw, bh, 3)
     assert grid[0] * launch.BLOCK[0] >= bw and grid[1] * launch.BLOCK[1] >= bh
@@ -369,9 +376,14 @@ def test_launch_grids_cover_the_work() -> None:
     assert g[1] * 8 * 2 >= 1080 and g[2] == 32
     assert launch.filter_smem_bytes(15, 4) + 512 <= 48 * 1024   # + filter.cu's static arrays
     params = launch.box_params(boxes, np.array([0, 16, 32]), np.array([5, 6, 7]))
-    assert params.shape == (3, launch.PARAM_STRIDE) and params[2, 4] == 32 and params[1, 5] == 6
-    with pytest.raises(ValueError, match="too large"):
-        launch.grid_2d(10, 10, 70000)
+    assert params.dtype == launch.FRAME_BOX and params.shape == (3,)
+    assert params[2]["mask_off"] == 32 and params[1]["region_off"] == 6
+    assert params[2].tolist()[:4] == (1919, 1079, 1920, 1080)
+    for make in (lambda: launch.grid_2d(10, 10, 70000), lambda: launch.filter_grid(8, 8, 3, 70000),
+                 lambda: launch.color_grid(2 * 8 * 70000, 8, 1),
+                 lambda: launch.nv12_compose_grid(np.zeros(70000, launch.NV12_FRAME))):
+        with pytest.raises(ValueError, match="too large"):
+            make()
 
 
 # --------------------------------------------------------------------- validation errors
