@@ -22,8 +22,11 @@ talkrt's own:
 (a square ``ROI_CONTEXT`` times the face size, so the face fills about a third
 of the model input), else the whole frame letterboxed to a square, else tiles
 (:func:`tile_levels`) of the full-range model's own input size and its
-doublings, coarse to fine. The finest tiles (192 px) reach faces of about
-15 px (detector box; about 24 px MuseTalk box height) in any frame size.
+doublings, coarse to fine. The finest tiles, 192 px in frames whose long side
+is under 1280 px, reach faces of about 15 px (detector box; about 24 px
+MuseTalk box height); larger frames stop at coarser tiles (faces down to 1.2-2.4%
+of the long side, :func:`tile_levels`), so a frame without a face stays
+affordable. Once found, a face of any size is followed by the search around it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ ROI_CONTEXT = 3.0
 """Side of the square searched around a previous face, in face sizes (long side of its box)."""
 TILE_OVERLAP = 0.25
 """Share of a tile's side that neighbouring tiles of one level overlap (at least)."""
+FINEST_TILE_SHARE = 0.3
+"""The finest tiles are at least this share of the frame's long side (or the model input, if larger)."""
 
 Square = tuple[int, int, int]
 """A square region (x0, y0, side) in frame pixels; it may extend past the frame."""
@@ -89,8 +94,8 @@ def quiet_native_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def load_interpreter(interpreter_cls: type, path: Path, threads: int):  # noqa: ANN201 - litert type
-    """Create and allocate a TensorFlow Lite interpreter for ``path`` without its stderr chatter."""
+def load_interpreter(interpreter_cls: type, path: Path, threads: int) -> object:
+    """An allocated ``interpreter_cls`` (ai_edge_litert ``Interpreter``) for ``path``, without its stderr chatter."""
     with quiet_native_stderr():
         interp = interpreter_cls(model_path=str(path), num_threads=threads)
         interp.allocate_tensors()
@@ -230,12 +235,19 @@ def tile_levels(height: int, width: int, base: int) -> list[list[Square]]:
     """Square tiles of side ``base * 2**k`` smaller than the frame's long side, coarsest level first.
 
     Each level covers the frame; neighbours overlap by at least ``TILE_OVERLAP``
-    of the side, so a face up to that size lies wholly inside some tile. E.g.
-    640x360 with base 192: 2 tiles of 384, then 15 of 192.
+    of the side, so a face up to that size lies wholly inside some tile. The
+    finest level is the largest ``base * 2**k`` not above ``FINEST_TILE_SHARE``
+    times the long side (``base`` at least), which bounds the cost of a frame
+    without a face: 640x360 with base 192 gives 2 tiles of 384, then 15 of 192
+    (faces down to ~15 px); 1920x1080 gives 2 + 6 + 28 tiles, the finest 384
+    (faces down to ~30 px, 1.6% of the long side).
     """
     levels: list[list[Square]] = []
+    long_side = max(height, width)
     side = base
-    while side < max(height, width):
+    while side * 2 <= FINEST_TILE_SHARE * long_side:
+        side *= 2
+    while side < long_side:
         levels.append([(x, y, side) for y in _axis_starts(height, side) for x in _axis_starts(width, side)])
         side *= 2
     return levels[::-1]
@@ -328,11 +340,11 @@ class FaceFinder:
         """
         h, w = frame.shape[:2]
         x1, y1, x2, y2 = (float(v) for v in near)
-        side = int(round(ROI_CONTEXT * max(x2 - x1, y2 - y1)))
+        side = round(ROI_CONTEXT * max(x2 - x1, y2 - y1))
         if side >= max(h, w) or side < 4:
             return []
-        x0 = int(round((x1 + x2) / 2 - side / 2))
-        y0 = int(round((y1 + y2) / 2 - side / 2))
+        x0 = round((x1 + x2) / 2 - side / 2)
+        y0 = round((y1 + y2) / 2 - side / 2)
         return self._first_hit(frame, (x0, y0, side))
 
     def tiled(self, frame: np.ndarray) -> list[RawFace]:
