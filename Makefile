@@ -9,10 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 ENGINES_DIR ?= engines
 
-.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-engines bench-realtime profile sample clean
+.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-realtime profile sample clean
 
 help:
-	@echo "make demo | test | test-gpu | engines | bench | bench-kernels | bench-engines | profile | sample | clean"
+	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-realtime | profile | sample | clean"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(if $(TORCH_SPEC),,--system-site-packages) $(VENV)
@@ -39,7 +39,7 @@ test-gpu: venv
 	$(PY) -m pytest -q -m gpu
 
 test-latency: venv
-	$(PY) -m pytest -q -m latency -p no:cacheprovider -o addopts=""
+	$(PY) -m pytest -q -m latency -p no:cacheprovider -o addopts="" $(PYTEST_ARGS)
 
 engines: venv
 	$(PY) -m talkrt.build_engines --config $${CONFIG:-musetalk} --engines-dir $(ENGINES_DIR) \
@@ -47,6 +47,9 @@ engines: venv
 
 bench-kernels: venv
 	$(PY) -m benchmarks.kernels --json $(OUT)/bench_kernels.json
+
+bench-launch: venv
+	$(PY) -m benchmarks.launch --json $(OUT)/bench_launch.json
 
 bench-engines: venv
 	$(PY) -m benchmarks.engines --json $(OUT)/bench_engines.json

@@ -26,6 +26,7 @@ from talkrt.media.nvcodec import open_gpu_reader
 from talkrt.media.probe import VideoInfo
 from talkrt.profiling import nvtx_range
 from talkrt.stages import sharpen_params
+from talkrt.streams import on_stream
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class GpuFrameSource:
                                   f"memory, over pipeline.max_cycle_cache_bytes={max_cache_bytes}")
             self.cache = torch.empty((info.num_frames, rows, self.width), dtype=torch.uint8, device=device)
             got = 0
-            with torch.cuda.stream(stream), nvtx_range("decode-all"):
+            with on_stream(stream), nvtx_range("decode-all"):
                 while got < info.num_frames:
                     n = self.reader.read_into(self.cache[got:])
                     if n == 0:
@@ -84,7 +85,7 @@ class GpuFrameSource:
             batch.nv12 = self.cache.index_select(0, index)   # a copy: the cache stays pristine
         else:
             buf = self.ring[self.calls % self.ring.shape[0], :batch.size]
-            with torch.cuda.stream(self.stream):
+            with on_stream(self.stream):
                 got = self.reader.read_into(buf)
             if got != batch.size:
                 raise TalkrtError(f"decoder returned {got} frames, expected {batch.size}")
@@ -212,7 +213,7 @@ class HostEncodeStage:
         self._raise_if_failed()
         slot = self.free.get()
         host = self.buffers[slot][:batch.size]
-        with torch.cuda.stream(self.stream):
+        with on_stream(self.stream):
             host.copy_(batch.nv12[:batch.size], non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.stream)

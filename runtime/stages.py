@@ -114,7 +114,6 @@ class EncodeStage(Stage, Protocol):
 
     encode_path: str                # what encodes, for the log and the report
     bytes_downloaded: int           # frame bytes copied device -> host so far
-    bytes_downloaded: int
 
     def finish(self) -> None: ...
 
@@ -185,8 +184,8 @@ class VaeDecodeStage:
     def __call__(self, batch: FrameBatch) -> None:
         faces = self.engine.run({"latents": batch.latents}, self.stream)["faces"]
         with on_stream(self.stream):
-            faces = faces.round().to(torch.uint8)
-            batch.faces = faces.contiguous() if self.on_device else faces.cpu().numpy()
+            faces = faces.round().to(torch.uint8).contiguous()     # [f, S, S, 3] in memory order
+            batch.faces = faces if self.on_device else faces.cpu().numpy()
 
 
 # ------------------------------------------------------------------ CPU set
