@@ -390,7 +390,3 @@ class FaceFinder:
         h, w = frame.shape[:2]
         yield self._first_hit(frame, letterbox_square(h, w))
         yield self.tiled(frame)
-
-    def find(self, frame: np.ndarray, near: Sequence[float] | None = None) -> list[RawFace]:
-        """The first non-empty list of :meth:`stages` ([] when every search comes back empty)."""
-        return next((faces for faces in self.stages(frame, near) if faces), [])
