@@ -42,7 +42,7 @@ test-latency: venv
 	$(PY) -m pytest -q -m latency -p no:cacheprovider -o addopts="" $(PYTEST_ARGS)
 
 engines: venv
-	$(PY) -m talkrt.build_engines --config $${CONFIG:-musetalk} --engines-dir $(ENGINES_DIR) \
+	$(PY) -m talkrt.build_engines --config $(or $(CONFIG),musetalk) --engines-dir $(ENGINES_DIR) \
 	  $(if $(COMPILE_MODE),--compile-mode $(COMPILE_MODE))
 
 bench-kernels: venv

@@ -186,7 +186,13 @@ def build(req: BuildRequest, args: argparse.Namespace) -> int:
     if failures:
         log.error("engine build FAILED for: %s", ", ".join(failures))
         return 1
-    log.info("engines ready in %s", config_dir(cfg, args.engines_dir))
+    runtime = [b for b in req.backends if b in ("tensorrt", "compiled")]
+    if not runtime:
+        log.warning("built ONNX only, in %s: no engine that run_pipeline loads was built on this machine, so it "
+                    "runs the models eagerly; pass --device cpu to precompile torch.compile engines for the CPU "
+                    "(minutes), or build on a CUDA GPU", config_dir(cfg, args.engines_dir))
+        return 0
+    log.info("engines ready in %s: %s", config_dir(cfg, args.engines_dir), ", ".join(runtime))
     return 0
 
 

@@ -34,7 +34,7 @@ from talkrt.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = 1  # bump when the preparation output changes for the same inputs
+PREP_VERSION = 2  # bump when the preparation output changes for the same inputs (2: small faces, bridged gaps)
 
 
 @dataclass(frozen=True)

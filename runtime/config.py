@@ -120,6 +120,7 @@ class TalkrtConfig:
     name: str
     model: ModelConfig
     pipeline: PipelineConfig
+    source: str = ""            # what `--config` was given (a shipped name or a .yaml path), for hints
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -248,4 +249,7 @@ def load_config(name_or_path: str | Path = "musetalk", overrides: list[str] | No
                 raise ConfigError(f"override '{text}': '{k}' is not a section")
             node = node[k]
         node[keys[-1]] = value
-    return validate(_build(TalkrtConfig, data, str(path.name)))
+    if isinstance(data, dict) and "source" in data:
+        raise ConfigError(f"{path.name}: 'source' is set by talkrt, not by the file")
+    cfg = validate(_build(TalkrtConfig, data, str(path.name)))
+    return dataclasses.replace(cfg, source=str(name_or_path))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from talkrt import __version__
+from talkrt.face.geometry import missing_ranges
 from talkrt.media.output import create_temp_file
 from talkrt.pipeline import RunReport
 
@@ -19,22 +20,11 @@ REPORT_VERSION = 1
 _PACKAGES = ("torch", "av", "numpy", "diffusers", "transformers", "cupy-cuda13x", "PyNvVideoCodec")
 
 
-def missing_ranges(found: np.ndarray) -> list[tuple[int, int]]:
-    """[n] bool -> inclusive (first, last) ranges of the False entries."""
-    idx = np.flatnonzero(~np.asarray(found, bool))
-    if idx.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) > 1)
-    starts = np.concatenate([idx[:1], idx[breaks + 1]])
-    ends = np.concatenate([idx[breaks], idx[-1:]])
-    return [(int(a), int(b)) for a, b in zip(starts, ends)]
-
-
 def no_face_ranges(report: RunReport) -> list[tuple[int, int]]:
     """Output frames without a face as inclusive (first, last) ranges."""
     found = np.ones(report.frames, bool)
     found[report.no_face_frames] = False
-    return missing_ranges(found)
+    return [(start, end - 1) for start, end in missing_ranges(found)]
 
 
 def format_ranges(ranges: list[tuple[int, int]]) -> str:

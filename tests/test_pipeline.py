@@ -164,7 +164,8 @@ def test_odd_frame_size_is_refused(media, tmp_path, caplog):
 def test_requested_engine_backend_missing_is_refused(media, tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("TALKRT_ENGINES_DIR", str(tmp_path / "no-engines"))
     out = tmp_path / "o.mp4"
-    _assert_failed_cleanly(run(media, out, None, None, "--backend", "compiled"), out, caplog, "make engines")
+    _assert_failed_cleanly(run(media, out, None, None, "--backend", "compiled"), out, caplog, "make engines CONFIG=tiny",
+                          "--config tiny")
 
 
 def test_gpu_compose_on_cpu_is_refused(media, tmp_path, caplog):

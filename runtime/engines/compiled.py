@@ -242,9 +242,9 @@ def load_compiled_artifacts(cfg: TalkrtConfig, *, device: torch.device | str, dt
     another GPU / torch / dtype / config, corrupt, or have no bucket holding ``max_batch``.
     """
     folder = compiled_dir(cfg, device, dtype, engines_dir)
-    manifest = read_manifest(folder / MANIFEST_FILE, "compiled engines", cfg.name)
+    manifest = read_manifest(folder / MANIFEST_FILE, "compiled engines", cfg.source)
     check_manifest(manifest, expected_manifest(cfg, device, dtype), what="compiled engines",
-                   path=folder, cfg_name=cfg.name)
+                   path=folder, cfg_name=cfg.source)
     entries, digests = manifest.get("entries", {}), manifest.get("artifacts", {})
     buckets, files = {}, set()
     for name in models:
@@ -252,11 +252,11 @@ def load_compiled_artifacts(cfg: TalkrtConfig, *, device: torch.device | str, dt
         usable = usable_buckets(built, max_batch)
         if usable is None:
             raise EngineError(f"compiled engines at {folder}: '{name}' has no build for batch {max_batch} "
-                              f"(built: {sorted(built)}); {rebuild_hint(cfg.name)} with --max-batch {max_batch}")
+                              f"(built: {sorted(built)}); {rebuild_hint(cfg.source)} with --max-batch {max_batch}")
         buckets[name] = usable
         files.update(entries[name][str(b)]["artifacts_file"] for b in usable)
     for file in sorted(files):
-        _load_artifacts_file(folder / file, digests.get(file), cfg.name)
+        _load_artifacts_file(folder / file, digests.get(file), cfg.source)
     return CompiledBuild(folder, CompileSettings.from_manifest(manifest), buckets, manifest)
 
 

@@ -30,9 +30,11 @@ ENGINES_DIR_ENV = "TALKRT_ENGINES_DIR"
 DEFAULT_ENGINES_DIR = "engines"
 
 
-def rebuild_hint(cfg_name: str | None = None) -> str:
-    which = f" for config '{cfg_name}'" if cfg_name else ""
-    return f"run `make engines` (python -m talkrt.build_engines --config CONFIG) to build them{which} on this machine"
+def rebuild_hint(config: str | None = None) -> str:
+    """How to build engines, naming ``config`` as ``--config`` takes it (a shipped name or a path)."""
+    name = config or "CONFIG"
+    return (f"build them on this machine with `make engines CONFIG={name}` "
+            f"(python -m talkrt.build_engines --config {name})")
 
 
 def engines_root(engines_dir: str | os.PathLike | None = None) -> Path:

@@ -100,15 +100,16 @@ def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: 
         except Exception as exc:  # noqa: BLE001 - e.g. a torch.compile or CUDA failure while loading
             if backend != "auto":
                 raise EngineError(f"{candidate} engines failed to load ({type(exc).__name__}: {exc}); "
-                                  f"{rebuild_hint(cfg.name)}") from exc
+                                  f"{rebuild_hint(cfg.source)}") from exc
             log.warning("backend %s failed to load: %s: %s", candidate, type(exc).__name__, exc)
             reasons.append(f"{candidate}: {type(exc).__name__}: {exc}")
             continue
         return _finish(engines, specs, models, cfg, candidate, graphs, engines_dir)
     if backend == "auto":
-        log.warning("no usable prebuilt engines for config '%s' in %s; falling back to eager%s; to use them, "
-                    "%s [%s]", cfg.name, config_dir(cfg, engines_dir), " with CUDA graphs" if graphs else "",
-                    rebuild_hint(cfg.name), " | ".join(reasons))
+        folder = config_dir(cfg, engines_dir)
+        log.warning("no usable prebuilt engines for config '%s' in %s%s; falling back to eager%s; to use them, "
+                    "%s [%s]", cfg.name, folder, "" if folder.is_dir() else " (no such folder)",
+                    " with CUDA graphs" if graphs else "", rebuild_hint(cfg.source), " | ".join(reasons))
     engines = eager_engines(specs, models, device=device, dtype=dtype, cuda_graphs=graphs, graph_fallback=True)
     return _finish(engines, specs, models, cfg, "eager", graphs, engines_dir)
 
@@ -119,6 +120,7 @@ def _finish(engines: dict[str, Engine], specs: dict[str, ModelSpec], models, cfg
     engines["whisper"] = EagerEngine("whisper", whisper.make_module(models), whisper.inputs, whisper.outputs,
                                      whisper.profile.max)
     used_graphs = graphs and all(getattr(engines[n], "cuda_graphs", False) for n in ENGINE_MODELS)
-    log.info("engine backend for config '%s': %s%s (batch <= %d, engines dir %s)", cfg.name, backend,
-             " + CUDA graphs" if used_graphs else "", specs["unet"].profile.max, config_dir(cfg, engines_dir))
+    where = f", from {config_dir(cfg, engines_dir)}" if backend != "eager" else ""
+    log.info("engine backend for config '%s': %s%s (batch <= %d%s)", cfg.name, backend,
+             " + CUDA graphs" if used_graphs else "", specs["unet"].profile.max, where)
     return engines, backend

@@ -109,19 +109,19 @@ class TensorRTEngine(BucketedEngine):
             raise EngineError(f"TensorRT engine '{name}' needs a CUDA device, got {device}")
         path = plan_path(cfg, name, dtype, engines_dir)
         trt = import_tensorrt()
-        manifest = read_manifest(path.with_suffix(".json"), f"TensorRT plan '{name}'", cfg.name)
+        manifest = read_manifest(path.with_suffix(".json"), f"TensorRT plan '{name}'", cfg.source)
         expected = expected_plan_manifest(cfg, name, dtype, weights_identity, trt_version=trt.__version__,
                                           device=device)
-        check_plan_manifest(manifest, expected, path=path, max_batch=max_batch, cfg_name=cfg.name)
+        check_plan_manifest(manifest, expected, path=path, max_batch=max_batch, cfg_name=cfg.source)
         if not path.is_file():
-            raise EngineError(f"TensorRT plan {path} is missing; {rebuild_hint(cfg.name)}")
+            raise EngineError(f"TensorRT plan {path} is missing; {rebuild_hint(cfg.source)}")
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         with torch.cuda.device(device):
             self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
             if self._engine is None:
-                raise EngineError(f"TensorRT could not deserialise {path}; {rebuild_hint(cfg.name)}")
+                raise EngineError(f"TensorRT could not deserialise {path}; {rebuild_hint(cfg.source)}")
             self._context = self._engine.create_execution_context()
         _check_tensor_names(self._engine, name, inputs, outputs)
         input_dtypes = {s.name: _torch_dtype(trt, self._engine.get_tensor_dtype(s.name)) for s in inputs}
