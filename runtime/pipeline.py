@@ -202,10 +202,14 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
                                          f"{avatar.num_frames}")
         runner = BatchRunner(stages, clock, parts.stream)
         progress.phase("lip-sync", num_out)
-        for b, first in enumerate(range(0, num_out, bs)):
-            out_index = np.arange(first, min(first + bs, num_out))
-            runner(FrameBatch.of_avatar(b, out_index, ping_pong_index(out_index, avatar.num_frames), avatar))
-            progress.advance(len(out_index))
+        try:
+            for b, first in enumerate(range(0, num_out, bs)):
+                out_index = np.arange(first, min(first + bs, num_out))
+                runner(FrameBatch.of_avatar(b, out_index, ping_pong_index(out_index, avatar.num_frames), avatar))
+                progress.advance(len(out_index))
+        except BaseException:
+            stages.abort()          # no encoder thread or decoder outlives a failed run
+            raise
         with clock.stage("6.encode-drain"):
             stages.finish()
     seconds = time.perf_counter() - start

@@ -117,11 +117,13 @@ class EncodeStage(Stage, Protocol):
 
     def finish(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 @dataclass
 class StageSet:
-    """The numbered stages of one run, in order. ``faces`` stages are skipped for a batch
-    without any face (its frames pass through unchanged)."""
+    """The numbered stages of one run, in order. The stages that need a face are skipped for a
+    batch without any (its frames pass through unchanged)."""
 
     frames: FrameStage
     audio: Stage
@@ -143,6 +145,13 @@ class StageSet:
         """Drain the encoder (re-raising its failure) and release the decoder."""
         try:
             self.encode.finish()
+        finally:
+            self.frames.close()
+
+    def abort(self) -> None:
+        """After a failure: stop the encoder without draining it and release the decoder."""
+        try:
+            self.encode.abort()
         finally:
             self.frames.close()
 
@@ -275,3 +284,6 @@ class CpuEncodeStage:
 
     def finish(self) -> None:
         """Nothing is queued: frames were encoded as they came."""
+
+    def abort(self) -> None:
+        """Nothing is queued: nothing to stop."""
