@@ -22,7 +22,7 @@ from talkrt.avatar import PreparedAvatar
 from talkrt.config import SharpenConfig
 from talkrt.errors import TalkrtError
 from talkrt.kernels.packing import ALIGN as PACK_ALIGN
-from talkrt.media.nvcodec import open_gpu_reader
+from talkrt.media.nvcodec import HOST_UPLOAD_COLOR, open_gpu_reader
 from talkrt.media.probe import VideoInfo
 from talkrt.profiling import nvtx_range
 from talkrt.stages import sharpen_params
@@ -34,7 +34,9 @@ OUTPUT_MATRIX, OUTPUT_FULL_RANGE = "bt709", False   # what the MP4 is tagged wit
 
 
 def source_color(info: VideoInfo) -> tuple[str, bool]:
-    """The NV12 the decoder returns keeps the source's matrix/range; untagged means BT.601 (as FFmpeg)."""
+    """(matrix, full range) of the NV12 NVDEC returns: the source's own tags (NVDEC never converts),
+    BT.709 or BT.601 (untagged, SMPTE 170M, BT.470BG: BT.601, as FFmpeg assumes); ``open_gpu_reader``
+    sends any other matrix to the host path."""
     matrix = "bt709" if info.color_matrix == "bt709" else "bt601"
     return matrix, info.color_range == "pc"
 
@@ -42,18 +44,21 @@ def source_color(info: VideoInfo) -> tuple[str, bool]:
 class GpuFrameSource:
     """Stage 1 (GPU): source frames as device NV12, in a ring of preallocated batch buffers.
 
-    Without cycling the video is decoded once, forward, batch by batch. With cycling (audio
+    NVDEC decodes when the stored frames are the delivered ones; a source that is resampled,
+    rotated, cropped or tone-mapped (``info.conversions``) is decoded by the CPU path's
+    :func:`~talkrt.media.frames.iter_video_frames` and uploaded, so both paths see the same
+    frames. Without cycling the video is decoded once, forward, batch by batch. With cycling (audio
     longer than video) every frame is decoded once into a device cache (bounded by
     ``max_cache_bytes``) and the ping-pong order reads from it: nothing is decoded twice.
     """
 
     def __init__(self, video_path: Path, info: VideoInfo, num_out: int, batch_size: int, max_cache_bytes: int,
                  device: torch.device, stream: torch.cuda.Stream | None, ring: int = 3):
-        self.color = ColorNormalizer(info)
         self.height, self.width = info.height, info.width
         rows = self.height * 3 // 2
-        self.reader = open_gpu_reader(video_path, device, stream, info.num_frames)
+        self.reader = open_gpu_reader(video_path, device, stream, info)
         self.decode_path = self.reader.path_name
+        self.color = ColorNormalizer(*(source_color(info) if self.decode_path == "nvdec" else HOST_UPLOAD_COLOR))
         self.cycle = num_out > info.num_frames
         self.stream = stream
         self.cupy_stream = kernels.cupy_stream(stream)
@@ -99,10 +104,11 @@ class GpuFrameSource:
 
 
 class ColorNormalizer:
-    """Converts the source's NV12 to the output's BT.709 limited range when they differ (GPU kernels)."""
+    """Converts NV12 of ``matrix`` ('bt601' or 'bt709') and range to the output's BT.709 limited
+    range when they differ (GPU kernels)."""
 
-    def __init__(self, info: VideoInfo):
-        self.matrix, self.full_range = source_color(info)
+    def __init__(self, matrix: str, full_range: bool):
+        self.matrix, self.full_range = matrix, full_range
         self.needed = (self.matrix, self.full_range) != (OUTPUT_MATRIX, OUTPUT_FULL_RANGE)
         if self.needed:
             log.info("color: source %s %s range -> output BT.709 limited range on the GPU",

@@ -277,3 +277,180 @@ def make_not_media(path: str | Path, text: str = "this is a text file, not a vid
     path = Path(path)
     path.write_text(text)
     return path
+
+
+# ---------------------------------------------------------------------------- frame markers
+MARKER_BLOCK = 8          # each digit is one 8x8 grey block (aligned to the codec's transform blocks)
+MARKER_DIGITS = 3         # base-8 digits, most significant first: indices 0..511
+
+
+def draw_marker(frame: np.ndarray, index: int) -> np.ndarray:
+    """A copy of RGB ``frame`` carrying ``index`` in three grey blocks at its top-left corner.
+
+    Digit d is the grey level ``16 + 32 * d``; the blocks sit side by side at x = 0, 8, 16
+    (y = 0..8), so they survive 4:2:0 lossy coding and tell a frame's index after any
+    processing that keeps the top-left corner of the upright picture.
+    """
+    if not 0 <= index < 8 ** MARKER_DIGITS:
+        raise ValueError(f"marker index {index} out of range")
+    out = frame.copy()
+    for k in range(MARKER_DIGITS):
+        digit = (index // 8 ** (MARKER_DIGITS - 1 - k)) % 8
+        out[:MARKER_BLOCK, k * MARKER_BLOCK:(k + 1) * MARKER_BLOCK] = 16 + 32 * digit
+    return out
+
+
+def read_marker(frame: np.ndarray) -> int:
+    """The index :func:`draw_marker` wrote into ``frame``'s top-left corner.
+
+    Raises ValueError when a block is not a clean grey of one of the eight levels (no
+    marker there: e.g. a picture shown sideways or mirrored).
+    """
+    index = 0
+    for k in range(MARKER_DIGITS):
+        block = frame[2:MARKER_BLOCK - 2, k * MARKER_BLOCK + 2:(k + 1) * MARKER_BLOCK - 2].astype(np.float64)
+        level = block.mean()
+        digit = int(round((level - 16) / 32))
+        if block.max() - block.min() > 24 or not 0 <= digit <= 7 or abs(level - (16 + 32 * digit)) > 12:
+            raise ValueError(f"no marker digit in block {k} (mean {level:.1f}, spread {block.max() - block.min():.0f})")
+        index = index * 8 + digit
+    return index
+
+
+# ---------------------------------------------------------------------------- phone-style inputs
+def write_frames(
+    path: str | Path,
+    frames: Sequence[np.ndarray],
+    *,
+    fps: Fraction | int = 25,
+    pts_ms: Sequence[int] | None = None,
+    display_rotation: tuple[int, bool, bool] | None = None,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    crf: int = 18,
+) -> Path:
+    """Encode RGB ``frames`` as they are (no pattern), optionally at irregular times or with a display matrix.
+
+    ``pts_ms``: frame i is shown at ``pts_ms[i]`` ms (time base 1/1000; the last frame lasts
+    as long as the step before it), else at ``i / fps``.  ``display_rotation`` is
+    ``(degrees counter-clockwise, hflip, vflip)`` as PyAV's ``set_display_rotation`` takes
+    it: a player shows the stored picture rotated by that angle, then mirrored.
+    Odd sizes need a 4:4:4 ``pix_fmt`` (4:2:0 H.264 cannot code them).
+    """
+    path = Path(path)
+    rate = Fraction(fps)
+    tb = Fraction(1, 1000) if pts_ms is not None else Fraction(rate.denominator, rate.numerator)
+    height, width = frames[0].shape[:2]
+    options = {"crf": str(crf), "preset": "ultrafast"} if codec.startswith("libx264") else {}
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=30 if pts_ms is not None else rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if pts_ms is not None:
+            stream.codec_context.time_base = tb
+        if display_rotation is not None:
+            degrees, hflip, vflip = display_rotation
+            stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts, frame.time_base = (int(pts_ms[i]) if pts_ms is not None else i), tb
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def stored_picture(upright: np.ndarray, degrees: int, hflip: bool = False, vflip: bool = False) -> np.ndarray:
+    """The picture to store so that a player applying ``display_rotation=(degrees, hflip, vflip)``
+    shows ``upright``: shown = mirror(rotate_ccw(stored, degrees)), so stored undoes both."""
+    picture = upright
+    if hflip:
+        picture = picture[:, ::-1]
+    if vflip:
+        picture = picture[::-1]
+    return np.ascontiguousarray(np.rot90(picture, k=-(degrees // 90)))
+
+
+# ---------------------------------------------------------------------------- HDR inputs
+HDR_REFERENCE_WHITE_NITS = 203.0    # ITU-R BT.2408: HDR reference (graphics) white
+
+
+def sdr_to_hdr_signal(rgb: np.ndarray, transfer: str) -> np.ndarray:
+    """BT.709 SDR RGB uint8 -> BT.2020 non-linear HDR signal float64 ``[..., 3]`` in [0, 1].
+
+    The usual display-light mapping (BT.2408): SDR code -> light by the BT.1886 EOTF (gamma
+    2.4), SDR white placed at HDR reference white (203 cd/m2), BT.709 -> BT.2020 primaries,
+    then the PQ inverse EOTF, or for HLG the inverse OOTF (1000 cd/m2 display, gamma 1.2)
+    and the OETF.  Only to make test media that look like a face clip filmed in HDR.
+    """
+    bt709_to_2020 = np.array([[0.627404, 0.329283, 0.043313],
+                              [0.069097, 0.919540, 0.011362],
+                              [0.016392, 0.088013, 0.895595]])
+    light = (rgb.astype(np.float64) / 255.0) ** 2.4 @ bt709_to_2020.T * HDR_REFERENCE_WHITE_NITS
+    if transfer == "pq":
+        return pq_signal(light)
+    display = np.clip(light / 1000.0, 0.0, 1.0)
+    yd = display @ np.array([0.2627, 0.6780, 0.0593])
+    scene = display * np.power(np.maximum(yd, 1e-12), (1 - 1.2) / 1.2)[..., None]
+    return hlg_signal(scene)
+
+
+def pq_signal(nits: np.ndarray | float) -> np.ndarray:
+    """SMPTE ST 2084 inverse EOTF: cd/m2 -> PQ signal in [0, 1]."""
+    m1, m2, c1, c2, c3 = 2610 / 16384, 2523 / 4096 * 128, 3424 / 4096, 2413 / 4096 * 32, 2392 / 4096 * 32
+    y = np.power(np.clip(np.asarray(nits, np.float64) / 10000.0, 0.0, 1.0), m1)
+    return np.power((c1 + c2 * y) / (1 + c3 * y), m2)
+
+
+def hlg_signal(scene: np.ndarray | float) -> np.ndarray:
+    """BT.2100 HLG OETF: scene light in [0, 1] -> signal in [0, 1]."""
+    a = 0.17883277
+    b, c = 1 - 4 * a, 0.5 - a * np.log(4 * a)
+    e = np.clip(np.asarray(scene, np.float64), 0.0, 1.0)
+    return np.where(e <= 1 / 12, np.sqrt(3 * e), a * np.log(np.maximum(12 * e - b, 1e-12)) + c)
+
+
+def hdr_yuv420p10(signal: np.ndarray) -> np.ndarray:
+    """BT.2020 non-constant-luminance limited-range 10-bit Y'CbCr 4:2:0 of an R'G'B' signal
+    ``[H, W, 3]`` (even H, W), packed as PyAV's ``yuv420p10le`` ndarray ``[H * 3 // 2, W]``."""
+    kr, kb = 0.2627, 0.0593
+    r, g, b = signal[..., 0], signal[..., 1], signal[..., 2]
+    y = kr * r + (1 - kr - kb) * g + kb * b
+    cb, cr = (b - y) / (2 * (1 - kb)), (r - y) / (2 * (1 - kr))
+    h, w = y.shape
+
+    def sub(c):  # 2x2 mean: the chroma sample of each 2x2 luma block
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    luma = np.rint(64 + 876 * y)
+    chroma = [np.rint(512 + 896 * sub(c)).reshape(h // 4, w) for c in (cb, cr)]
+    return np.clip(np.concatenate([luma] + chroma), 0, 1023).astype(np.uint16)
+
+
+def hdr_encoder() -> str:
+    """libx265 (HEVC Main10, as phones record HDR) when this PyAV has it, else libx264 (High 10)."""
+    try:
+        av.codec.Codec("libx265", "w")
+        return "libx265"
+    except Exception:  # noqa: BLE001
+        return "libx264"
+
+
+def make_hdr_video(path: str | Path, signals: Sequence[np.ndarray], transfer: str, fps: Fraction | int = 25) -> Path:
+    """Lossless 10-bit video of BT.2020 R'G'B' ``signals`` (float ``[H, W, 3]`` in [0, 1], even
+    H and W), tagged BT.2020 primaries and matrix, limited range, and the PQ or HLG transfer."""
+    path = Path(path)
+    rate = Fraction(fps)
+    codec = hdr_encoder()
+    options = ({"x265-params": "lossless=1:log-level=error", "preset": "ultrafast"} if codec == "libx265"
+               else {"qp": "0", "preset": "ultrafast"})
+    height, width = signals[0].shape[:2]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p10le"
+        cc = stream.codec_context
+        cc.color_trc = {"pq": 16, "hlg": 18}[transfer]
+        cc.color_primaries, cc.colorspace, cc.color_range = 9, 9, 1      # BT.2020, BT.2020 NCL, limited
+        for i, signal in enumerate(signals):
+            frame = av.VideoFrame.from_ndarray(hdr_yuv420p10(signal), format="yuv420p10le")
+            frame.pts, frame.time_base = i, Fraction(rate.denominator, rate.numerator)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path

@@ -8,7 +8,9 @@ for rational attributes where PyAV 18 returns ``fractions.Fraction`` or
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -37,6 +39,21 @@ _COLOR_MATRIX_NAMES = {
     14: "ictcp",
 }
 _COLOR_RANGE_NAMES = {1: "tv", 2: "pc"}
+
+_log = logging.getLogger("talkrt.media")
+_logged: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+def log_once(level: int, message: str, *args: Any) -> None:
+    """Log ``message % args`` on the ``talkrt.media`` logger unless this process already logged
+    the same text (a file is probed again by every reader; what it will undergo is said once)."""
+    text = message % args
+    with _logged_lock:
+        if text in _logged:
+            return
+        _logged.add(text)
+    _log.log(level, "%s", text)
 
 
 def to_fraction(value: Any) -> Fraction | None:

@@ -1,9 +1,15 @@
-"""Decoding input video to 8-bit RGB frames (numpy ``uint8`` arrays of shape ``[H, W, 3]``)."""
+"""Decoding input video to the delivered 8-bit RGB frames (numpy ``uint8`` arrays ``[H, W, 3]``).
+
+"Delivered" as :func:`~talkrt.media.probe.probe_video` describes them: constant rate, upright,
+even-sized, SDR BT.709.  Every reader of frames (the CPU stages, avatar preparation, the GPU
+path's host-decode fallback) goes through :func:`iter_video_frames`, so they all see the same
+sequence.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
@@ -13,75 +19,103 @@ from av.video.reformatter import VideoReformatter
 
 from talkrt.errors import InputError, TalkrtError
 
-from ._common import PathLike, exc_message, first_video_stream, open_input, pixel_format_traits
+from ._common import PathLike, exc_message, first_video_stream, open_input
+from .hdr import frame_to_sdr_rgb
+from .probe import VideoInfo, probe_video
 
 log = logging.getLogger(__name__)
 
-_warned_paths: set[str] = set()
-_warned_lock = threading.Lock()
 
+def iter_video_frames(path: PathLike, *, start: int = 0, fps: Fraction | int | None = None) -> Iterator[np.ndarray]:
+    """Yield the delivered frames of ``path`` from delivered frame ``start`` on, as RGB ``uint8`` [H, W, 3].
 
-def iter_video_frames(path: PathLike, *, start: int = 0) -> Iterator[np.ndarray]:
-    """Yield the frames of ``path`` from frame index ``start`` on, as RGB ``uint8`` [H, W, 3].
-
-    Decoding uses FFmpeg's frame+slice threads (``thread_type="AUTO"``) and releases
-    the GIL, so it runs well in a background thread.  YUV is converted with the matrix
-    and range the stream is tagged with (BT.601 limited range when untagged, as
-    FFmpeg does).  10-bit and 4:2:2/4:4:4 sources are converted to 8-bit RGB; a
-    warning is logged once per file that the output will be 8-bit 4:2:0.  Frames
-    before ``start`` are decoded and dropped (exact, no seeking).  Run
-    :func:`~talkrt.media.probe.probe_video` first to reject unsuitable inputs.
-    Raises :class:`InputError` for unreadable files or corrupt streams.
+    The sequence is exactly what ``probe_video(path, fps=fps)`` describes (``num_frames``
+    frames of ``height`` x ``width``): frames dropped or repeated to reach the constant
+    rate (a repeat is a separate array), the display orientation applied, an odd last
+    column/row dropped, HDR tone-mapped to SDR BT.709.  Pass the same ``fps`` as to
+    :func:`~talkrt.media.probe.probe_video`.  SDR YUV is converted with the matrix and range
+    the stream is tagged with (BT.601 limited range when untagged, as FFmpeg does).
+    Decoding uses FFmpeg's frame+slice threads and releases the GIL, so it runs well in a
+    background thread.  Frames before ``start`` are decoded and dropped (exact, no seeking).
+    Raises :class:`InputError` at the call for unsuitable inputs (see ``probe_video``) and
+    while iterating for corrupt streams.
     """
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
-    p = Path(path)
-    # Validate eagerly so a bad path fails at the call, not at the first next().
-    with open_input(p) as container:
-        if first_video_stream(container) is None:
-            raise InputError(p, "no video stream")
-    return _decode_frames(p, start)
+    return _decode_frames(probe_video(path, fps=fps), start)
 
 
-def _decode_frames(p: Path, start: int) -> Iterator[np.ndarray]:
+def _decode_frames(info: VideoInfo, start: int) -> Iterator[np.ndarray]:
+    p = Path(info.path)
+    repeats = _repeats(info)
+    convert = _FrameConverter(info)
     with open_input(p) as container:
         stream = first_video_stream(container)
         if stream is None:
             raise InputError(p, "no video stream")
         stream.thread_type = "AUTO"
-        reformatter = VideoReformatter()
-        cc = stream.codec_context
-        _warn_if_not_8bit_420(p, cc.pix_fmt, int(cc.width or 0), int(cc.height or 0))
-        index = 0
+        delivered, source = 0, 0
         try:
             for frame in container.decode(stream):
-                if index >= start:
-                    yield _frame_to_rgb(frame, reformatter)
-                index += 1
+                count = 1 if repeats is None else int(repeats[source]) if source < len(repeats) else 0
+                source += 1
+                if delivered + count <= start:
+                    delivered += count
+                    continue                      # never shown, or before ``start``: not converted
+                rgb = convert(frame)
+                for n in range(count):
+                    if delivered >= start:
+                        yield rgb if n == 0 else rgb.copy()
+                    delivered += 1
+                if delivered >= info.num_frames:
+                    return
         except av.FFmpegError as exc:
-            raise InputError(p, f"corrupt video stream (decoding failed at frame {index}: {exc_message(exc)})") from exc
+            raise InputError(p, f"corrupt video stream (decoding failed at frame {source}: "
+                                f"{exc_message(exc)})") from exc
 
 
-def read_video_frames(path: PathLike, max_bytes: int) -> list[np.ndarray]:
-    """Decode every frame of ``path`` into memory, refusing if they would exceed ``max_bytes``.
+def _repeats(info: VideoInfo) -> np.ndarray | None:
+    """How many times each source frame is delivered (None: once each)."""
+    if info.frame_map is None:
+        return None
+    return np.bincount(np.asarray(info.frame_map, np.int64), minlength=info.source_frames)
 
-    The size is checked from a probe (frame count x H x W x 3) before decoding and
-    again while decoding.  Raises :class:`TalkrtError` when over the limit and
-    :class:`InputError` for bad inputs (see :func:`~talkrt.media.probe.probe_video`).
+
+class _FrameConverter:
+    """One decoded frame -> the delivered RGB array (tone map or swscale, orientation, even crop)."""
+
+    def __init__(self, info: VideoInfo):
+        self.info = info
+        self.reformatter = VideoReformatter()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        info = self.info
+        if info.hdr is not None:
+            rgb = frame_to_sdr_rgb(frame, info.hdr)
+        else:
+            # the source frame's matrix and range tags drive swscale's conversion
+            rgb = self.reformatter.reformat(frame, format="rgb24").to_ndarray()
+        rgb = info.orientation.apply(rgb)[: info.height, : info.width]
+        return np.ascontiguousarray(rgb)
+
+
+def read_video_frames(path: PathLike, max_bytes: int, *, fps: Fraction | int | None = None) -> list[np.ndarray]:
+    """Decode every delivered frame of ``path`` into memory, refusing if they would exceed ``max_bytes``.
+
+    The size is checked from the probe (frame count x H x W x 3) before decoding and
+    again while decoding.  ``fps`` as for :func:`iter_video_frames`.  Raises
+    :class:`TalkrtError` when over the limit and :class:`InputError` for bad inputs.
     """
-    from .probe import probe_video
-
-    info = probe_video(path)
+    info = probe_video(path, fps=fps)
     frame_bytes = info.width * info.height * 3
     needed = frame_bytes * info.num_frames
     if needed > max_bytes:
         raise TalkrtError(_too_big_message(path, info.num_frames, info.width, info.height, needed, max_bytes))
     frames: list[np.ndarray] = []
-    for frame in iter_video_frames(path):
-        if (len(frames) + 1) * frame_bytes > max_bytes:
-            raise TalkrtError(
-                _too_big_message(path, len(frames) + 1, info.width, info.height, (len(frames) + 1) * frame_bytes, max_bytes)
-            )
+    for frame in _decode_frames(info, 0):
+        n = len(frames) + 1
+        if n * frame_bytes > max_bytes:
+            raise TalkrtError(_too_big_message(path, n, info.width, info.height, n * frame_bytes, max_bytes))
         frames.append(frame)
     return frames
 
@@ -92,32 +126,4 @@ def _too_big_message(path: PathLike, n: int, w: int, h: int, needed: int, max_by
         f"{Path(path)}: decoding {n} frames of {w}x{h} RGB needs {needed / mib:.1f} MiB, "
         f"over the limit of {max_bytes / mib:.1f} MiB; stream the frames with "
         "iter_video_frames() or use a shorter/smaller video"
-    )
-
-
-def _frame_to_rgb(frame: av.VideoFrame, reformatter: VideoReformatter) -> np.ndarray:
-    """Convert a decoded frame to a C-contiguous RGB uint8 array.
-
-    The source frame's color matrix and range tags drive the conversion.
-    """
-    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
-    return np.ascontiguousarray(rgb)
-
-
-def _warn_if_not_8bit_420(path: Path, pix_fmt: str | None, width: int, height: int) -> None:
-    bit_depth, chroma = pixel_format_traits(pix_fmt, width, height)
-    if bit_depth == 8 and chroma == "420":
-        return
-    key = str(path.resolve())
-    with _warned_lock:
-        if key in _warned_paths:
-            return
-        _warned_paths.add(key)
-    log.warning(
-        "%s: source is %d-bit %s (%s); frames are converted to 8-bit RGB and the output "
-        "will be 8-bit 4:2:0 H.264",
-        path,
-        bit_depth,
-        chroma,
-        pix_fmt,
     )

@@ -2,8 +2,10 @@
 
 * :class:`NvdecReader` decodes a file straight into GPU memory as NV12 (``[H*3//2, W]`` uint8,
   exposed through DLPack) and copies every frame into talkrt's own buffers before the
-  decoder reuses its surface.  When NVDEC cannot serve the file (codec, chroma format, no
-  PyNvVideoCodec) :func:`open_gpu_reader` falls back to a PyAV CPU decode and one upload.
+  decoder reuses its surface.  When the delivered frames are not the stored ones (resampled,
+  rotated, cropped, tone-mapped: see :class:`~talkrt.media.probe.VideoInfo`) or NVDEC cannot
+  serve the file (codec, chroma format, no PyNvVideoCodec), :func:`open_gpu_reader` uses the
+  CPU path's decode and one upload per frame instead.
 * :class:`NvencMp4Writer` encodes NV12 device frames with NVENC into an H.264 elementary stream
   in a temporary file; :func:`remux_h264` then puts that stream and the audio into the MP4
   without re-encoding.  Datacenter Hopper/Ampere GPUs (H100, H200, A100) have no NVENC:
@@ -24,8 +26,11 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
 from talkrt.errors import TalkrtError
+from talkrt.media.frames import iter_video_frames
+from talkrt.media.probe import VideoInfo
 
 log = logging.getLogger(__name__)
 
@@ -114,30 +119,38 @@ class NvdecReader:
         return len(frames)
 
 
-class CpuDecodeUploadReader:
-    """Fallback: PyAV decodes on the CPU to NV12 and each frame is uploaded once."""
+# Y'CbCr matrices of NV12 that the device color kernels convert (BT.601 / BT.709; untagged is BT.601)
+NVDEC_MATRICES = (None, "bt709", "smpte170m", "bt470bg")
+# what HostDecodeUploadReader's NV12 is: the output's own BT.709 limited range
+HOST_UPLOAD_COLOR = ("bt709", False)
+
+
+class HostDecodeUploadReader:
+    """Fallback: the CPU path's frames (:func:`~talkrt.media.frames.iter_video_frames`, so
+    resampled, upright, even-sized, tone-mapped exactly as there), converted by swscale to
+    BT.709 limited-range NV12 (``HOST_UPLOAD_COLOR``, as the MP4 writer converts RGB) and
+    uploaded once each."""
 
     path_name = "pyav-cpu-upload"
 
     def __init__(self, path: str | os.PathLike, device: torch.device, stream: torch.cuda.Stream | None,
-                 num_frames: int):
-        self.container = av.open(str(path))
-        vstream = self.container.streams.video[0]
-        vstream.thread_type = "AUTO"
-        self.frames = self.container.decode(vstream)
-        self.device, self.stream, self.num_frames = device, stream, num_frames
+                 info: VideoInfo):
+        self.frames = iter_video_frames(path, fps=info.fps)
+        self.reformatter = VideoReformatter()
+        self.device, self.stream, self.num_frames = device, stream, info.num_frames
         self.next_index = 0
 
     def read_into(self, out: torch.Tensor) -> int:
+        """Decode up to ``len(out)`` next frames into ``out`` ([n, H*3//2, W] uint8); returns the count."""
         n = 0
         while n < out.shape[0]:
             try:
-                frame = next(self.frames)
+                rgb = next(self.frames)
             except StopIteration:
                 break
-            # FFmpeg repacks any pixel format / bit depth to 8-bit NV12, keeping the source matrix
-            # (ColorNormalizer converts it to BT.709 afterwards when needed)
-            nv12 = frame.to_ndarray(format="nv12")
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            nv12 = self.reformatter.reformat(frame, format="nv12", dst_colorspace="ITU709",
+                                             dst_color_range="MPEG").to_ndarray()
             host = torch.from_numpy(np.ascontiguousarray(nv12)).pin_memory()
             with torch.cuda.stream(self.stream):
                 out[n].copy_(host, non_blocking=True)
@@ -146,12 +159,30 @@ class CpuDecodeUploadReader:
         return n
 
     def close(self) -> None:
-        self.container.close()
+        self.frames.close()
+
+
+def nvdec_obstacles(info: VideoInfo) -> list[str]:
+    """Why NVDEC's stored frames are not the delivered ones (empty: NVDEC may decode): the
+    conversions of ``info`` (resampling, orientation, even crop, tone map), a source that is
+    not 8-bit 4:2:0, or a Y'CbCr matrix the device kernels do not convert."""
+    reasons = list(info.conversions)
+    if not info.is_8bit_420:
+        reasons.append(f"{info.bit_depth}-bit {info.chroma_subsampling}")
+    if info.color_matrix not in NVDEC_MATRICES:
+        reasons.append(f"{info.color_matrix} matrix")
+    return reasons
 
 
 def open_gpu_reader(path: str | os.PathLike, device: torch.device, stream: torch.cuda.Stream | None,
-                    num_frames: int):
-    """NVDEC when it can serve the file, else the PyAV decode + upload fallback (says which)."""
+                    info: VideoInfo):
+    """NVDEC when it can serve the file and its frames need no conversion, else the host decode +
+    upload fallback, :class:`HostDecodeUploadReader` (says which, and why)."""
+    obstacles = nvdec_obstacles(info)
+    if obstacles:
+        log.info("decode path: PyAV on the CPU + one upload per frame, because of %s (%s)",
+                 ", ".join(obstacles), path)
+        return HostDecodeUploadReader(path, device, stream, info)
     try:
         reader = NvdecReader(path, device, stream)
         log.info("decode path: NVDEC into device memory (%s)", path)
@@ -159,7 +190,7 @@ def open_gpu_reader(path: str | os.PathLike, device: torch.device, stream: torch
     except Exception as exc:  # noqa: BLE001 - missing module, unsupported codec, no decoder
         log.warning("decode path: NVDEC cannot serve %s (%s); using PyAV CPU decode + one upload per frame",
                     path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return CpuDecodeUploadReader(path, device, stream, num_frames)
+        return HostDecodeUploadReader(path, device, stream, info)
 
 
 class NvencMp4Writer:
