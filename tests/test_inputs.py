@@ -36,7 +36,7 @@ from talkrt.media import iter_video_frames, probe_output, probe_video, read_vide
 from talkrt.media.audio import load_audio, num_video_frames
 from talkrt.media.geometry import Orientation
 from talkrt.media.timing import fps_filter_plan, nominal_rate
-from talkrt.sample import moving_face_frames
+from benchmarks.sample import moving_face_frames
 
 DATA = Path(__file__).parent / "data"
 # (degrees counter-clockwise, hflip, vflip) as PyAV's set_display_rotation takes them
@@ -48,9 +48,15 @@ VFR_AT_30 = [0, 1, 3, 4, 4, 5]          # the fps filter's pick: frame 2 dropped
 
 
 def face_clip(width: int, height: int, n: int, first: int = 0) -> list[np.ndarray]:
-    """``n`` upright face frames marked with their index (from ``first``)."""
-    frames = moving_face_frames(width=width, height=height, fps=25, seconds=(n + 1) / 25)[:n]
-    return [draw_marker(f, first + i) for i, f in enumerate(frames)]
+    """``n`` upright face frames marked with their index (from ``first``).
+
+    The moving face fills the bottom-right three quarters (each way) of the picture and the
+    rest mirrors it, so the face's blend region never reaches the marker at the top-left.
+    """
+    pad_x, pad_y = width // 4, height // 4
+    frames = moving_face_frames(width=width - pad_x, height=height - pad_y, fps=25, seconds=(n + 1) / 25)[:n]
+    return [draw_marker(np.pad(f, ((pad_y, 0), (pad_x, 0), (0, 0)), mode="reflect"), first + i)
+            for i, f in enumerate(frames)]
 
 
 def mae(a: np.ndarray, b: np.ndarray) -> float:
@@ -256,7 +262,7 @@ def sdr_expected(signal: tuple[float, float, float], transfer: str) -> np.ndarra
     return np.array([round(255 * v ** (1 / 2.4)) for v in lin])
 
 
-HDR_PATCHES = {  # top-right 16x16 patches: BT.2020 R'G'B' signals (grey, reference white, warm skin)
+HDR_PATCHES = {  # 16x16 patches side by side at the top-right: BT.2020 R'G'B' signals (grey, reference white, skin)
     "hlg": [(0.5, 0.5, 0.5), (0.75, 0.75, 0.75), (0.70, 0.56, 0.48)],
     "pq": [(0.5081,) * 3, (0.5807,) * 3, (0.60, 0.53, 0.50)],
 }
@@ -266,13 +272,13 @@ def hdr_face_clip(path: Path, transfer: str, width: int, height: int, n: int) ->
     signals = [sdr_to_hdr_signal(f, transfer) for f in face_clip(width, height, n)]
     for signal in signals:
         for k, patch in enumerate(HDR_PATCHES[transfer]):
-            signal[16 * k:16 * (k + 1), width - 16:] = patch
+            signal[:16, width - 16 * (k + 1):width - 16 * k] = patch
     return make_hdr_video(path, signals, transfer)
 
 
 def patch_values(frame: np.ndarray) -> list[np.ndarray]:
     width = frame.shape[1]
-    return [frame[16 * k + 4:16 * k + 12, width - 12:width - 4].reshape(-1, 3).mean(axis=0) for k in range(3)]
+    return [frame[4:12, width - 16 * k - 12:width - 16 * k - 4].reshape(-1, 3).mean(axis=0) for k in range(3)]
 
 
 def test_reference_points_of_the_tone_map():
