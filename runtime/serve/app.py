@@ -1,0 +1,156 @@
+"""The ASGI app of ``talkrt serve``: health and metrics, avatars, and the live WebSocket.
+
+Models load once, in a background thread started by the lifespan, so ``/healthz`` can answer
+503 while they load and 200 once they are ready; the scheduler thread starts with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, UploadFile, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from talkrt.config import AudioConfig, TalkrtConfig
+from talkrt.errors import InputError
+from talkrt.serve.avatars import ID_PATTERN, AvatarStore, UploadTooLarge
+from talkrt.serve.live import live_session
+from talkrt.serve.metrics import ServeMetrics
+from talkrt.serve.renderer import FrameRenderer
+from talkrt.serve.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What ``talkrt serve`` was asked for."""
+
+    cfg: TalkrtConfig
+    device: str = "auto"                 # cpu, cuda, cuda:N or auto
+    data_dir: Path = Path("talkrt-data")
+    max_sessions: int = 16
+    backend: str | None = None
+    weights_dir: str | None = None
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share; ``ready`` once models, store and scheduler exist."""
+
+    settings: ServeSettings
+    metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    avatars: AvatarStore | None = None
+    scheduler: Scheduler | None = None
+    renderer: FrameRenderer | None = None
+    audio_config: AudioConfig | None = None
+    info: dict = field(default_factory=dict)
+    error: str | None = None
+    open_sessions: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    def load(self) -> None:
+        """Build engines, avatar store and scheduler (blocking; sets ``error`` on failure)."""
+        from talkrt.session import build_session
+        s = self.settings
+        try:
+            parts = build_session(s.cfg, device=s.device, weights_dir=s.weights_dir, backend=s.backend,
+                                  cache_dir=Path(s.data_dir) / "prepared")
+            self.avatars = AvatarStore(Path(s.data_dir), parts.preparer, self.metrics)
+            self.renderer = FrameRenderer(parts)
+            self.renderer.warm_up()
+            self.audio_config = s.cfg.model.audio
+            scheduler = Scheduler(self.renderer, self.renderer.max_batch, self.metrics)
+            scheduler.start()
+            self.info = {"config": s.cfg.name, "device": str(parts.device), "backend": parts.backend,
+                         "weights": parts.weights, "compose": parts.compose, "max_batch": self.renderer.max_batch}
+            self.scheduler = scheduler
+            log.info("talkrt serve ready: %s", self.info)
+        except Exception as exc:  # noqa: BLE001 - reported by /healthz and the log
+            log.exception("talkrt serve: loading failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self.avatars is not None:
+            self.avatars.close()
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The FastAPI app; ``app.state.server`` is its :class:`ServerState`."""
+    server = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=server.load, name="talkrt-load", daemon=True).start()
+        yield
+        server.close()
+
+    app = FastAPI(title="talkrt serve", lifespan=lifespan)
+    app.state.server = server
+
+    def store() -> AvatarStore:
+        if not server.ready:
+            raise HTTPException(503, "models are loading" if server.error is None else server.error)
+        return server.avatars
+
+    @app.get("/")
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        if server.error is not None:
+            return JSONResponse({"status": "failed", "error": server.error}, status_code=500)
+        if not server.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", "sessions": server.open_sessions, **server.info})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/avatars")
+    def add_avatar(video: UploadFile = File(...)) -> JSONResponse:
+        name = video.filename or "upload"
+        try:
+            status, new = store().add(video.file, name)
+        except InputError as exc:
+            raise HTTPException(422, f"{name}: {exc.problem}") from exc
+        except UploadTooLarge as exc:
+            raise HTTPException(413, str(exc)) from exc
+        return JSONResponse(status, status_code=202 if new or status["status"] == "preparing" else 200)
+
+    @app.get("/v1/avatars")
+    def list_avatars() -> dict:
+        return {"avatars": store().list()}
+
+    @app.get("/v1/avatars/{avatar_id}")
+    def get_avatar(avatar_id: str) -> dict:
+        status = store().get(avatar_id) if ID_PATTERN.match(avatar_id) else None
+        if status is None:
+            raise HTTPException(404, f"no avatar with id {avatar_id!r}")
+        return status
+
+    @app.delete("/v1/avatars/{avatar_id}", status_code=204)
+    def delete_avatar(avatar_id: str) -> Response:
+        if not ID_PATTERN.match(avatar_id) or not store().delete(avatar_id):
+            raise HTTPException(404, f"no avatar with id {avatar_id!r}")
+        return Response(status_code=204)
+
+    @app.websocket("/v1/live")
+    async def live(ws: WebSocket) -> None:
+        await live_session(ws, server)
+
+    return app

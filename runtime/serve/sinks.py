@@ -1,0 +1,80 @@
+"""Where the scheduler hands finished frames: the :class:`FrameSink` interface and the bounded,
+drop-when-slow buffer the WebSocket sender reads (a WebRTC track would be another sink)."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """One finished video frame of a session, with the audio that belongs to it.
+
+    ``jpeg``: baseline JPEG of the whole [H, W] frame; ``pcm``: s16le mono at the client's
+    sample rate (silence for idle frames); ``due``/``made``: ``time.monotonic()`` seconds.
+    """
+
+    index: int
+    pts: float
+    speaking: bool
+    jpeg: bytes
+    pcm: bytes
+    due: float
+    made: float
+
+
+class FrameSink(Protocol):
+    """Receives a session's frames in index order. ``put`` must never block (it runs on the
+    scheduler thread); a sink that cannot keep up drops frames and counts them."""
+
+    def put(self, frame: LiveFrame) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BufferSink:
+    """A bounded, thread-safe frame buffer: ``put`` from the scheduler, ``take`` from the reader.
+
+    When ``capacity`` frames are waiting, the oldest is dropped (``dropped`` counts them), so a
+    slow client sees the newest frames rather than a growing delay. ``wake`` is called after
+    every ``put`` (e.g. ``loop.call_soon_threadsafe(event.set)``); it must not block.
+    """
+
+    def __init__(self, capacity: int, wake: Callable[[], None] | None = None):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity, self.wake = capacity, wake
+        self._frames: deque[LiveFrame] = deque()
+        self._lock = threading.Lock()
+        self.put_count = 0
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, frame: LiveFrame) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            if len(self._frames) >= self.capacity:
+                self._frames.popleft()
+                self.dropped += 1
+            self._frames.append(frame)
+            self.put_count += 1
+        if self.wake is not None:
+            self.wake()
+
+    def take(self) -> list[LiveFrame]:
+        """Every waiting frame, oldest first (empty when none)."""
+        with self._lock:
+            frames = list(self._frames)
+            self._frames.clear()
+        return frames
+
+    def close(self) -> None:
+        """Refuse further frames and forget the waiting ones (idempotent)."""
+        with self._lock:
+            self.closed = True
+            self._frames.clear()
