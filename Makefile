@@ -66,7 +66,7 @@ profile: venv
 
 sample: venv
 	$(PY) -m pip install -q "scikit-image>=0.22"
-	$(PY) -m talkrt.sample --out tests/data
+	$(PY) -m benchmarks.sample --out tests/data
 
 clean:
 	rm -rf $(OUT) .pytest_cache

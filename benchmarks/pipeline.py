@@ -42,7 +42,7 @@ from talkrt.media.audio import load_audio
 from talkrt.media.probe import probe_video
 from talkrt.media.writer import Mp4Writer
 from talkrt.pipeline import run_pipeline
-from talkrt.sample import moving_face_frames
+from benchmarks.sample import moving_face_frames
 from talkrt.session import build_session
 
 log = logging.getLogger(__name__)

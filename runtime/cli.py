@@ -10,7 +10,10 @@ refusal takes about a second.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -82,8 +85,10 @@ class ProgressBar:
             self.bar.update(steps)
 
     def close(self) -> None:
+        """Remove the bar (idempotent)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def choose_config(args: argparse.Namespace, overrides: list[str], on_gpu: bool) -> tuple[str, TalkrtConfig]:
@@ -100,18 +105,46 @@ def choose_config(args: argparse.Namespace, overrides: list[str], on_gpu: bool) 
     return "tiny", load_config("tiny", overrides)
 
 
-def check_inputs(args: argparse.Namespace, overrides: list[str]):
-    """Everything that can be refused without torch: config overrides, inputs, output, report path.
+def early_config(args: argparse.Namespace, overrides: list[str]) -> TalkrtConfig:
+    """The config as far as it can be known without torch: ``--config``, else ``tiny`` for
+    ``--device cpu`` and ``musetalk`` otherwise (``auto`` is settled once torch is loaded)."""
+    return load_config(args.config or ("tiny" if args.device == "cpu" else "musetalk"), overrides)
 
-    Returns (video, audio, out, VideoInfo, AudioClip, output frame count).
+
+def check_settings(args: argparse.Namespace, cfg: TalkrtConfig) -> None:
+    """Refuse option combinations that cannot run, from their text alone.
+
+    Raises:
+        TalkrtError: naming the option and the problem.
+    """
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise TalkrtError(f"--device {args.device!r}: use cpu, cuda, cuda:N or auto")
+    compose = args.compose or cfg.pipeline.compose
+    if compose == "gpu" and args.device == "cpu":
+        raise TalkrtError("--compose gpu needs a CUDA device, not --device cpu")
+    if compose == "reference" and cfg.pipeline.sharpen.enabled:
+        raise TalkrtError("pipeline.sharpen.enabled=true needs compose 'numpy' or 'gpu': 'reference' "
+                          "reproduces MuseTalk's post-processing, which does not sharpen")
+    if (args.backend or cfg.pipeline.backend) == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        raise TalkrtError("--backend tensorrt: the tensorrt package is not installed here "
+                          "(pip install 'tensorrt>=10' from NVIDIA's index, then make engines)")
+    if args.weights and not Path(args.weights).is_dir():
+        raise InputError(Path(args.weights), "--weights must be a folder with the official checkpoints")
+
+
+def check_inputs(args: argparse.Namespace, overrides: list[str]):
+    """Everything that can be refused without torch: settings, inputs, output, report and cache paths.
+
+    Returns (video, audio, out, VideoInfo, AudioClip).
     Raises:
         TalkrtError: naming the file or setting and the problem.
     """
     from talkrt.media.audio import load_audio, num_video_frames
-    from talkrt.media.output import check_not_an_input, preflight_output
+    from talkrt.media.output import check_free_space, check_writable_folder, preflight_file
     from talkrt.media.probe import probe_video
+    from talkrt.paths import default_cache_dir
 
-    load_config(args.config or "musetalk", overrides)      # bad --set / --config fail here, fast
+    check_settings(args, early_config(args, overrides))
     video, audio, out = Path(args.video), Path(args.audio), Path(args.out)
     inputs = {"--video": video, "--audio": audio}
     info = probe_video(video)
@@ -120,20 +153,20 @@ def check_inputs(args: argparse.Namespace, overrides: list[str]):
     if total == 0:
         raise InputError(audio, f"audio ({clip.duration_s:.3f} s) is shorter than one video frame "
                                 f"({1 / float(info.fps):.3f} s at {float(info.fps):g} fps)")
-    # a generous bound on the MP4's size: 0.5 byte per pixel per frame
-    preflight_output(out, inputs, estimated_bytes=int(total * info.width * info.height * 0.5))
+    preflight_file(out, ".mp4", inputs)
+    # H.264 at CRF 20 stays well under 0.05 byte per pixel and frame for talking heads
+    check_free_space(out.parent, int(total * info.width * info.height * 0.05))
     if args.json:
-        report = Path(args.json)
-        if report.suffix.lower() != ".json" or not report.parent.is_dir():
-            raise InputError(report, "--json needs a .json file in an existing folder")
-        check_not_an_input(report, {**inputs, "--out": out})
-    return video, audio, out, info, clip, total
+        preflight_file(Path(args.json), ".json", {**inputs, "--out": out})
+    check_writable_folder(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    return video, audio, out, info, clip
 
 
 def run(args: argparse.Namespace, progress: ProgressBar, started: float) -> int:
     """Check, build, run, report (see :func:`main`)."""
     overrides = list(args.set) + ([f"pipeline.batch_size={args.batch_size}"] if args.batch_size is not None else [])
-    video, audio, out, info, clip, _ = check_inputs(args, overrides)
+    video, audio, out, info, clip = check_inputs(args, overrides)
+    log.info("loading the models")
 
     from talkrt.pipeline import run_pipeline
     from talkrt.report import format_ranges, no_face_ranges, report_document, summary_line, write_json
@@ -154,7 +187,8 @@ def run(args: argparse.Namespace, progress: ProgressBar, started: float) -> int:
         log.info("stage %-15s %8.2f ms/frame  %5.1f%%", stage, ms, 100 * share)
     if args.json:
         write_json(Path(args.json), report_document(report, startup_seconds=startup, config=config_name,
-                                                    device=str(device), video=video, audio=audio))
+                                                    config_hash=cfg.model_hash(), device=str(device), video=video,
+                                                    audio=audio))
     print(summary_line(report, startup))
     return 0
 
@@ -167,25 +201,38 @@ def main(argv: list[str] | None = None) -> int:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     progress = ProgressBar(not args.no_progress and sys.stderr.isatty())
+    signal.signal(signal.SIGTERM, _terminated)
     from tqdm.contrib.logging import logging_redirect_tqdm
     try:
         with logging_redirect_tqdm():          # log lines go above the bar, never through it
             return run(args, progress, started)
     except TalkrtError as exc:
+        progress.close()
         log.error("%s", exc)
         return 2
     except OSError as exc:                 # a filesystem failure mid-run (disk full, folder removed, ...)
+        progress.close()
         where = f"{exc.filename}: " if exc.filename else ""
         log.error("%s%s; no output was written", where, exc.strerror or exc)
         return 2
-    except KeyboardInterrupt:
-        log.error("interrupted; no output was written")
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        progress.close()
+        log.error("%s; no output was written", "terminated" if isinstance(exc, Terminated) else "interrupted")
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception:  # noqa: BLE001 - the CLI reports anything unexpected and exits non-zero
+        progress.close()
         log.exception("run_pipeline failed unexpectedly; no output was written")
         return 1
     finally:
         progress.close()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is so that every writer discards its files on the way out."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":  # pragma: no cover

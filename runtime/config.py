@@ -193,6 +193,9 @@ def validate(cfg: TalkrtConfig) -> TalkrtConfig:
         (p.batch_size >= 1, "pipeline.batch_size must be >= 1"),
         (p.precision in PRECISIONS, f"pipeline.precision must be one of {PRECISIONS}"),
         (p.compose in COMPOSE_MODES, f"pipeline.compose must be one of {COMPOSE_MODES}"),
+        (not (p.compose == "reference" and p.sharpen.enabled),
+         "pipeline.sharpen.enabled=true needs compose 'numpy' or 'gpu': 'reference' reproduces MuseTalk's "
+         "post-processing, which does not sharpen"),
         (p.backend in BACKENDS, f"pipeline.backend must be one of {BACKENDS}"),
         (p.extra_margin >= 0, "pipeline.extra_margin must be >= 0"),
         (p.crop_expand >= 1.0, "pipeline.crop_expand must be >= 1"),
@@ -209,7 +212,7 @@ def validate(cfg: TalkrtConfig) -> TalkrtConfig:
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(f"config '{cfg.name}': {message}")
+            raise ConfigError(f"config '{cfg.source or cfg.name}': {message}")
     return cfg
 
 
@@ -251,5 +254,4 @@ def load_config(name_or_path: str | Path = "musetalk", overrides: list[str] | No
         node[keys[-1]] = value
     if isinstance(data, dict) and "source" in data:
         raise ConfigError(f"{path.name}: 'source' is set by talkrt, not by the file")
-    cfg = validate(_build(TalkrtConfig, data, str(path.name)))
-    return dataclasses.replace(cfg, source=str(name_or_path))
+    return validate(dataclasses.replace(_build(TalkrtConfig, data, str(path.name)), source=str(name_or_path)))

@@ -17,6 +17,7 @@ looks at the device. On CUDA every stage works on the one stream the session own
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from talkrt import __version__
-from talkrt.avatar import AvatarPreparer, PreparedAvatar
+from talkrt.avatar import AvatarPreparer
 from talkrt.config import TalkrtConfig
 from talkrt.engines.base import Engine
 from talkrt.errors import InputError
@@ -95,11 +96,13 @@ class PipelineParts:
     compose: str
 
 
-def output_metadata(parts: PipelineParts, avatar: PreparedAvatar) -> dict[str, str]:
+def output_metadata(parts: PipelineParts, with_face: np.ndarray) -> dict[str, str]:
+    """MP4 tags of a run; ``with_face`` [n] bool per output frame (``talkrt_faces`` counts the
+    output frames with a face, as the summary does)."""
     meta = {
         "talkrt_version": __version__, "talkrt_weights": parts.weights, "talkrt_backend": parts.backend,
         "talkrt_config": parts.cfg.name, "talkrt_compose": parts.compose,
-        "talkrt_faces": f"{avatar.faces_found}/{avatar.num_frames}",
+        "talkrt_faces": f"{int(with_face.sum())}/{len(with_face)}",
     }
     if parts.weights == "synthetic":
         meta["comment"] = "talkrt SYNTHETIC WEIGHTS: shapes and timing only, NOT lip-synced"
@@ -188,12 +191,17 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
     prepare_start = time.perf_counter()
     avatar = parts.preparer(video_path, info, progress)
     start = time.perf_counter()
+    if avatar.num_frames != info.num_frames:      # a truncated file: trust the frames that decoded
+        log.warning("%s: %d frames decoded where the container says %d; using %d", video_path,
+                    avatar.num_frames, info.num_frames, avatar.num_frames)
+        info = dataclasses.replace(info, num_frames=avatar.num_frames)
+    with_face = avatar.found[ping_pong_index(np.arange(num_out), avatar.num_frames)]
     clock = StageClock(parts.stream, sync=cfg.pipeline.stage_sync,
                        gpu_events=None if cfg.pipeline.stage_sync else parts.stream is not None)
     with clock.stage("audio_features"):     # set-up only now: Whisper runs lazily inside "2.audio"
         audio_stage = AudioWindows(parts.audio_features, clip, info.fps)
     bs = cfg.pipeline.batch_size
-    with open_writer(parts, out_path, info, audio_path, output_metadata(parts, avatar), parts.compose == "gpu") as writer:
+    with open_writer(parts, out_path, info, audio_path, output_metadata(parts, with_face), parts.compose == "gpu") as writer:
         stages = build_stages(parts, video_path, info, num_out, writer, audio_stage)
         log.info("media path: decode=%s compose=%s encode=%s", stages.frames.decode_path, parts.compose,
                  stages.encode.encode_path)
@@ -213,7 +221,6 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
         with clock.stage("6.encode-drain"):
             stages.finish()
     seconds = time.perf_counter() - start
-    with_face = avatar.found[ping_pong_index(np.arange(num_out), avatar.num_frames)]
     return RunReport(out_path=out_path, frames=num_out, seconds=seconds, prepare_seconds=start - prepare_start,
                      faces_found=int(with_face.sum()), no_face_frames=np.flatnonzero(~with_face),
                      source_frames=avatar.num_frames, weights=parts.weights, backend=parts.backend,

@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import platform
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,16 @@ def versions() -> dict[str, str]:
     return found
 
 
-def report_document(report: RunReport, *, startup_seconds: float, config: str, device: str,
+def report_document(report: RunReport, *, startup_seconds: float, config: str, config_hash: str, device: str,
                     video: Path, audio: Path) -> dict[str, Any]:
-    """The JSON report of one run (``--json``); times in seconds, stage times in ms per output frame."""
+    """The JSON report of one run (``--json``): paths absolute, times in seconds, stage times in
+    ms per output frame, ``config_hash`` the hash of the model settings (as in engine manifests)."""
     return {
         "report_version": REPORT_VERSION,
-        "inputs": {"video": str(video), "audio": str(audio)},
-        "output": str(report.out_path),
-        "config": config, "device": device, "weights": report.weights, "backend": report.backend,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {"video": str(video.resolve()), "audio": str(audio.resolve())},
+        "output": str(report.out_path.resolve()),
+        "config": config, "config_hash": config_hash, "device": device, "weights": report.weights, "backend": report.backend,
         "compose": report.compose, "decode": report.decode_path, "encode": report.encode_path,
         "frames": report.frames,
         "faces": {"output_frames_with_face": report.faces_found, "output_frames": report.frames,

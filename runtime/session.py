@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -15,16 +14,12 @@ from talkrt.errors import TalkrtError
 from talkrt.face.tracker import create_tracker
 from talkrt.models.audio import AudioFeatures
 from talkrt.models.weights import load_models
+from talkrt.paths import default_cache_dir
 from talkrt.pipeline import PipelineParts
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKER = "blazeface-mesh"
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("TALKRT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "talkrt")
-    return Path(root) / "avatars"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,9 +1,11 @@
 """The stage protocol: what a batch carries, the stages every device shares, and the CPU stages.
 
 A stage binds its stream, engines and buffers in ``__init__`` and runs in ``__call__(batch)``,
-reading and writing fields of one :class:`FrameBatch`. Nothing in a model or compose stage is
-bound to one avatar: a batch names, per frame, its avatar and source frame, and the stages
-gather latents, boxes and masks from there, so one batch may mix avatars (and sessions).
+reading and writing fields of one :class:`FrameBatch`. A batch names, per frame, its avatar and
+source frame, and the UNet, VAE and compose stages gather latents, boxes and masks from there,
+so those stages take batches that mix avatars. The frame source (1), the audio windows (2) and
+the encoder (6) of a run are bound to its video, speech and output; a server that mixes sessions
+supplies its own for those.
 
 :func:`talkrt.pipeline.build_stages` builds the CPU set (this module) or the GPU set
 (:mod:`talkrt.gpu_stages`); the batch loop only walks the numbered list of a :class:`StageSet`.

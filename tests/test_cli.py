@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from fractions import Fraction
@@ -14,7 +15,7 @@ from talkrt import __version__
 from talkrt.cli import main
 from talkrt.media.probe import probe_output
 from talkrt.media.writer import Mp4Writer
-from talkrt.sample import moving_face_frames
+from benchmarks.sample import moving_face_frames
 from media_factory import make_audio
 
 FPS = 25
@@ -50,10 +51,10 @@ def no_models(monkeypatch):
     monkeypatch.setattr(talkrt.session, "build_session", refuse)
 
 
-def refused(rc, out: Path, caplog, *phrases):
+def refused(rc, folder: Path, caplog, *phrases):
+    """Exit 2, the ERROR line holds ``phrases``, no traceback, no temporary file left in ``folder``."""
     assert rc == 2
-    assert not out.exists() or out.is_symlink()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".talkrt-")]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".talkrt-")]
     errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     for phrase in phrases:
         assert phrase in errors, errors
@@ -64,7 +65,7 @@ def test_output_equal_to_the_video_is_refused_and_the_video_untouched(media, tmp
     video = tmp_path / "v.mp4"
     video.write_bytes(media["video"].read_bytes())
     before = digest(video)
-    refused(main(args(media, video, video=video)), tmp_path / "none.mp4", caplog, "same file as --video", str(video))
+    refused(main(args(media, video, video=video)), tmp_path, caplog, "same file as --video", str(video))
     assert digest(video) == before
 
 
@@ -75,17 +76,48 @@ def test_output_through_a_symlink_or_relative_path_to_the_audio_is_refused(media
     link = tmp_path / "link.mp4"
     link.symlink_to(audio)
     before = digest(audio)
-    refused(main(args(media, link, audio=audio)), link, caplog, "same file as --audio")
+    refused(main(args(media, link, audio=audio)), tmp_path, caplog, "same file as --audio")
+    assert link.resolve() == audio.resolve()
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path)
-    refused(main(args(media, Path("sub/../speech.mp4"), audio=audio)), tmp_path / "none.mp4", caplog,
-            "same file as --audio")
+    refused(main(args(media, Path("sub/../speech.mp4"), audio=audio)), tmp_path, caplog, "same file as --audio")
     assert digest(audio) == before
 
 
 def test_a_name_longer_than_the_filesystem_allows_is_refused_before_work(media, tmp_path, caplog, no_models):
     out = tmp_path / ("n" * 252 + ".mp4")      # 256 bytes
-    refused(main(args(media, out)), tmp_path / "none.mp4", caplog, "bytes; this filesystem allows")
+    refused(main(args(media, out)), tmp_path, caplog, "bytes; this filesystem allows")
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (("--device", "gpu0"), "--device 'gpu0'"),
+    (("--compose", "gpu"), "--compose gpu needs a CUDA device"),
+    (("--compose", "reference", "--set", "pipeline.sharpen.enabled=true"), "'reference' reproduces MuseTalk"),
+    (("--weights", "/nonexistent/weights"), "/nonexistent/weights: --weights must be a folder"),
+    (("--backend", "tensorrt"), "tensorrt package is not installed"),
+])
+def test_settings_that_cannot_run_are_refused_before_the_models(media, tmp_path, caplog, no_models, extra, phrase):
+    out = tmp_path / "o.mp4"
+    refused(main(args(media, out, None, None, *extra)), tmp_path, caplog, phrase)
+    assert not out.exists()
+
+
+def test_unusable_report_and_cache_paths_are_refused_before_work(media, tmp_path, caplog, no_models):
+    out = tmp_path / "o.mp4"
+    (tmp_path / "rep.json").mkdir()
+    refused(main(args(media, out, None, None, "--json", str(tmp_path / "rep.json"))), tmp_path, caplog,
+            "rep.json: is a directory")
+    refused(main(args(media, out, None, None, "--json", str(media["audio"]))), tmp_path, caplog, ".json")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    argv = [a if a != str(media["cache"]) else str(blocker / "cache") for a in args(media, out)]
+    refused(main(argv), tmp_path, caplog, "cannot create this folder")
+    assert not out.exists()
+
+
+def test_output_that_is_a_directory_is_named_as_such(media, tmp_path, caplog, no_models):
+    (tmp_path / "dir.mp4").mkdir()
+    refused(main(args(media, tmp_path / "dir.mp4")), tmp_path, caplog, "dir.mp4: is a directory")
 
 
 @pytest.mark.slow
@@ -99,8 +131,9 @@ def test_the_longest_legal_name_works(media, tmp_path):
 def test_audio_shorter_than_a_frame_is_refused_before_the_models(media, tmp_path, caplog, no_models):
     short = tmp_path / "blip.wav"
     make_audio(short, 0.02, sample_rate=16000)
-    refused(main(args(media, tmp_path / "o.mp4", audio=short)), tmp_path / "o.mp4", caplog, "blip.wav",
+    refused(main(args(media, tmp_path / "o.mp4", audio=short)), tmp_path, caplog, "blip.wav",
             "shorter than one video frame")
+    assert not (tmp_path / "o.mp4").exists()
 
 
 def test_bad_batch_size_is_refused(media, tmp_path, capsys):
@@ -135,13 +168,14 @@ def test_json_report_and_summary_line(media, tmp_path, capsys):
     assert fields["frames"] == "15" and fields["faces"] == "15/15" and fields["weights"] == "synthetic"
     assert fields["encode"] == "libx264-rgb" and float(fields["startup_s"]) > 0
     doc = json.loads(report.read_text())
-    assert doc["output"] == str(out) and doc["frames"] == 15 and doc["config"] == "tiny"
+    assert doc["output"] == str(out.resolve()) and doc["frames"] == 15 and doc["config"] == "tiny"
     assert doc["faces"] == {"output_frames_with_face": 15, "output_frames": 15, "source_frames": 10,
                             "no_face_ranges": []}
     seconds = doc["seconds"]
     assert seconds["total"] == pytest.approx(seconds["startup"] + seconds["preparation"] + seconds["pipeline"])
-    assert [s["stage"] for s in doc["stages"]][:6] == ["audio_features", "1.frames", "2.audio", "3.unet",
-                                                      "4.vae_decode", "5.compose"]
+    assert [s["stage"] for s in doc["stages"]] == ["audio_features", "1.frames", "2.audio", "3.unet",
+                                                  "4.vae_decode", "5.compose", "6.encode", "6.encode-drain"]
+    assert doc["config_hash"] and doc["finished"].endswith("+00:00") and Path(doc["inputs"]["video"]).is_absolute()
     assert doc["versions"]["talkrt"] == __version__ and "torch" in doc["versions"]
 
 
@@ -150,3 +184,20 @@ def test_without_config_the_cpu_runs_tiny_and_says_so(media, tmp_path, caplog):
     argv = [a for a in args(media, tmp_path / "o.mp4") if a not in ("--config", "tiny")]
     assert main(argv) == 0
     assert any("config: tiny" in r.getMessage() and "--config musetalk" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_leaves_nothing(media, tmp_path):
+    out = tmp_path / "o.mp4"
+    long_audio = tmp_path / "long.wav"
+    make_audio(long_audio, 20.0, sample_rate=16000)
+    proc = subprocess.Popen([sys.executable, "-m", "talkrt.cli", *args(media, out, None, long_audio)],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:                   # wait until frames are being written
+        if "media path:" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated; no output was written" in err and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".talkrt-")]

@@ -1,6 +1,6 @@
 """Faces tracked through clips (CPU): small faces, bridged gaps, frames left without a face.
 
-Clips are the bundled astronaut face (``talkrt.sample.moving_face_frames``) scaled and
+Clips are the bundled astronaut face (``benchmarks.sample.moving_face_frames``) scaled and
 pasted into wider frames, plus ``tests/data/b20a_small_face_640x360.mp4`` (a ~38 px
 box in a 640x360 wide shot, 50 frames).
 """
@@ -22,7 +22,7 @@ from talkrt.face.blazeface import quiet_native_stderr, tile_levels
 from talkrt.face.blazeface_mesh import BlazeFaceMeshTracker
 from talkrt.face.geometry import DEFAULT_MAX_GAP
 from talkrt.media.frames import iter_video_frames
-from talkrt.sample import moving_face_frames
+from benchmarks.sample import moving_face_frames
 
 pytest.importorskip("skimage.data")
 

@@ -132,7 +132,7 @@ def test_gpu_batch_mixing_avatars_equals_one_batch_per_avatar(tmp_path):
     from talkrt.config import SharpenConfig
     from talkrt.gpu_stages import GpuComposeStage
     from talkrt.media.writer import Mp4Writer
-    from talkrt.sample import moving_face_frames
+    from benchmarks.sample import moving_face_frames
     from talkrt.stages import AudioWindows, UNetStage, VaeDecodeStage
 
     parts = build_session(load_config("tiny"), device="cuda", backend="eager", compose="gpu",

@@ -11,7 +11,7 @@ from talkrt.media.frames import iter_video_frames
 from talkrt.media.probe import probe_output, probe_video
 from talkrt.media.writer import Mp4Writer
 from talkrt.pipeline import ping_pong_index
-from talkrt.sample import moving_face_frames
+from benchmarks.sample import moving_face_frames
 from media_factory import make_audio, make_empty_wav, make_not_media, make_video
 
 FPS = 25
@@ -55,7 +55,7 @@ def test_end_to_end_tiny_with_cycling(media, tmp_path, capsys, caplog):
     assert abs(info.duration_s - 1.3) <= 1 / FPS
     assert info.has_audio and info.audio_duration_s == pytest.approx(1.3, abs=1 / FPS)
     assert info.metadata["talkrt_weights"] == "synthetic"
-    assert info.metadata["talkrt_faces"] == "20/20"
+    assert info.metadata["talkrt_faces"] == "32/32"                # output frames with a face
     summary = capsys.readouterr().out
     assert "frames=32" in summary and "faces=32/32" in summary and "weights=synthetic" in summary
     # the mouth region changed, the forehead did not (compose touches only the face box)

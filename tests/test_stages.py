@@ -14,7 +14,7 @@ from talkrt.media.audio import load_audio
 from talkrt.media.frames import iter_video_frames
 from talkrt.media.probe import probe_video
 from talkrt.media.writer import Mp4Writer
-from talkrt.sample import moving_face_frames
+from benchmarks.sample import moving_face_frames
 from talkrt.session import build_session
 from talkrt.stages import AudioWindows, CpuComposeStage, FrameBatch, UNetStage, VaeDecodeStage
 
@@ -56,7 +56,7 @@ def test_cpu_output_is_unchanged_and_sharpening_applies(tmp_path):
 def test_reference_compose_refuses_sharpening():
     with pytest.raises(TalkrtError, match="sharpen"):
         CpuComposeStage("reference", SharpenConfig(enabled=True))
-    with pytest.raises(TalkrtError, match="gpu"):
+    with pytest.raises(TalkrtError, match="compose mode 'gpu' does not run on the CPU"):
         CpuComposeStage("gpu", SharpenConfig())
 
 

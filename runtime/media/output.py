@@ -7,7 +7,6 @@ so any output name the filesystem accepts also has room for its temporary files.
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import shutil
@@ -38,34 +37,34 @@ def create_temp_file(folder: Path, kind: str, suffix: str) -> Path:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise InputError(folder, f"cannot create a file in the output folder ({exc.strerror})") from exc
+            raise InputError(folder, f"cannot create a file in this folder ({exc.strerror})") from exc
         os.close(fd)
         return path
-    raise InputError(folder, "could not create a unique temporary file in the output folder")
+    raise InputError(folder, "could not create a unique temporary file in this folder")
 
 
-def check_output_path(out_path: Path) -> None:
-    """Refuse an output path that cannot work: not ``.mp4``, no such folder, a folder itself,
-    or a file name longer than the filesystem allows.
+def check_file_path(path: Path, suffix: str) -> None:
+    """Refuse a file path that cannot be written: another suffix than ``suffix``, no such
+    folder, a folder itself, or a file name longer than the filesystem allows.
 
     Raises:
         InputError: naming the path and the problem.
     """
-    if out_path.suffix.lower() != ".mp4":
-        raise InputError(out_path, "output file name must end with .mp4")
-    parent = out_path.parent
+    parent = path.parent
     if not parent.is_dir():
-        problem = "is not a directory" if parent.exists() else "output directory does not exist"
+        problem = "is not a directory" if parent.exists() else "folder does not exist"
         raise InputError(parent, problem)
-    name_bytes = len(os.fsencode(out_path.name))
+    name_bytes = len(os.fsencode(path.name))
     try:
         limit = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    if name_bytes > limit:
-        raise InputError(out_path, f"the file name is {name_bytes} bytes; this filesystem allows {limit}")
-    if out_path.is_dir():
-        raise InputError(out_path, "output path is a directory")
+    if name_bytes > limit:        # checked first: the file system refuses to even look such a name up
+        raise InputError(path, f"the file name is {name_bytes} bytes; this filesystem allows {limit}")
+    if path.is_dir():
+        raise InputError(path, "is a directory; give a file name")
+    if path.suffix.lower() != suffix:
+        raise InputError(path, f"file name must end with {suffix}")
 
 
 def check_not_an_input(out_path: Path, inputs: dict[str, Path]) -> None:
@@ -88,24 +87,48 @@ def check_not_an_input(out_path: Path, inputs: dict[str, Path]) -> None:
                                        "input: choose another output name")
 
 
-def preflight_output(out_path: Path, inputs: dict[str, Path], estimated_bytes: int) -> None:
-    """Every check that can be made before any frame is computed: the path, the inputs, the
-    right to create files in the folder (by creating and removing a temporary file of the
-    same kind the writer will create) and the free space.
+def check_writable_folder(folder: Path) -> None:
+    """Create and remove a temporary file in ``folder`` (creating the folder if needed).
+
+    Raises:
+        InputError: naming ``folder`` and the operating system's reason.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(folder, f"cannot create this folder ({exc.strerror})") from exc
+    create_temp_file(folder, "probe", "").unlink()
+
+
+def preflight_file(path: Path, suffix: str, inputs: dict[str, Path]) -> None:
+    """Every check of a file to be written that can be made before any work: the path, the
+    inputs it must not be, the right to create files in its folder (a temporary file is
+    created and removed) and, where it exists, the right to replace it.
 
     Args:
-        out_path: the output ``.mp4``.
-        inputs: role -> input path (see :func:`check_not_an_input`).
-        estimated_bytes: expected size of the output (bytes).
+        path: the file to write.
+        suffix: the suffix it must have (``.mp4``, ``.json``).
+        inputs: role (e.g. ``"--video"``) -> input path (see :func:`check_not_an_input`).
     Raises:
         InputError: naming the path and the problem.
     """
-    check_output_path(out_path)
-    check_not_an_input(out_path, inputs)
-    probe = create_temp_file(out_path.parent, "partial", ".mp4")
-    probe.unlink()
-    free = shutil.disk_usage(out_path.parent).free
+    check_file_path(path, suffix)
+    check_not_an_input(path, inputs)
+    check_writable_folder(path.parent)
+    if path.exists():
+        try:
+            os.close(os.open(path, os.O_WRONLY))       # opens without truncating
+        except OSError as exc:
+            raise InputError(path, f"exists and cannot be replaced ({exc.strerror})") from exc
+
+
+def check_free_space(folder: Path, estimated_bytes: int) -> None:
+    """Refuse when ``folder``'s filesystem has less free space than ``estimated_bytes`` plus a margin.
+
+    Raises:
+        InputError: naming the folder, the free and the needed megabytes.
+    """
+    free = shutil.disk_usage(folder).free
     needed = estimated_bytes + SPACE_MARGIN_BYTES
     if free < needed:
-        raise InputError(out_path.parent, f"only {free / 1e6:.0f} MB free; the output needs about "
-                                          f"{needed / 1e6:.0f} MB ({os.strerror(errno.ENOSPC).lower()})")
+        raise InputError(folder, f"only {free / 1e6:.0f} MB free there; the output needs about {needed / 1e6:.0f} MB")

@@ -28,7 +28,7 @@ from talkrt.errors import InputError, TalkrtError
 
 from ._common import PathLike, exc_message
 from .audio import audio_stream_layout, iter_audio_chunks
-from .output import check_output_path, create_temp_file
+from .output import check_file_path, create_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class Mp4Writer:
 
 def validate_output(out_path: Path, width: int, height: int, metadata: dict[str, str] | None = None) -> None:
     """Refuse an output path/size/metadata that cannot work, before any work is done."""
-    check_output_path(out_path)
+    check_file_path(out_path, ".mp4")
     if width <= 0 or height <= 0 or width % 2 or height % 2:
         raise InputError(
             out_path,

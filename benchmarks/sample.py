@@ -5,7 +5,7 @@
 * ``sample_speech.wav``: one short sentence rendered with espeak-ng (needs the espeak-ng
   binary, only for regenerating the sample).
 
-    python -m talkrt.sample --out tests/data
+    python -m benchmarks.sample --out tests/data
 """
 
 from __future__ import annotations
