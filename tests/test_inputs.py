@@ -144,7 +144,7 @@ def test_vfr_marker_clip_is_resampled_to_its_nominal_30_fps(tmp_path, caplog):
     assert frames[3] is not frames[4] and np.array_equal(frames[3], frames[4])    # a repeat is its own array
     lines = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
     assert len(lines) == 1 and "variable frame rate" in lines[0] and "30 fps" in lines[0]
-    assert "6 source frames -> 6 frames (1 dropped, 1 repeats)" in lines[0]
+    assert "6 source frames -> 6 frames (1 dropped, 1 repeated)" in lines[0]
 
 
 def test_constant_rate_video_keeps_every_frame_unless_another_rate_is_asked(tmp_path):
@@ -301,7 +301,7 @@ def test_hdr_is_tone_mapped_to_sdr_bt709(tmp_path, caplog, transfer):
     for got, signal in zip(patch_values(frames[0]), HDR_PATCHES[transfer]):
         assert np.abs(got - sdr_expected(signal, transfer)).max() <= 2, (got, signal)
     lines = [r.getMessage() for r in caplog.records if "HDR source" in r.getMessage()]
-    assert len(lines) == 1 and "converted to SDR BT.709" in lines[0]
+    assert len(lines) == 1 and "tone-mapped to SDR BT.709" in lines[0] and "203 cd/m2" in lines[0]
     assert not [r for r in caplog.records if "8-bit 4:2:0" in r.getMessage()]   # the HDR line says it all
 
 

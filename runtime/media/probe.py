@@ -26,7 +26,7 @@ from ._common import (
     to_fraction,
 )
 from .geometry import Orientation, even_size, orientation_from_display_matrix
-from .hdr import SDR_PEAK_NITS, SOURCE_PEAK_NITS, HdrSource, hdr_source
+from .hdr import REFERENCE_WHITE_NITS, SOURCE_PEAK_NITS, HdrSource, hdr_source
 from .timing import cfr_rate, fps_filter_plan, fps_text, looks_vfr, nominal_rate, pts_deltas
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ def _log_delivery(path: Path, info: VideoInfo, deltas: list[int], time_base: Fra
         else:
             why = "constant frame rate at another rate"
         log_once(logging.INFO, "%s: %s: resampled to a constant %s fps as FFmpeg's fps filter does: %d source "
-                 "frames -> %d frames (%d dropped, %d repeats)", path, why, fps_text(info.fps), info.source_frames,
+                 "frames -> %d frames (%d dropped, %d repeated)", path, why, fps_text(info.fps), info.source_frames,
                  info.num_frames, info.source_frames - kept, info.num_frames - kept)
     if not info.orientation.is_identity:
         log_once(logging.INFO, "%s: display matrix: the stored %dx%d picture is shown %s; frames are delivered "
@@ -357,9 +357,9 @@ def _log_delivery(path: Path, info: VideoInfo, deltas: list[int], time_base: Fra
         log_once(logging.INFO, "%s: odd frame size %dx%d: H.264 4:2:0 needs even sizes, so the last %s dropped: "
                  "frames are %dx%d", path, *shown, _dropped_lines(shown), info.width, info.height)
     if info.hdr is not None:
-        log_once(logging.INFO, "%s: HDR source (%s, %d-bit): converted to SDR BT.709 (BT.2390 tone map, %g -> %g "
-                 "cd/m2; talkrt.media.hdr)", path, info.hdr.describe(), info.bit_depth, SOURCE_PEAK_NITS,
-                 SDR_PEAK_NITS)
+        log_once(logging.INFO, "%s: HDR source (%s, %d-bit): tone-mapped to SDR BT.709 (reference white %g cd/m2 "
+                 "-> SDR white, highlights rolled off up to %g cd/m2 by the BT.2390 curve; talkrt.media.hdr)", path,
+                 info.hdr.describe(), info.bit_depth, REFERENCE_WHITE_NITS, SOURCE_PEAK_NITS)
     elif not info.is_8bit_420:
         log_once(logging.WARNING, "%s: source is %d-bit %s (%s); frames are converted to 8-bit RGB and the output "
                  "will be 8-bit 4:2:0 H.264", path, info.bit_depth, info.chroma_subsampling, info.pix_fmt)
