@@ -100,8 +100,8 @@ class HdrSource:
 
 
 def hdr_source(color_trc: object, color_primaries: object, matrix: str | None, full_range: bool) -> HdrSource | None:
-    """The :class:`HdrSource` of a stream with these tags (AVColor* values; primaries None or
-    0 mean unspecified, taken as BT.2020), None for a transfer that is not PQ or HLG.
+    """The :class:`HdrSource` of a stream with these tags (AVColor* values; primaries left unset
+    (None, 0 or 2) are taken as BT.2020), None for a transfer that is not PQ or HLG.
     Raises:
         ValueError: HDR with a matrix this conversion does not implement (e.g. BT.2020 constant luminance).
     """
