@@ -62,12 +62,17 @@ class PreparedAvatar:
         return int(self.found.sum())
 
 
-def avatar_key(video_digest: str, cfg: TalkrtConfig, weights_identity: str, tracker_name: str) -> str:
+def avatar_key(video_digest: str, cfg: TalkrtConfig, weights_identity: str, tracker_name: str,
+               info: VideoInfo) -> str:
+    """The cache key of a prepared avatar: everything that changes its content (the file, the
+    model, the weights, the tracker, the preparation settings and the frames delivered from the
+    file: rate, size and conversions)."""
     p = cfg.pipeline
     parts = {
         "video": video_digest, "model": cfg.model_hash(), "weights": weights_identity, "tracker": tracker_name,
         "extra_margin": p.extra_margin, "crop_expand": p.crop_expand, "upper": p.upper_boundary_ratio,
         "smooth": p.smooth_window, "prep_version": PREP_VERSION,
+        "frames": [str(info.fps), info.width, info.height, info.num_frames, list(info.conversions)],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -112,7 +117,7 @@ class AvatarPreparer:
         Raises:
             InputError: the video cannot be decoded or has no face in any frame.
         """
-        key = avatar_key(sha256_files([video_path]), self.cfg, self.weights_identity, self.tracker_name)
+        key = avatar_key(sha256_files([video_path]), self.cfg, self.weights_identity, self.tracker_name, info)
         cached = self.cache_dir / key
         if (cached / "meta.json").is_file():
             log.info("avatar cache hit: %s", cached)
@@ -136,7 +141,7 @@ class AvatarPreparer:
             for frame in frames:
                 yield frame
                 progress.advance()
-        track = track_frames(counted(iter_video_frames(video_path)), self.tracker, extra_margin=p.extra_margin,
+        track = track_frames(counted(iter_video_frames(video_path, fps=info.fps)), self.tracker, extra_margin=p.extra_margin,
                              smooth_window=p.smooth_window, expand=p.crop_expand)
         n = len(track.found)
         if n != info.num_frames:
@@ -157,7 +162,7 @@ class AvatarPreparer:
 
         log.info("preparing avatar: encoding %d face crops", int(track.found.sum()))
         progress.phase("encoding", int(track.found.sum()))
-        for i, frame in enumerate(iter_video_frames(video_path)):
+        for i, frame in enumerate(iter_video_frames(video_path, fps=info.fps)):
             if i >= n:
                 break
             if not track.found[i]:

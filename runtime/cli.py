@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 from talkrt import __version__
@@ -39,6 +40,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def frame_rate(text: str) -> Fraction:
+    """argparse type: a positive rate as an integer, a decimal or a fraction (``30000/1001``)."""
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a frame rate (e.g. 25, 29.97, 30000/1001)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="run_pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"talkrt {__version__}")
@@ -48,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="musetalk (full size), tiny (a toy of the same structure, for tests) or a "
                                     ".yaml path; default: musetalk on a GPU, tiny on a CPU")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--fps", type=frame_rate, help="output frame rate, e.g. 25 or 30000/1001 (default: the video's "
+                                                 "own; variable-rate videos: their nominal rate)")
     p.add_argument("--batch-size", type=positive_int, help="frames per batch (overrides pipeline.batch_size)")
     p.add_argument("--weights", help="folder with the official MuseTalk v1.5 checkpoints (else synthetic weights)")
     p.add_argument("--backend", choices=BACKENDS, help="engine backend (default: from config, auto)")
@@ -147,7 +161,7 @@ def check_inputs(args: argparse.Namespace, overrides: list[str]):
     check_settings(args, early_config(args, overrides))
     video, audio, out = Path(args.video), Path(args.audio), Path(args.out)
     inputs = {"--video": video, "--audio": audio}
-    info = probe_video(video)
+    info = probe_video(video, fps=args.fps)
     clip = load_audio(audio)
     total = num_video_frames(len(clip.samples), info.fps, clip.sample_rate)
     if total == 0:

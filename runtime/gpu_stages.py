@@ -251,6 +251,13 @@ class HostEncodeStage:
         self.worker.join()
         self._raise_if_failed()
 
+    def abort(self) -> None:
+        """Stop the worker: frames still queued are dropped (the writer discards its file)."""
+        if self.error is None:
+            self.error = TalkrtError("encoding aborted")
+        self.jobs.put(None)
+        self.worker.join()
+
 
 class NvencEncodeStage:
     """Stage 6 with NVENC: frames are encoded from device memory; nothing crosses to the host."""
@@ -270,3 +277,6 @@ class NvencEncodeStage:
 
     def finish(self) -> None:
         """The writer's close() (at the end of the run) flushes NVENC and muxes."""
+
+    def abort(self) -> None:
+        """Nothing is queued here: the writer's abort discards the file."""

@@ -213,10 +213,10 @@ class FrameSource:
         self.stream: Iterator[np.ndarray] | None = None
         self.next_index = 0
         if num_out > info.num_frames:
-            self.cache = read_video_frames(video_path, max_cache_bytes)
+            self.cache = read_video_frames(video_path, max_cache_bytes, fps=info.fps)
             self.num_source = len(self.cache)
         else:
-            self.stream = iter_video_frames(video_path)
+            self.stream = iter_video_frames(video_path, fps=info.fps)
 
     def __call__(self, batch: FrameBatch) -> None:
         if self.cache is not None:

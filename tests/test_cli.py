@@ -201,3 +201,14 @@ def test_sigterm_mid_run_leaves_nothing(media, tmp_path):
     assert proc.returncode == 143, err
     assert "terminated; no output was written" in err and "Traceback" not in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".talkrt-")]
+
+
+@pytest.mark.slow
+def test_fps_resamples_the_avatar(media, tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    assert main(args(media, out, None, None, "--fps", "25/2")) == 0
+    info = probe_output(out)
+    assert info.fps == Fraction(25, 2) and info.num_frames == int(0.6 * 12.5)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(media, out, None, None, "--fps", "0"))
+    assert exit_info.value.code == 2 and "--fps: must be positive" in capsys.readouterr().err

@@ -372,9 +372,9 @@ def test_abort_and_empty_close_leave_nothing(tmp_path):
 
 
 def test_writer_rejects_bad_arguments(tmp_path):
-    with pytest.raises(InputError, match="no_such_dir: output directory does not exist"):
+    with pytest.raises(InputError, match="no_such_dir: folder does not exist"):
         Mp4Writer(tmp_path / "no_such_dir" / "out.mp4", W, H, 25)
-    with pytest.raises(InputError, match=r"out\.mov: output file name must end with \.mp4"):
+    with pytest.raises(InputError, match=r"out\.mov: file name must end with \.mp4"):
         Mp4Writer(tmp_path / "out.mov", W, H, 25)
     with pytest.raises(InputError, match="even width and height"):
         Mp4Writer(tmp_path / "out.mp4", 63, 48, 25)

@@ -155,12 +155,6 @@ def test_frames_without_a_face_pass_through_unchanged(media, tmp_path, capsys, c
     assert np.abs(src[3].astype(int) - res[3])[200:240, 130:190].mean() > 10   # face frames are generated
 
 
-def test_odd_frame_size_is_refused(media, tmp_path, caplog):
-    odd = make_video(tmp_path / "odd.mkv", 65, 48, FPS, num_frames=4, codec="libx264", pix_fmt="yuv444p")
-    out = tmp_path / "o.mp4"
-    _assert_failed_cleanly(run(media, out, video=odd), out, caplog, "odd.mkv", "even")
-
-
 def test_requested_engine_backend_missing_is_refused(media, tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("TALKRT_ENGINES_DIR", str(tmp_path / "no-engines"))
     out = tmp_path / "o.mp4"
