@@ -26,7 +26,8 @@ from talkrt.errors import InputError, TalkrtError
 log = logging.getLogger("talkrt")
 
 #: third-party loggers that speak at INFO about things a user of talkrt need not see
-QUIET_LOGGERS = ("PIL", "matplotlib", "httpx", "urllib3", "diffusers", "transformers", "torch._inductor")
+QUIET_LOGGERS = ("PIL", "matplotlib", "httpx", "urllib3", "diffusers", "transformers", "torch._inductor",
+                 "PyNvVideoCodec")
 
 
 def positive_int(text: str) -> int:
