@@ -9,10 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 ENGINES_DIR ?= engines
 
-.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-realtime profile sample clean
+.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-realtime profile sample serve clean
 
 help:
-	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-realtime | profile | sample | clean"
+	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-realtime | profile | sample | serve | clean"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(if $(TORCH_SPEC),,--system-site-packages) $(VENV)
@@ -67,6 +67,11 @@ profile: venv
 sample: venv
 	$(PY) -m pip install -q "scikit-image>=0.22"
 	$(PY) -m benchmarks.sample --out tests/data
+
+# Live avatars over WebSocket (docs/protocol.md): musetalk on a GPU, tiny on a CPU-only machine.
+serve: venv
+	$(PY) -m talkrt.serve.cli serve $(if $(CONFIG),--config $(CONFIG)) --host $(or $(HOST),127.0.0.1) \
+	  --port $(or $(PORT),8000) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
-SINK_SECONDS = 2.0          # frames a client may fall behind before the oldest are dropped
+SINK_SECONDS = 5.0          # how many seconds of frames a client may fall behind before the oldest are dropped
 
 
 async def _refuse(ws: WebSocket, exc: ProtocolError) -> None:
