@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import percentiles
+from talkrt.serve.audio import gather_windows
 from talkrt.media.audio import num_video_frames
 from talkrt.streams import on_stream
-from talkrt.config import AudioConfig
 from talkrt.models.audio import (SAMPLE_RATE, SEGMENT_SECONDS, STEPS_PER_SECOND, AudioFeatures,
                                  window_start)
 
@@ -103,28 +103,6 @@ class AudioTiming:
 
     def lookahead_ms(self, frame: int) -> float:
         return 1000.0 * (self.arrival_s(self.samples_needed(frame)) - frame / float(self.fps))
-
-
-def gather_windows(states: torch.Tensor, first_step: int, total_steps: int, frames: np.ndarray, fps: Fraction,
-                   audio: AudioConfig) -> torch.Tensor:
-    """Per-frame windows ``[B, window_steps * (L+1), D]`` from the states of steps ``first_step..``.
-
-    Same values as ``AudioFeatures.windows(AudioFeatures.pad(all_states), frames, fps)``: steps
-    before 0 or from ``total_steps`` on are the zero padding.
-    """
-    starts = np.asarray(window_start(np.asarray(frames), fps), dtype=np.int64) - audio.pad_left_steps
-    steps = starts[:, None] + np.arange(audio.window_steps)[None]
-    real = (steps >= 0) & (steps < total_steps)
-    local = steps - first_step
-    missing = real & ((local < 0) | (local >= states.shape[0]))
-    if missing.any():
-        raise RuntimeError(f"frame {int(np.asarray(frames)[missing.any(axis=1)][0])} needs Whisper step "
-                           f"{int(steps[missing][0])}, the window holds steps {first_step}.."
-                           f"{first_step + states.shape[0] - 1}")
-    out = states.new_zeros(len(starts), audio.window_steps, *states.shape[1:])
-    mask = torch.as_tensor(real, device=states.device)
-    out[mask] = states[torch.as_tensor(local[real], device=states.device)]
-    return out.reshape(out.shape[0], -1, out.shape[-1])
 
 
 class StreamingAudio:

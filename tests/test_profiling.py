@@ -14,7 +14,8 @@ from benchmarks import latency_baseline as lb
 from benchmarks import profile as prof
 from benchmarks import report
 from benchmarks.common import gpu_slug, machine_info, percentiles
-from benchmarks.realtime import AudioTiming, BatchSizeResult, FrameLatency, gather_windows
+from benchmarks.realtime import AudioTiming, BatchSizeResult, FrameLatency
+from talkrt.serve.audio import gather_windows
 from talkrt.config import load_config
 from talkrt.models.audio import AudioFeatures
 from talkrt.profiling import StageClock, nvtx_range, torch_profiler_ranges

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from talkrt import __version__
+from talkrt.cli import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +22,6 @@ def default_data_dir() -> Path:
     """``$TALKRT_DATA_DIR``, else ``~/.cache/talkrt/serve``."""
     root = os.environ.get("TALKRT_DATA_DIR")
     return Path(root) if root else Path.home() / ".cache" / "talkrt" / "serve"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
