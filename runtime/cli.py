@@ -15,6 +15,7 @@ import logging
 import re
 import signal
 import sys
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     progress = ProgressBar(not args.no_progress and sys.stderr.isatty())
-    signal.signal(signal.SIGTERM, _terminated)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
     from tqdm.contrib.logging import logging_redirect_tqdm
     try:
         with logging_redirect_tqdm():          # log lines go above the bar, never through it
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         progress.close()
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Terminated(BaseException):
