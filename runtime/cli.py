@@ -246,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the main thread is so that every writer discards its files on the way out."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is so that every writer discards its files on the way
+    out. A KeyboardInterrupt, because logging handlers (tqdm's among them) swallow other exceptions
+    raised while they write, and a signal may arrive then."""
 
 
 def _terminated(signum, frame) -> None:
