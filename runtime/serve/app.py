@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, UploadFile, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from talkrt.config import AudioConfig, TalkrtConfig
@@ -104,6 +105,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if not server.ready:
             raise HTTPException(503, "models are loading" if server.error is None else server.error)
         return server.avatars
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/")
     def index() -> FileResponse:
