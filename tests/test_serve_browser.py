@@ -5,8 +5,6 @@ microphone. Skipped when Chromium or Playwright is missing (``.ci/run`` installs
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 import wave
 from pathlib import Path
@@ -14,13 +12,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
+from serve_server import running_server
 from media_factory import write_frames
-from talkrt.config import load_config
 from talkrt.media.frames import read_video_frames
-from talkrt.serve.app import ServeSettings, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 SAMPLE = Path(__file__).parent / "data" / "sample_avatar.mp4"
@@ -33,27 +29,8 @@ if not CHROMIUM.exists():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    app = create_app(ServeSettings(cfg=load_config("tiny"), device="cpu",
-                                   data_dir=tmp_path_factory.mktemp("serve-data"), max_sessions=2))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("server did not become healthy")
-    yield base
-    srv.should_exit = True
-    thread.join(30)
+    with running_server(tmp_path_factory.mktemp("serve-data")) as (base, _):
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,18 @@ import asyncio
 import io
 import json
 import re
-import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from PIL import Image
 
+from serve_server import running_server
 from media_factory import make_not_media, write_frames
-from talkrt.config import load_config
 from talkrt.media.frames import read_video_frames
-from talkrt.serve.app import ServeSettings, create_app
 from talkrt.serve.protocol import unpack_frame
 
 SAMPLE = Path(__file__).parent / "data" / "sample_avatar.mp4"
@@ -33,27 +29,9 @@ FRAME_PCM = 2 * 16000 // 25          # bytes of one 16 kHz frame
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("serve-data")
-    app = create_app(ServeSettings(cfg=load_config("tiny"), device="cpu", data_dir=data, max_sessions=2))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("server did not become healthy")
-    yield {"base": base, "ws": f"ws://127.0.0.1:{port}/v1/live", "state": app.state.server, "data": data}
-    srv.should_exit = True
-    thread.join(30)
+    with running_server(data) as (base, app):
+        port = base.rsplit(":", 1)[1]
+        yield {"base": base, "ws": f"ws://127.0.0.1:{port}/v1/live", "state": app.state.server, "data": data}
 
 
 @pytest.fixture(scope="module")
