@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,12 +130,20 @@ def open_writer(parts: PipelineParts, out_path: Path, info: VideoInfo, audio_pat
 
 
 def build_stages(parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int, writer,
-                 audio: Stage) -> StageSet:
+                 audio: Stage, overrides: Mapping[str, Stage] | None = None) -> StageSet:
     """The CPU or the GPU stage set for one run (the only place that chooses).
 
     ``audio`` is the stage-2 callable that sets ``batch.audio`` (whole-clip windows in
-    :func:`run_pipeline`, a streaming Whisper in ``benchmarks.realtime``).
+    :func:`run_pipeline`, a streaming Whisper in ``benchmarks.realtime``). ``overrides`` replaces
+    stages by field name of :class:`StageSet` (e.g. the server's jobs hand ``unet`` and
+    ``vae_decode`` to its shared scheduler).
     """
+    stages = _device_stages(parts, video_path, info, num_out, writer, audio)
+    return dataclasses.replace(stages, **overrides) if overrides else stages
+
+
+def _device_stages(parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int, writer,
+                   audio: Stage) -> StageSet:
     p = parts.cfg.pipeline
     on_gpu = parts.compose == "gpu"
     unet = UNetStage(parts.unet, parts.device, parts.dtype, parts.stream)
@@ -174,11 +183,14 @@ class BatchRunner:
 
 
 def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_path: Path, clip: AudioClip,
-                 out_path: Path, progress: Progress | None = None) -> RunReport:
+                 out_path: Path, progress: Progress | None = None,
+                 overrides: Mapping[str, Stage] | None = None) -> RunReport:
     """Prepare the avatar (or load it from the cache), then run the six stages over every output
     frame; the MP4 appears at ``out_path`` only on success.
 
-    ``progress`` gets the phases "tracking" and "encoding" (preparation) and "lip-sync" (frames).
+    ``progress`` gets the phases "tracking" and "encoding" (preparation) and "lip-sync" (frames);
+    an exception raised by ``progress.advance`` (e.g. a cancelled job) aborts the run and leaves no
+    output. ``overrides``: see :func:`build_stages`.
     Raises:
         InputError: audio shorter than one video frame, a video without faces, a decode failure.
         TalkrtError: an encoder or engine failure.
@@ -202,7 +214,7 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
         audio_stage = AudioWindows(parts.audio_features, clip, info.fps)
     bs = cfg.pipeline.batch_size
     with open_writer(parts, out_path, info, audio_path, output_metadata(parts, with_face), parts.compose == "gpu") as writer:
-        stages = build_stages(parts, video_path, info, num_out, writer, audio_stage)
+        stages = build_stages(parts, video_path, info, num_out, writer, audio_stage, overrides)
         log.info("media path: decode=%s compose=%s encode=%s", stages.frames.decode_path, parts.compose,
                  stages.encode.encode_path)
         if stages.frames.num_source != avatar.num_frames:
