@@ -17,7 +17,8 @@ processing is talkrt's own code:
   re-centres the crop on the face (on the astronaut the two passes differ by
   ~0.7 px on average; it matters more for loose boxes). The ROI is warped
   from the full frame, so it works at any face size;
-* the 468 points are reduced to iBUG-68 with :mod:`talkrt.face.mesh68`.
+* the 468 points are reduced to iBUG-68 with :mod:`talkrt.face.mesh68`, and to LatentSync's
+  three alignment points with :mod:`talkrt.face.align_points`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 
 from talkrt.errors import TalkrtError
 from talkrt.face.blazeface import DETECTORS, FaceFinder, RawFace, SsdModel, load_interpreter, sigmoid
+from talkrt.face.align_points import mesh_to_align3
 from talkrt.face.mesh68 import mesh_to_ibug68
 from talkrt.face.tracker import FaceDetection
 
@@ -201,6 +203,7 @@ class BlazeFaceMeshTracker:
         if presence < self.presence_threshold:
             log.debug("face at %s dropped: mesh presence %.2f", raw.box.tolist(), presence)
             return None
-        return FaceDetection(landmarks68=mesh_to_ibug68(mesh), score=raw.score, bbox=tuple(raw.box.tolist()))
+        return FaceDetection(landmarks68=mesh_to_ibug68(mesh), score=raw.score, bbox=tuple(raw.box.tolist()),
+                             align3=mesh_to_align3(mesh))
 
     __call__ = detect

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from talkrt.errors import TalkrtError
+from talkrt.face.align_points import ibug68_to_align3
 from talkrt.face.tracker import FaceDetection, FaceTracker
 
 __all__ = [
@@ -260,10 +261,25 @@ def bridge_gaps(
             continue
         if float(np.hypot(*(c1 - c0))) > BRIDGE_MAX_SHIFT * (s0 + s1) / 2:
             continue
-        t = (np.arange(start, end) - (start - 1)) / (end - (start - 1))
-        lms[start:end] = (before[None] + t[:, None, None] * (after - before)[None]).astype(np.float32)
+        _lerp_gap(lms, start, end)
         filled[start:end] = True
     return lms, filled
+
+
+def _lerp_gap(values: np.ndarray, start: int, end: int) -> None:
+    """Fill ``values[start:end]`` in place on the straight line from frame start-1 to frame end."""
+    before, after = values[start - 1].astype(np.float64), values[end].astype(np.float64)
+    t = ((np.arange(start, end) - (start - 1)) / (end - (start - 1))).reshape((-1,) + (1,) * before.ndim)
+    values[start:end] = (before[None] + t * (after - before)[None]).astype(values.dtype)
+
+
+def _fill_bridged(values: np.ndarray, bridged: np.ndarray) -> np.ndarray:
+    """float32 copy of per-frame points [N, ...] with the runs that :func:`bridge_gaps` filled
+    (``bridged`` [N] bool, never at a clip end) interpolated the same way."""
+    out = np.asarray(values, dtype=np.float32).copy()
+    for start, end in _runs(bridged):
+        _lerp_gap(out, start, end)
+    return out
 
 
 def smooth_landmarks(landmarks: np.ndarray, found: np.ndarray, window: int = DEFAULT_SMOOTH_WINDOW) -> np.ndarray:
@@ -324,6 +340,9 @@ class TrackResult:
         bridged: [N] bool, found by interpolation across a detection gap (:func:`bridge_gaps`).
         frame_hw: (height, width) of the frames.
         expand: crop expansion the crop boxes were made with.
+        align3: [N, 3, 2] float32 LatentSync alignment points (brow centres, nose centre;
+            :mod:`talkrt.face.align_points`), bridged and smoothed like ``landmarks68``;
+            zeros where not found. None for results built without them.
     """
 
     found: np.ndarray
@@ -334,6 +353,7 @@ class TrackResult:
     bridged: np.ndarray
     frame_hw: tuple[int, int]
     expand: float = DEFAULT_EXPAND
+    align3: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.found.shape[0])
@@ -372,6 +392,7 @@ def track_frames(
     """
     found: list[bool] = []
     landmarks: list[np.ndarray] = []
+    points3: list[np.ndarray] = []
     scores: list[float] = []
     frame_hw: tuple[int, int] | None = None
     near: tuple[float, float, float, float] | None = None
@@ -388,6 +409,7 @@ def track_frames(
         ok = face is not None and face_box(face.landmarks68, hw, extra_margin) is not None
         found.append(ok)
         landmarks.append(face.landmarks68 if ok and face is not None else blank)
+        points3.append(_align3_of(face) if ok and face is not None else blank[:3])
         scores.append(face.score if ok and face is not None else 0.0)
         if ok and face is not None:
             lo, hi = face.landmarks68.min(axis=0), face.landmarks68.max(axis=0)
@@ -399,6 +421,7 @@ def track_frames(
     lms, bridged = bridge_gaps(np.stack(landmarks), detected, max_gap)
     found_arr = detected | bridged
     lms = smooth_landmarks(lms, found_arr, smooth_window)
+    align3 = smooth_landmarks(_fill_bridged(np.stack(points3), bridged), found_arr, smooth_window)
     boxes = np.zeros((n, 4), dtype=np.int32)
     crops = np.zeros((n, 4), dtype=np.int32)
     for i in np.flatnonzero(found_arr):
@@ -409,8 +432,14 @@ def track_frames(
         boxes[i] = box
         crops[i] = crop_box(box, expand)
     lms[~found_arr] = 0.0
+    align3[~found_arr] = 0.0
     bridged &= found_arr
     score_arr = np.where(detected & found_arr, np.array(scores, dtype=np.float32), 0.0).astype(np.float32)
     log.info("track_frames: face in %d of %d frames (%d bridged across gaps of <= %d frames)",
              int(found_arr.sum()), n, int(bridged.sum()), max_gap)
-    return TrackResult(found_arr, lms, boxes, crops, score_arr, bridged, frame_hw, float(expand))
+    return TrackResult(found_arr, lms, boxes, crops, score_arr, bridged, frame_hw, float(expand), align3)
+
+
+def _align3_of(face: FaceDetection) -> np.ndarray:
+    """The tracker's alignment points, or those derived from its 68 landmarks."""
+    return face.align3 if face.align3 is not None else ibug68_to_align3(face.landmarks68)

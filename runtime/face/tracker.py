@@ -29,11 +29,16 @@ class FaceDetection:
             (jaw 0-16, brows 17-26, nose 27-35, eyes 36-47, mouth 48-67).
         score: detector confidence in [0, 1].
         bbox: detector box (x1, y1, x2, y2) in pixels, floats.
+        align3: float32 [3, 2] LatentSync alignment points (brow centre on the image left,
+            brow centre on the image right, nose centre; :mod:`talkrt.face.align_points`),
+            or None when the tracker has no better source than ``landmarks68`` (then
+            :func:`talkrt.face.align_points.ibug68_to_align3` derives them).
     """
 
     landmarks68: np.ndarray
     score: float
     bbox: tuple[float, float, float, float]
+    align3: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         lm = np.asarray(self.landmarks68, dtype=np.float32)
@@ -41,6 +46,12 @@ class FaceDetection:
             raise TalkrtError(f"FaceDetection.landmarks68 must be [68, 2], got {lm.shape}")
         lm.setflags(write=False)
         object.__setattr__(self, "landmarks68", lm)
+        if self.align3 is not None:
+            pts = np.array(self.align3, dtype=np.float32)
+            if pts.shape != (3, 2):
+                raise TalkrtError(f"FaceDetection.align3 must be [3, 2], got {pts.shape}")
+            pts.setflags(write=False)
+            object.__setattr__(self, "align3", pts)
         object.__setattr__(self, "bbox", tuple(float(v) for v in self.bbox))
         object.__setattr__(self, "score", float(self.score))
 
