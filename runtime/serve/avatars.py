@@ -67,7 +67,8 @@ class LiveAvatar:
         return int(ping_pong_index(np.array([slot]), self.prepared.num_frames)[0])
 
     def idle_jpeg(self, src: int) -> bytes:
-        """JPEG of source frame ``src`` (encoded once; not thread-safe: the scheduler thread calls it)."""
+        """JPEG of source frame ``src``, encoded once (the scheduler thread and, on an interrupt,
+        the event loop call it; a race at worst encodes a frame twice)."""
         if src not in self._idle_jpeg:
             self._idle_jpeg[src] = encode_jpeg_cpu(self.frames[src])
         return self._idle_jpeg[src]

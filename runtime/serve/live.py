@@ -8,6 +8,7 @@ thread; a client that reads too slowly loses the oldest waiting frames (counted)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -126,6 +127,8 @@ async def _send_frames(ws: WebSocket, sink: BufferSink, wake: asyncio.Event, ser
         while True:
             await wake.wait()
             wake.clear()
+            for event in sink.take_events():
+                await ws.send_text(json.dumps(event))
             for frame in sink.take():
                 await ws.send_bytes(pack_frame(frame.index, frame.pts, frame.speaking, frame.jpeg, frame.pcm))
                 server.metrics.frames_sent.labels("speech" if frame.speaking else "idle").inc()

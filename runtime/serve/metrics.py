@@ -32,6 +32,8 @@ class ServeMetrics:
                                         buckets=BATCH_BUCKETS, registry=r)
         self.step_seconds = Histogram("talkrt_step_seconds", "model time of one batch (Whisper to compose; on "
                                       "CUDA the stream synchronised)", buckets=STEP_BUCKETS, registry=r)
+        self.batches_failed = Counter("talkrt_batches_failed", "model batches that failed (e.g. GPU out of memory); "
+                                      "their sessions' speech was dropped", registry=r)
         self.preparations = Counter("talkrt_avatar_preparations", "avatar preparations started", registry=r)
 
     def render(self) -> bytes:

@@ -99,6 +99,13 @@ def ready_message(session: str, fps: float, width: int, height: int, lookahead_m
                        "lookahead_ms": lookahead_ms, "protocol": PROTOCOL_VERSION})
 
 
+def speech_dropped_event(code: str, message: str, index: int) -> dict[str, Any]:
+    """The event telling a client that its speech was dropped by a failed model step
+    (``code``: ``out_of_memory`` or ``render_failed``); frames from ``index`` on are idle until
+    it speaks again. The session stays open. Sent as text JSON."""
+    return {"type": "speech_dropped", "code": code, "message": message, "index": index}
+
+
 def error_message(code: str, message: str) -> str:
     """``{"type": "error", "code": ..., "message": ...}`` (text JSON), sent before a close."""
     return json.dumps({"type": "error", "code": code, "message": message})

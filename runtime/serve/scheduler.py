@@ -142,12 +142,12 @@ class Scheduler:
     def _run_batch(self, batch: list[WorkItem]) -> None:
         try:
             jpegs = self.render(batch)
-        except Exception:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
-            log.exception("batch of %d frames failed; its sessions get idle frames", len(batch))
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
+            log.exception("batch of %d frames failed; its sessions' speech is dropped", len(batch))
             self.stats.failures += 1
-            for item in batch:
-                item.session.interrupt()
-                self._send_idle(item)
+            self.metrics.batches_failed.inc()
+            for session in {id(it.session): it.session for it in batch}.values():
+                session.fail_speech(getattr(exc, "code", "render_failed"), str(exc))
             return
         seconds = getattr(self.render, "last_seconds", 0.0)
         owners = {id(it.session) for it in batch}

@@ -5,6 +5,10 @@ Session frame ``n`` (its "slot") is due at ``start + n / fps``; the scheduler as
 ``lead`` seconds ahead. A slot becomes a speech frame when the current utterance has its next
 frame ready (PCM and Whisper look-ahead arrived), else an idle frame: the avatar's own frame
 (ping-pong) with silence. Frames reach the sink in slot order whatever order they finish in.
+
+An interrupt answers every slot handed out but not yet sent with an idle frame at once, on the
+caller's thread, so the return to idle never waits for a batch in flight; that batch's frames,
+when they come, find their slots answered and are dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fractions import Fraction
 from talkrt.config import AudioConfig
 from talkrt.serve.audio import Utterance
 from talkrt.serve.avatars import LiveAvatar
+from talkrt.serve.protocol import speech_dropped_event
 from talkrt.serve.sinks import FrameSink, LiveFrame
 
 SILENCE_TIMEOUT_S = 0.5     # an utterance with no new audio for this long and no frame ready is ended
@@ -107,12 +112,33 @@ class LiveSession:
             if self.utterances:
                 self.utterances[-1].finish()
 
-    def interrupt(self) -> None:
-        """Drop every queued utterance and every frame not yet made; idle from the next slot."""
+    def interrupt(self) -> int | None:
+        """Drop every queued utterance and every speech frame not yet sent: the slots handed out
+        but not sent become idle frames now (those already made wait in order with them).
+
+        Returns:
+            The first slot answered with an idle frame here (None: nothing was outstanding).
+        """
         with self.lock:
             self._odd = b""
             self.utterances.clear()
             self.epoch += 1
+            if self.closed or self.next_send >= self.next_slot:
+                return None
+            first, made = self.next_send, time.monotonic()
+            for slot in range(self.next_send, self.next_slot):
+                done = self._done.get(slot)
+                if done is None or done.speaking:
+                    self._done[slot] = self._idle_frame(slot, made)
+            self._flush()
+            return first
+
+    def fail_speech(self, code: str, message: str) -> None:
+        """A batch holding this session's frames failed: drop its speech as :meth:`interrupt`
+        does and tell the client (a ``speech_dropped`` event, protocol v1)."""
+        first = self.interrupt()
+        if first is not None:
+            self.sink.notify(speech_dropped_event(code, message, first))
 
     def close(self) -> None:
         """Stop making frames for this session and release its sink (idempotent)."""
@@ -158,13 +184,23 @@ class LiveSession:
         return items
 
     def deliver(self, item: WorkItem, jpeg: bytes, made: float) -> None:
-        """A finished frame; the sink gets frames in slot order."""
+        """A finished frame; the sink gets frames in slot order. A slot an interrupt already
+        answered keeps that answer."""
         frame = LiveFrame(index=item.slot, pts=float(item.slot / self.fps), speaking=item.speaking, jpeg=jpeg,
                           pcm=item.pcm, due=item.due, made=made)
         with self.lock:
-            if self.closed:
+            if self.closed or item.slot < self.next_send or item.slot in self._done:
                 return
             self._done[item.slot] = frame
-            while self.next_send in self._done:
-                self.sink.put(self._done.pop(self.next_send))
-                self.next_send += 1
+            self._flush()
+
+    def _idle_frame(self, slot: int, made: float) -> LiveFrame:
+        jpeg = self.avatar.idle_jpeg(self.avatar.source_index(slot))
+        return LiveFrame(index=slot, pts=float(slot / self.fps), speaking=False, jpeg=jpeg, pcm=self.silence(slot),
+                         due=self.due(slot), made=made)
+
+    def _flush(self) -> None:
+        """Hand the sink every finished frame that is next in slot order (the lock is held)."""
+        while self.next_send in self._done:
+            self.sink.put(self._done.pop(self.next_send))
+            self.next_send += 1

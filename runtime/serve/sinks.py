@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+MAX_EVENTS = 16
+
 
 @dataclass(frozen=True)
 class LiveFrame:
@@ -28,10 +30,13 @@ class LiveFrame:
 
 
 class FrameSink(Protocol):
-    """Receives a session's frames in index order. ``put`` must never block (it runs on the
-    scheduler thread); a sink that cannot keep up drops frames and counts them."""
+    """Receives a session's frames in index order. ``put`` and ``notify`` must never block (they
+    run on the scheduler thread); a sink that cannot keep up drops frames and counts them."""
 
     def put(self, frame: LiveFrame) -> None: ...
+
+    def notify(self, event: dict) -> None:
+        """A control event for the client (a JSON object, e.g. ``speech_dropped``)."""
 
     def close(self) -> None: ...
 
@@ -40,8 +45,10 @@ class BufferSink:
     """A bounded, thread-safe frame buffer: ``put`` from the scheduler, ``take`` from the reader.
 
     When ``capacity`` frames are waiting, the oldest is dropped (``dropped`` counts them), so a
-    slow client sees the newest frames rather than a growing delay. ``wake`` is called after
-    every ``put`` (e.g. ``loop.call_soon_threadsafe(event.set)``); it must not block.
+    slow client sees the newest frames rather than a growing delay. Events (``notify``) wait
+    in their own queue of at most :data:`MAX_EVENTS` (beyond it the oldest are dropped). ``wake`` is called
+    after every ``put`` and ``notify`` (e.g. ``loop.call_soon_threadsafe(event.set)``); it must
+    not block.
     """
 
     def __init__(self, capacity: int, wake: Callable[[], None] | None = None):
@@ -49,6 +56,7 @@ class BufferSink:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity, self.wake = capacity, wake
         self._frames: deque[LiveFrame] = deque()
+        self._events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self._lock = threading.Lock()
         self.put_count = 0
         self.dropped = 0
@@ -66,6 +74,21 @@ class BufferSink:
         if self.wake is not None:
             self.wake()
 
+    def notify(self, event: dict) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self._events.append(event)
+        if self.wake is not None:
+            self.wake()
+
+    def take_events(self) -> list[dict]:
+        """Every waiting event, oldest first (empty when none)."""
+        with self._lock:
+            events = list(self._events)
+            self._events.clear()
+        return events
+
     def take(self) -> list[LiveFrame]:
         """Every waiting frame, oldest first (empty when none)."""
         with self._lock:
@@ -78,3 +101,4 @@ class BufferSink:
         with self._lock:
             self.closed = True
             self._frames.clear()
+            self._events.clear()
