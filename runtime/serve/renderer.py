@@ -1,11 +1,16 @@
 """Speech frames of one scheduler step, whatever their sessions and avatars: one mixed
 :class:`~talkrt.stages.FrameBatch` through Whisper windows, UNet, VAE decode, compose and JPEG.
+Job rows of the step (:class:`~talkrt.serve.jobwork.JobRows`, Whisper windows already made by
+their jobs) join the same UNet and VAE decode call; their faces go back to the jobs, which
+compose and encode them themselves.
 
 The model stages are the pipeline's own classes (:mod:`talkrt.stages`, :mod:`talkrt.gpu_stages`).
 On the CPU frames are RGB arrays and PIL encodes JPEG. On CUDA frames are NV12 in device memory
 (each avatar's frames uploaded once), composed by the CuPy kernel and JPEG-encoded by nvJPEG
-through ``torchvision.io.encode_jpeg``; that path is written against the documented APIs and has
-not been run yet.
+through ``torchvision.io.encode_jpeg`` (:mod:`talkrt.serve.gpu_frames`).
+
+A step that runs out of device memory raises :class:`RenderError` (code ``out_of_memory``)
+after the cached device memory has been released, so the next step starts from a clean pool.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from talkrt.errors import TalkrtError
 from talkrt.models.audio import SAMPLE_RATE
 from talkrt.pipeline import PipelineParts
 from talkrt.serve.audio import WindowEncoder
-from talkrt.serve.avatars import JPEG_QUALITY, LiveAvatar, encode_jpeg_cpu
+from talkrt.serve.avatars import LiveAvatar, encode_jpeg_cpu
+from talkrt.serve.gpu_frames import GpuFrames
 from talkrt.serve.session import WorkItem
 from talkrt.stages import CpuComposeStage, FrameBatch, UNetStage, VaeDecodeStage
 from talkrt.streams import on_stream
@@ -28,12 +35,28 @@ from talkrt.streams import on_stream
 log = logging.getLogger(__name__)
 
 
+class RenderError(TalkrtError):
+    """A batch could not be made; ``code`` is what its sessions are told (``out_of_memory``)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """torch's or CuPy's device out-of-memory error (CuPy's matched by name: no import)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
 class FrameRenderer:
     """Makes the JPEGs of a list of speech work items in one batch.
 
     ``__call__(items)`` -> one JPEG (bytes) per item, in item order; ``items`` must number at
-    most the engines' max batch. ``last_seconds`` holds the wall time of the last call's model
-    stages (Whisper to compose, the stream synchronised on CUDA).
+    most the engines' max batch. ``last_seconds`` holds the wall time of the last call (Whisper
+    to JPEG; on CUDA the stream synchronised).
+
+    Raises (``__call__``):
+        RenderError: out of device memory (cached memory released first).
     """
 
     def __init__(self, parts: PipelineParts):
@@ -65,42 +88,94 @@ class FrameRenderer:
             self.parts.vae_decoder.run({"latents": out}, stream)
             if stream is not None:
                 stream.synchronize()
+            if self.on_gpu:
+                self.gpu.warm_up()
 
-    def __call__(self, items: Sequence[WorkItem]) -> list[bytes]:
-        if not 1 <= len(items) <= self.max_batch:
-            raise ValueError(f"batch of {len(items)} items, engines take 1..{self.max_batch}")
+    def __call__(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> tuple[list[bytes], list]:
+        """(one JPEG per live item, one [k, S, S, 3] uint8 face array per job part, host or device
+        as the compose path needs). ``items`` and ``jobs`` together hold 1..max_batch frames."""
+        total = len(items) + sum(len(j) for j in jobs)
+        if not 1 <= total <= self.max_batch:
+            raise ValueError(f"batch of {total} frames, engines take 1..{self.max_batch}")
         start = time.perf_counter()
+        live, live_avatars = self._live_batch(items) if items else (None, [])
+        self.batches += 1
+        with torch.inference_mode(), on_stream(self.parts.stream):
+            if live is not None:
+                if self.on_gpu:
+                    live.nv12 = self.gpu.frames(live_avatars, live.avatar_index, live.src_index)
+                else:
+                    live.frames = [live_avatars[a].frames[s].copy() for a, s in zip(live.avatar_index, live.src_index)]
+            job_faces = self._model(live, items, jobs)
+            if live is not None and live.found.any():
+                if self.on_gpu:
+                    self.gpu.compose(live)
+                else:
+                    self.compose(live)
+            if self.parts.stream is not None:
+                self.parts.stream.synchronize()
+            self.last_seconds = time.perf_counter() - start
+            if live is None:
+                return [], job_faces
+            if self.on_gpu:
+                return self.gpu.jpeg(live.nv12), job_faces
+            return [encode_jpeg_cpu(frame) for frame in live.frames], job_faces
+
+    def _live_batch(self, items: Sequence[WorkItem]) -> tuple[FrameBatch, list[LiveAvatar]]:
+        """The step's live frames as one batch, and the live avatars its ``avatar_index`` points at."""
         avatars: list[LiveAvatar] = []
         index_of: dict[str, int] = {}
         for it in items:
-            index_of.setdefault(it.session.avatar.id, len(index_of))
-            if len(avatars) < len(index_of):
+            if it.session.avatar.id not in index_of:
+                index_of[it.session.avatar.id] = len(avatars)
                 avatars.append(it.session.avatar)
         avatar_index = np.array([index_of[it.session.avatar.id] for it in items], np.int64)
         src = np.array([it.session.avatar.source_index(it.slot) for it in items], np.int64)
         found = np.array([avatars[a].prepared.found[s] for a, s in zip(avatar_index, src)], bool)
         batch = FrameBatch(index=self.batches, out_index=np.array([it.slot for it in items], np.int64), src_index=src,
                            avatars=tuple(a.prepared for a in avatars), avatar_index=avatar_index, found=found)
-        self.batches += 1
-        with torch.inference_mode(), on_stream(self.parts.stream):
-            if self.on_gpu:
-                batch.nv12 = self.gpu.frames(avatars, avatar_index, src)
-            else:
-                batch.frames = [avatars[a].frames[s].copy() for a, s in zip(avatar_index, src)]
-            if found.any():
-                batch.audio = self._audio([items[r] for r in batch.face_rows])
-                self.unet(batch)
-                self.vae(batch)
-                if self.on_gpu:
-                    self.gpu.compose(batch)
-                else:
-                    self.compose(batch)
-            if self.parts.stream is not None:
-                self.parts.stream.synchronize()
-            self.last_seconds = time.perf_counter() - start
-            if self.on_gpu:
-                return self.gpu.jpeg(batch.nv12)
-            return [encode_jpeg_cpu(frame) for frame in batch.frames]
+        return batch, avatars
+
+    def _model(self, live: FrameBatch | None, items: Sequence[WorkItem], jobs: Sequence[JobRows]) -> list:
+        """UNet + VAE decode, in one call, on the live face rows followed by every job part;
+        sets ``live.faces`` and returns each job part's faces."""
+        avatars: list[PreparedAvatar] = []
+        where: dict[int, int] = {}
+
+        def slot(prepared: PreparedAvatar) -> int:
+            if id(prepared) not in where:
+                where[id(prepared)] = len(avatars)
+                avatars.append(prepared)
+            return where[id(prepared)]
+
+        avatar_index, src_index, audio = [], [], []
+        f_live = 0
+        if live is not None and live.found.any():
+            rows = live.face_rows
+            f_live = len(rows)
+            avatar_index.append(np.array([slot(live.avatars[a]) for a in live.avatar_index[rows]], np.int64))
+            src_index.append(live.src_index[rows])
+            audio.append(self._audio([items[r] for r in rows]))
+        for part in jobs:
+            avatar_index.append(np.array([slot(part.work.avatars[a]) for a in part.avatar_index], np.int64))
+            src_index.append(part.src_index)
+            audio.append(part.audio)
+        if not audio:
+            return []
+        src = np.concatenate(src_index)
+        model = FrameBatch(index=self.batches, out_index=np.arange(len(src), dtype=np.int64), src_index=src,
+                           avatars=tuple(avatars), avatar_index=np.concatenate(avatar_index),
+                           found=np.ones(len(src), bool))
+        model.audio = torch.cat([a.to(self.parts.device, self.parts.dtype) for a in audio])
+        self.unet(model)
+        self.vae(model)
+        if f_live:
+            live.faces = model.faces[:f_live]
+        out, first = [], f_live
+        for part in jobs:
+            out.append(model.faces[first:first + len(part)])
+            first += len(part)
+        return out
 
     def _audio(self, rows: list[WorkItem]) -> torch.Tensor:
         """[f, window_steps*(L+1), D] windows of ``rows`` (in order), one Whisper call for all utterances."""
@@ -114,63 +189,3 @@ class FrameRenderer:
             out[torch.as_tensor(g, device=out.device)] = w
         return out
 
-
-class GpuFrames:
-    """CUDA side of the renderer: device NV12 frames per avatar, compose per frame size, nvJPEG.
-
-    Not run yet: written against ``talkrt.kernels`` and ``torchvision.io.encode_jpeg`` (CUDA
-    tensors, torchvision >= 0.19).
-    """
-
-    def __init__(self, parts: PipelineParts):
-        from talkrt import kernels
-        from talkrt.gpu_stages import OUTPUT_FULL_RANGE, OUTPUT_MATRIX, GpuComposeStage
-        self.kernels, self.matrix, self.full_range = kernels, OUTPUT_MATRIX, OUTPUT_FULL_RANGE
-        self.device, self.stream = parts.device, parts.stream
-        self.cupy_stream = kernels.cupy_stream(parts.stream)
-        self.composer = GpuComposeStage(parts.cfg.pipeline.sharpen, parts.stream)
-        self.cache: dict[str, torch.Tensor] = {}          # avatar id -> [N, H*3//2, W] uint8 NV12
-        try:
-            from torchvision.io import encode_jpeg
-        except ImportError as exc:
-            raise RuntimeError("talkrt serve on CUDA needs torchvision for nvJPEG (pip install torchvision)") from exc
-        self.encode_jpeg = encode_jpeg
-
-    def _nv12(self, avatar: LiveAvatar) -> torch.Tensor:
-        if avatar.id not in self.cache:
-            rgb = torch.from_numpy(np.stack(avatar.frames)).to(self.device)
-            nv12 = self.kernels.rgb_to_nv12(rgb, matrix=self.matrix, full_range=self.full_range,
-                                            stream=self.cupy_stream)
-            self.cache[avatar.id] = torch.as_tensor(nv12, device=self.device)
-        return self.cache[avatar.id]
-
-    def frames(self, avatars: list[LiveAvatar], avatar_index: np.ndarray, src: np.ndarray) -> list[torch.Tensor]:
-        """Per-frame device NV12 copies ([H*3//2, W] each; avatars may differ in size)."""
-        return [self._nv12(avatars[a])[int(s)].clone() for a, s in zip(avatar_index, src)]
-
-    def compose(self, batch: FrameBatch) -> None:
-        """Compose each frame-size group as one kernel launch (a FrameBatch's NV12 is one tensor)."""
-        frames: list[torch.Tensor] = batch.nv12
-        shapes = [tuple(f.shape) for f in frames]
-        face_rows = batch.face_rows
-        for shape in dict.fromkeys(shapes):
-            rows = np.array([r for r in range(batch.size) if shapes[r] == shape], np.int64)
-            sub = FrameBatch(index=batch.index, out_index=batch.out_index[rows], src_index=batch.src_index[rows],
-                             avatars=batch.avatars, avatar_index=batch.avatar_index[rows], found=batch.found[rows])
-            sub.nv12 = torch.stack([frames[r] for r in rows])
-            faces_of = np.searchsorted(face_rows, rows[batch.found[rows]])
-            sub.faces = batch.faces[torch.as_tensor(faces_of, device=batch.faces.device)]
-            if len(faces_of):
-                self.composer(sub)
-            for k, r in enumerate(rows):
-                frames[r] = sub.nv12[k]
-
-    def jpeg(self, frames: list[torch.Tensor]) -> list[bytes]:
-        """NV12 device frames -> JPEG bytes (nvJPEG, quality :data:`JPEG_QUALITY`)."""
-        rgb = [self.kernels.nv12_to_rgb(f, matrix=self.matrix, full_range=self.full_range, layout="chw",
-                                        stream=self.cupy_stream) for f in frames]
-        planar = [torch.as_tensor(x, device=self.device).reshape(3, *x.shape[-2:]) for x in rgb]
-        if self.stream is not None:
-            self.stream.synchronize()
-        encoded = self.encode_jpeg(planar, quality=JPEG_QUALITY)
-        return [bytes(e.cpu().numpy().tobytes()) for e in encoded]
