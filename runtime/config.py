@@ -172,24 +172,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover - programming error
 
 
-def validate(cfg: TalkrtConfig) -> TalkrtConfig:
-    """Check every cross-field constraint once; raise ConfigError naming the field."""
-    m, p = cfg.model, cfg.pipeline
-    u, v, a = m.unet, m.vae, m.audio
-    checks = [
-        (m.crop_size > 0 and m.crop_size % 2 ** (len(v.block_out_channels) - 1) == 0,
-         "model.crop_size must be a positive multiple of the VAE downsampling factor"),
-        (u.in_channels == 2 * v.latent_channels, "model.unet.in_channels must be 2 x vae.latent_channels"),
-        (u.out_channels == v.latent_channels, "model.unet.out_channels must equal vae.latent_channels"),
-        (len(u.down_block_types) == len(u.block_out_channels) == len(u.up_block_types),
-         "model.unet block lists must have equal lengths"),
-        (all(c % u.norm_num_groups == 0 for c in u.block_out_channels),
-         "model.unet.block_out_channels must be divisible by norm_num_groups"),
-        (all(c % v.norm_num_groups == 0 for c in v.block_out_channels),
-         "model.vae.block_out_channels must be divisible by norm_num_groups"),
-        (a.d_model % a.encoder_attention_heads == 0, "model.audio.d_model must be divisible by the head count"),
-        (a.window_steps >= 1 and a.pad_left_steps >= 0 and a.pad_right_steps >= a.window_steps,
-         "model.audio needs window_steps >= 1, pad_left_steps >= 0, pad_right_steps >= window_steps"),
+def pipeline_checks(p: PipelineConfig) -> list[tuple[bool, str]]:
+    """The ``pipeline`` section's constraints as (ok, message) pairs (shared by every model family)."""
+    return [
         (p.batch_size >= 1, "pipeline.batch_size must be >= 1"),
         (p.precision in PRECISIONS, f"pipeline.precision must be one of {PRECISIONS}"),
         (p.compose in COMPOSE_MODES, f"pipeline.compose must be one of {COMPOSE_MODES}"),
@@ -209,6 +194,28 @@ def validate(cfg: TalkrtConfig) -> TalkrtConfig:
         (0 <= p.encoder.crf <= 51, "pipeline.encoder.crf must be in [0, 51]"),
         (p.encoder.workers >= 1 and p.encoder.segment_seconds > 0,
          "pipeline.encoder needs workers >= 1 and segment_seconds > 0"),
+    ]
+
+
+def validate(cfg: TalkrtConfig) -> TalkrtConfig:
+    """Check every cross-field constraint once; raise ConfigError naming the field."""
+    m, p = cfg.model, cfg.pipeline
+    u, v, a = m.unet, m.vae, m.audio
+    checks = [
+        (m.crop_size > 0 and m.crop_size % 2 ** (len(v.block_out_channels) - 1) == 0,
+         "model.crop_size must be a positive multiple of the VAE downsampling factor"),
+        (u.in_channels == 2 * v.latent_channels, "model.unet.in_channels must be 2 x vae.latent_channels"),
+        (u.out_channels == v.latent_channels, "model.unet.out_channels must equal vae.latent_channels"),
+        (len(u.down_block_types) == len(u.block_out_channels) == len(u.up_block_types),
+         "model.unet block lists must have equal lengths"),
+        (all(c % u.norm_num_groups == 0 for c in u.block_out_channels),
+         "model.unet.block_out_channels must be divisible by norm_num_groups"),
+        (all(c % v.norm_num_groups == 0 for c in v.block_out_channels),
+         "model.vae.block_out_channels must be divisible by norm_num_groups"),
+        (a.d_model % a.encoder_attention_heads == 0, "model.audio.d_model must be divisible by the head count"),
+        (a.window_steps >= 1 and a.pad_left_steps >= 0 and a.pad_right_steps >= a.window_steps,
+         "model.audio needs window_steps >= 1, pad_left_steps >= 0, pad_right_steps >= window_steps"),
+        *pipeline_checks(p),
     ]
     for ok, message in checks:
         if not ok:
@@ -237,8 +244,8 @@ def config_path(name_or_path: str | Path) -> Path:
     return Path(str(shipped))
 
 
-def load_config(name_or_path: str | Path = "musetalk", overrides: list[str] | None = None) -> TalkrtConfig:
-    """Load, override and validate a config."""
+def read_config_data(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[Path, Any]:
+    """The YAML mapping of a config (shipped name or path) with ``--set`` overrides applied."""
     path = config_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -254,4 +261,24 @@ def load_config(name_or_path: str | Path = "musetalk", overrides: list[str] | No
         node[keys[-1]] = value
     if isinstance(data, dict) and "source" in data:
         raise ConfigError(f"{path.name}: 'source' is set by talkrt, not by the file")
-    return validate(dataclasses.replace(_build(TalkrtConfig, data, str(path.name)), source=str(name_or_path)))
+    return path, data
+
+
+def _typed(cls: type, path: Path, data: Any, name_or_path: str | Path) -> Any:
+    return dataclasses.replace(_build(cls, data, str(path.name)), source=str(name_or_path))
+
+
+def build_config(cls: type, name_or_path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Read a config into dataclass ``cls`` (which has a ``source`` field); the caller validates it."""
+    path, data = read_config_data(name_or_path, overrides)
+    return _typed(cls, path, data, name_or_path)
+
+
+def load_config(name_or_path: str | Path = "musetalk", overrides: list[str] | None = None) -> TalkrtConfig:
+    """Load, override and validate a MuseTalk config."""
+    path, data = read_config_data(name_or_path, overrides)
+    family = data.get("family", "musetalk") if isinstance(data, dict) else "musetalk"
+    if family != "musetalk":
+        raise ConfigError(f"config '{name_or_path}' is a '{family}' model config, which the pipeline does not run; "
+                          f"it loads with talkrt.models.latentsync.load_latentsync_config")
+    return validate(_typed(TalkrtConfig, path, data, name_or_path))
