@@ -12,7 +12,8 @@ definition the CUDA kernels are tested against:
 * blur: ``cv2.GaussianBlur`` (BORDER_REFLECT_101); unsharp mask on top of it in float32;
 * blend: ``round(body + mask/255 * (face - body))`` in integers, equal to PIL's ``paste``;
 * compose: unsharp (optional, on the 256x256 face) -> resize -> blend, and for NV12 the RGB->NV12
-  conversion of the result with the chroma rule documented in :func:`compose_nv12`.
+  conversion of the result with the chroma rule documented in :func:`compose_nv12`;
+* affine face warps (LatentSync's aligned crop and restore): :mod:`.warp_reference`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,17 @@ from .validate import (SharpenParams, as_image_batch, as_nv12_batch, check_boxes
 __all__ = [
     "nv12_to_rgb", "rgb_to_nv12", "crop_resize", "resize_to_boxes", "gaussian_blur",
     "unsharp_mask", "blend", "compose_rgb", "compose_nv12", "pack_masks", "pack_regions",
+    "warp_crop_rgb", "warp_crop_nv12", "restore_rgb", "restore_nv12",
 ]
+_WARP_OPS = ("warp_crop_rgb", "warp_crop_nv12", "restore_rgb", "restore_nv12")
+
+
+def __getattr__(name: str) -> Any:
+    """The affine face warps live in :mod:`.warp_reference`, which builds on this module."""
+    if name in _WARP_OPS:
+        from . import warp_reference
+        return getattr(warp_reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _HALF = np.float32(0.5)
 
@@ -335,21 +346,30 @@ def compose_nv12(nv12: Any, faces: Any, boxes: Any, masks: Packed | Sequence[Any
     masks_p.check_matches(box_arr, 1, "masks")
     resized = resize_to_boxes(face_batch, box_arr, impl=resize_impl)
     target, result = _target(nv12, single, out)
-    for i, (x1, y1, x2, y2) in enumerate(box_arr):
-        ex1, ey1, ex2, ey2 = x1 & ~1, y1 & ~1, (x2 + 1) & ~1, (y2 + 1) & ~1
-        y_old = target[i, ey1:ey2, ex1:ex2].copy()
-        uv_old = target[i, height + ey1 // 2:height + ey2 // 2, ex1:ex2].copy()
-        region = nv12_to_rgb(np.concatenate([y_old, uv_old], axis=0), matrix=matrix,
-                             full_range=full_range)
-        mask_full = np.zeros(y_old.shape, np.uint8)
-        mask_full[y1 - ey1:y2 - ey1, x1 - ex1:x2 - ex1] = masks_p.region(i)
-        inner = region[y1 - ey1:y2 - ey1, x1 - ex1:x2 - ex1]
-        inner[...] = blend_region(inner, resized.region(i), masks_p.region(i))
-        encoded = rgb_to_nv12(region, matrix=matrix, full_range=full_range)
-        y_new, uv_new = encoded[:ey2 - ey1], encoded[ey2 - ey1:]
-        touched = mask_full > 0
-        block = touched.reshape(touched.shape[0] // 2, 2, touched.shape[1] // 2, 2).any(axis=(1, 3))
-        target[i, ey1:ey2, ex1:ex2] = np.where(touched, y_new, y_old)
-        target[i, height + ey1 // 2:height + ey2 // 2, ex1:ex2] = np.where(
-            np.repeat(block, 2, axis=1), uv_new, uv_old)
+    for i, box in enumerate(box_arr):
+        blend_nv12_box(target[i], height, box, resized.region(i), masks_p.region(i), matrix,
+                       full_range)
     return result
+
+
+def blend_nv12_box(frame: np.ndarray, height: int, box: Sequence[int], face: np.ndarray,
+                   mask: np.ndarray, matrix: str, full_range: bool) -> None:
+    """Blend a box-sized face [h, w, 3] with its mask [h, w] into one NV12 frame [H*3/2, W] in
+    place, with :func:`compose_nv12`'s chroma rule on the box grown to even coordinates."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    ex1, ey1, ex2, ey2 = x1 & ~1, y1 & ~1, (x2 + 1) & ~1, (y2 + 1) & ~1
+    y_old = frame[ey1:ey2, ex1:ex2].copy()
+    uv_old = frame[height + ey1 // 2:height + ey2 // 2, ex1:ex2].copy()
+    region = nv12_to_rgb(np.concatenate([y_old, uv_old], axis=0), matrix=matrix,
+                         full_range=full_range)
+    mask_full = np.zeros(y_old.shape, np.uint8)
+    mask_full[y1 - ey1:y2 - ey1, x1 - ex1:x2 - ex1] = mask
+    inner = region[y1 - ey1:y2 - ey1, x1 - ex1:x2 - ex1]
+    inner[...] = blend_region(inner, face, mask)
+    encoded = rgb_to_nv12(region, matrix=matrix, full_range=full_range)
+    y_new, uv_new = encoded[:ey2 - ey1], encoded[ey2 - ey1:]
+    touched = mask_full > 0
+    block = touched.reshape(touched.shape[0] // 2, 2, touched.shape[1] // 2, 2).any(axis=(1, 3))
+    frame[ey1:ey2, ex1:ex2] = np.where(touched, y_new, y_old)
+    frame[height + ey1 // 2:height + ey2 // 2, ex1:ex2] = np.where(
+        np.repeat(block, 2, axis=1), uv_new, uv_old)
