@@ -22,12 +22,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from talkrt.avatar import PreparedAvatar
 from talkrt.errors import TalkrtError
 from talkrt.models.audio import SAMPLE_RATE
 from talkrt.pipeline import PipelineParts
 from talkrt.serve.audio import WindowEncoder
 from talkrt.serve.avatars import LiveAvatar, encode_jpeg_cpu
 from talkrt.serve.gpu_frames import GpuFrames
+from talkrt.serve.jobwork import JobRows
 from talkrt.serve.session import WorkItem
 from talkrt.stages import CpuComposeStage, FrameBatch, UNetStage, VaeDecodeStage
 from talkrt.streams import on_stream
@@ -49,11 +51,11 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 class FrameRenderer:
-    """Makes the JPEGs of a list of speech work items in one batch.
+    """Makes the JPEGs of a list of speech work items, and the faces of job rows, in one batch.
 
-    ``__call__(items)`` -> one JPEG (bytes) per item, in item order; ``items`` must number at
-    most the engines' max batch. ``last_seconds`` holds the wall time of the last call (Whisper
-    to JPEG; on CUDA the stream synchronised).
+    ``__call__(items, jobs)`` -> (one JPEG (bytes) per item in item order, one face array per
+    job part); together they must number at most the engines' max batch. ``last_seconds`` holds
+    the wall time of the last call (Whisper to JPEG; on CUDA the stream synchronised).
 
     Raises (``__call__``):
         RenderError: out of device memory (cached memory released first).
@@ -97,6 +99,16 @@ class FrameRenderer:
         total = len(items) + sum(len(j) for j in jobs)
         if not 1 <= total <= self.max_batch:
             raise ValueError(f"batch of {total} frames, engines take 1..{self.max_batch}")
+        try:
+            return self._render(items, jobs)
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise RenderError("out_of_memory", f"out of device memory in a batch of {total} frames") from exc
+
+    def _render(self, items: Sequence[WorkItem], jobs: Sequence[JobRows]) -> tuple[list[bytes], list]:
         start = time.perf_counter()
         live, live_avatars = self._live_batch(items) if items else (None, [])
         self.batches += 1

@@ -9,6 +9,12 @@ costs only its own frames.
 
 Items of an interrupted or closed session that are still queued or in flight are answered as
 idle frames (closed: dropped), so an interrupt shows within one step.
+
+Jobs (:mod:`talkrt.serve.jobwork`) submit the face rows of their batches; a step takes its live
+speech items first and fills the capacity they leave (at most ``job_rows_with_live`` rows while
+live speech is in the step) with job rows in submission order, so one UNet + VAE call serves
+both and a job never takes a place a due live frame needs. A failed mixed batch is retried as
+its live part and each job's part alone, so a job's bad rows fail that job only.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from talkrt.serve.jobwork import JobFrames, JobRows
 from talkrt.serve.metrics import ServeMetrics
 from talkrt.serve.session import LiveSession, WorkItem
 
@@ -41,26 +49,49 @@ class SchedulerStats:
     batch_sizes: Counter = field(default_factory=Counter)
     step_seconds: list[float] = field(default_factory=list)   # model time of the last 1000 batches
     failures: int = 0
+    job_frames: int = 0                 # job face rows made
+    job_batches: int = 0                # batches holding job rows
+    shared_batches: int = 0             # batches holding live speech and job rows
+    job_failures: int = 0               # job parts that failed on their own
+
+
+class Renderer(Protocol):
+    """Makes one step's frames (a :class:`~talkrt.serve.renderer.FrameRenderer`).
+
+    ``render(items, jobs)`` -> (one JPEG per live item, one face array per job part), with
+    ``len(items) + sum(len(j) for j in jobs) <= max_batch``; ``last_seconds``: its model time.
+    """
+
+    last_seconds: float
+
+    def __call__(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> tuple[list[bytes], list[Any]]: ...
+
+
+class SchedulerStopped(RuntimeError):
+    """The scheduler stopped before it made these job rows."""
 
 
 class Scheduler:
-    """Cross-session batching of live frames.
+    """Cross-session batching of live frames, with job rows in the capacity they leave.
 
     Args:
-        render: ``items -> [jpeg bytes]`` for up to ``max_batch`` speech items (a
-            :class:`~talkrt.serve.renderer.FrameRenderer`).
-        max_batch: speech frames per batch (the engines' bucket).
+        render: the step's frames (:class:`Renderer`).
+        max_batch: frames per batch (the engines' bucket).
         metrics: where frame and batch counts go.
         lead: seconds ahead of its due time at which a slot is handed out; frames of
             different sessions due within ``lead`` of each other can share a batch.
+        job_rows_with_live: most job rows in a step that holds live speech (None: all the
+            capacity left), a knob to keep shared steps short.
     """
 
-    def __init__(self, render: Callable[[Sequence[WorkItem]], list[bytes]], max_batch: int, metrics: ServeMetrics,
-                 lead: float = 0.08):
+    def __init__(self, render: Renderer, max_batch: int, metrics: ServeMetrics, lead: float = 0.08,
+                 job_rows_with_live: int | None = None):
         self.render, self.max_batch, self.metrics, self.lead = render, max_batch, metrics, lead
+        self.job_rows_with_live = max_batch if job_rows_with_live is None else job_rows_with_live
         self.stats = SchedulerStats()
         self.sessions: dict[str, LiveSession] = {}
         self.pending: list[WorkItem] = []
+        self.jobs: deque[JobFrames] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -83,6 +114,16 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def submit(self, work: JobFrames) -> None:
+        """Queue a job's face rows behind those already queued (fails them if stopped)."""
+        with self._lock:
+            if not self._stop.is_set():
+                self.jobs.append(work)
+                work = None
+        if work is not None:
+            work.fail(SchedulerStopped("the server is stopping"))
+        self._wake.set()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="talkrt-scheduler", daemon=True)
         self._thread.start()
@@ -94,6 +135,10 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        with self._lock:
+            waiting, self.jobs = list(self.jobs), deque()
+        for work in waiting:
+            work.fail(SchedulerStopped("the server is stopping"))
 
     # ------------------------------------------------------------------ scheduler thread
 
@@ -126,9 +171,27 @@ class Scheduler:
         batch, self.pending = live[:self.max_batch], live[self.max_batch:]
         for item in idle:
             self._send_idle(item)
-        if batch:
-            self._run_batch(batch)
-        return bool(idle or batch)
+        room = self.max_batch - len(batch)
+        jobs = self._take_job_rows(min(room, self.job_rows_with_live) if batch else room)
+        if batch or jobs:
+            self._run_batch(batch, jobs)
+        return bool(idle or batch or jobs)
+
+    def _take_job_rows(self, capacity: int) -> list[JobRows]:
+        """Up to ``capacity`` rows of the queued job work, oldest first."""
+        taken: list[JobRows] = []
+        with self._lock:
+            while capacity > 0 and self.jobs:
+                work = self.jobs[0]
+                if work.abandoned:
+                    self.jobs.popleft()
+                    continue
+                rows = work.take(capacity)
+                taken.append(rows)
+                capacity -= len(rows)
+                if work.remaining == 0:
+                    self.jobs.popleft()
+        return taken
 
     def _send_idle(self, item: WorkItem) -> None:
         session = item.session
@@ -139,32 +202,66 @@ class Scheduler:
         jpeg = session.avatar.idle_jpeg(session.avatar.source_index(item.slot))
         self._deliver(item, jpeg)
 
-    def _run_batch(self, batch: list[WorkItem]) -> None:
+    def _run_batch(self, batch: list[WorkItem], jobs: list[JobRows]) -> None:
         try:
-            jpegs = self.render(batch)
+            jpegs, faces = self.render(batch, jobs)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
-            log.exception("batch of %d frames failed; its sessions' speech is dropped", len(batch))
-            self.stats.failures += 1
-            self.metrics.batches_failed.inc()
-            for session in {id(it.session): it.session for it in batch}.values():
-                session.fail_speech(getattr(exc, "code", "render_failed"), str(exc))
+            if jobs:
+                log.warning("batch of %d live and %d job frames failed (%s); retrying each part alone", len(batch),
+                            sum(map(len, jobs)), exc)
+                self._run_parts_alone(batch, jobs)
+                return
+            self._fail_live(batch, exc)
             return
-        seconds = getattr(self.render, "last_seconds", 0.0)
-        owners = {id(it.session) for it in batch}
-        st = self.stats
-        st.batches += 1
-        st.batch_sizes[len(batch)] += 1
-        st.mixed_batches += len(owners) > 1
-        st.max_sessions_in_batch = max(st.max_sessions_in_batch, len(owners))
-        st.step_seconds = st.step_seconds[-999:] + [seconds]
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_sessions.observe(len(owners))
-        self.metrics.step_seconds.observe(seconds)
+        self._count(batch, jobs)
+        for rows, part in zip(jobs, faces):
+            rows.put(part)
         for item, jpeg in zip(batch, jpegs):
             if item.stale:
                 self._send_idle(item)
             else:
                 self._deliver(item, jpeg)
+
+    def _run_parts_alone(self, batch: list[WorkItem], jobs: list[JobRows]) -> None:
+        """After a failed mixed batch: the live part, then each job part, as batches of their own."""
+        if batch:
+            self._run_batch(batch, [])
+        for rows in jobs:
+            try:
+                _, faces = self.render([], [rows])
+            except Exception as exc:  # noqa: BLE001 - this job's rows fail, nothing else
+                log.warning("job %s: %d frames failed: %s", rows.work.owner, len(rows), exc)
+                self.stats.job_failures += 1
+                rows.work.fail(exc)
+                continue
+            self._count([], [rows])
+            rows.put(faces[0])
+
+    def _fail_live(self, batch: list[WorkItem], exc: Exception) -> None:
+        log.exception("batch of %d frames failed; its sessions' speech is dropped", len(batch), exc_info=exc)
+        self.stats.failures += 1
+        self.metrics.batches_failed.inc()
+        for session in {id(it.session): it.session for it in batch}.values():
+            session.fail_speech(getattr(exc, "code", "render_failed"), str(exc))
+
+    def _count(self, batch: list[WorkItem], jobs: list[JobRows]) -> None:
+        seconds = getattr(self.render, "last_seconds", 0.0)
+        job_frames = sum(map(len, jobs))
+        st = self.stats
+        st.batches += 1
+        st.batch_sizes[len(batch) + job_frames] += 1
+        st.step_seconds = st.step_seconds[-999:] + [seconds]
+        self.metrics.step_seconds.observe(seconds)
+        if jobs:
+            st.job_batches += 1
+            st.job_frames += job_frames
+            st.shared_batches += bool(batch)
+        if batch:
+            owners = {id(it.session) for it in batch}
+            st.mixed_batches += len(owners) > 1
+            st.max_sessions_in_batch = max(st.max_sessions_in_batch, len(owners))
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.batch_sessions.observe(len(owners))
 
     def _deliver(self, item: WorkItem, jpeg: bytes) -> None:
         made = time.monotonic()
