@@ -132,7 +132,7 @@ def fit_similarity(points: np.ndarray, template: np.ndarray) -> tuple[np.ndarray
     Raises:
         TalkrtError: bad shapes, non-finite or coincident points.
     """
-    p = check_align3(points, "alignment points").astype(np.float64)
+    p = check_align3(points, "alignment points", np.float64)
     q = np.asarray(template, dtype=np.float64)
     pc, qc = p - p.mean(axis=0), q - q.mean(axis=0)
     sp, sq = pc.std(ddof=1), qc.std(ddof=1)

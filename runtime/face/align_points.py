@@ -44,9 +44,9 @@ _IBUG_BROW_RIGHT = slice(22, 27)
 _IBUG_NOSE = (28, 31, 35, 30)
 
 
-def check_align3(points: np.ndarray, name: str = "align3") -> np.ndarray:
-    """``points`` as float32 [3, 2] (finite), else :class:`TalkrtError` naming ``name``."""
-    pts = np.asarray(points, dtype=np.float32)
+def check_align3(points: np.ndarray, name: str = "align3", dtype: type = np.float32) -> np.ndarray:
+    """``points`` as ``dtype`` [3, 2] (finite), else :class:`TalkrtError` naming ``name``."""
+    pts = np.asarray(points, dtype=dtype)
     if pts.shape != (3, 2):
         raise TalkrtError(f"{name} must be [3, 2] (brow left, brow right, nose), got {pts.shape}")
     if not np.all(np.isfinite(pts)):
