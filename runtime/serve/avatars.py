@@ -129,6 +129,10 @@ class AvatarStore:
     def _public(avatar_id: str, status: dict) -> dict:
         return {"id": avatar_id, **{k: v for k, v in status.items() if k != "key"}}
 
+    def source(self, avatar_id: str) -> Path | None:
+        """The stored upload of avatar ``avatar_id`` (None if unknown); what jobs on it read."""
+        return self._source(avatar_id) if ID_PATTERN.match(avatar_id) else None
+
     def _source(self, avatar_id: str) -> Path | None:
         folder = self.avatars_dir / avatar_id
         found = sorted(folder.glob("source*")) if folder.is_dir() else []
