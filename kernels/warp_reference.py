@@ -126,6 +126,19 @@ def _restore_region(rec: np.void, face: np.ndarray, paste: np.ndarray, profile: 
     return m, _round_u8(sample(face, fu[..., None], fv[..., None]))
 
 
+def _regions(faces: Any, to_crop: Any, paste: Any, n: int, height: int, width: int, even: bool):
+    """Per frame with a region: (index, box (x1, y1, x2, y2), weights [h, w], face samples)."""
+    paste = _host(paste, "paste")
+    face_batch, size = wl.check_faces(_host(faces, "faces"), paste, n)
+    params = wl.restore_params(wl.check_affines(to_crop, n), size, height, width, even=even)
+    profile = wl.feather_profile()
+    for i, rec in enumerate(params):
+        if rec["w"] > 0:
+            m, face = _restore_region(rec, face_batch[i], paste, profile)
+            x1, y1 = int(rec["x1"]), int(rec["y1"])
+            yield i, (x1, y1, x1 + m.shape[1], y1 + m.shape[0]), m, face
+
+
 def restore_rgb(frames: Any, faces: Any, to_crop: Any, paste: Any, *, out: Any = None,
                 stream: Any = None) -> np.ndarray:
     """Warp the generated faces [B, S, S, 3] back into RGB frames [B, H, W, 3] with the
@@ -133,17 +146,10 @@ def restore_rgb(frames: Any, faces: Any, to_crop: Any, paste: Any, *, out: Any =
     frames = _host(frames, "frames")
     batch, single = as_image_batch(frames, "frames")
     n, height, width, _ = batch.shape
-    face_batch, size = wl.check_faces(_host(faces, "faces"), _host(paste, "paste"), n)
-    params = wl.restore_params(wl.check_affines(to_crop, n), size, height, width, even=False)
-    profile = wl.feather_profile()
+    regions = list(_regions(faces, to_crop, paste, n, height, width, even=False))
     target, result = _target(frames, single, out)
-    for i, rec in enumerate(params):
-        if rec["w"] == 0:
-            continue
-        m, face = _restore_region(rec, face_batch[i], _host(paste, "paste"), profile)
-        x1, y1 = int(rec["x1"]), int(rec["y1"])
-        region = target[i, y1:y1 + m.shape[0], x1:x1 + m.shape[1]]
-        region[...] = blend_region(region, face, m)
+    for i, (x1, y1, x2, y2), m, face in regions:
+        target[i, y1:y2, x1:x2] = blend_region(target[i, y1:y2, x1:x2], face, m)
     return result
 
 
@@ -154,16 +160,8 @@ def restore_nv12(nv12: Any, faces: Any, to_crop: Any, paste: Any, *, matrix: str
     the block's blended RGB mean (``reference.compose_nv12``'s rule)."""
     nv12 = _host(nv12, "nv12")
     batch, single, height, width = as_nv12_batch(nv12)
-    n = batch.shape[0]
-    face_batch, size = wl.check_faces(_host(faces, "faces"), _host(paste, "paste"), n)
-    params = wl.restore_params(wl.check_affines(to_crop, n), size, height, width, even=True)
-    profile = wl.feather_profile()
+    regions = list(_regions(faces, to_crop, paste, batch.shape[0], height, width, even=True))
     target, result = _target(nv12, single, out)
-    for i, rec in enumerate(params):
-        if rec["w"] == 0:
-            continue
-        m, face = _restore_region(rec, face_batch[i], _host(paste, "paste"), profile)
-        x1, y1 = int(rec["x1"]), int(rec["y1"])
-        blend_nv12_box(target[i], height, (x1, y1, x1 + m.shape[1], y1 + m.shape[0]), face, m,
-                       matrix, full_range)
+    for i, box, m, face in regions:
+        blend_nv12_box(target[i], height, box, face, m, matrix, full_range)
     return result
