@@ -1,7 +1,9 @@
-"""The ASGI app of ``talkrt serve``: health and metrics, avatars, and the live WebSocket.
+"""The ASGI app of ``talkrt serve``: health and metrics, avatars, the live WebSocket and the
+job service (:mod:`~talkrt.serve.job_routes`).
 
 Models load once, in a background thread started by the lifespan, so ``/healthz`` can answer
-503 while they load and 200 once they are ready; the scheduler thread starts with them.
+503 while they load and 200 once they are ready; the scheduler thread and the job workers start
+with them. With an API key every ``/v1`` route needs it (:mod:`~talkrt.serve.auth`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from talkrt.config import AudioConfig, TalkrtConfig
 from talkrt.errors import InputError
+from talkrt.serve.auth import ApiKeyMiddleware
 from talkrt.serve.avatars import ID_PATTERN, AvatarStore, UploadTooLarge
+from talkrt.serve.job_inputs import ApiError
+from talkrt.serve.job_routes import install_job_routes
+from talkrt.serve.job_runner import RunnerContext
+from talkrt.serve.jobs import JobService, JobSettings
 from talkrt.serve.live import live_session
 from talkrt.serve.metrics import ServeMetrics
 from talkrt.serve.renderer import FrameRenderer
@@ -40,6 +47,9 @@ class ServeSettings:
     max_sessions: int = 16
     backend: str | None = None
     weights_dir: str | None = None
+    api_key: str | None = None           # required on every /v1 route when set
+    jobs: JobSettings = field(default_factory=JobSettings)
+    job_rows_with_live: int | None = None   # job rows in a step with live speech (None: all the room left)
 
 
 @dataclass
@@ -51,6 +61,7 @@ class ServerState:
     avatars: AvatarStore | None = None
     scheduler: Scheduler | None = None
     renderer: FrameRenderer | None = None
+    jobs: JobService | None = None
     audio_config: AudioConfig | None = None
     info: dict = field(default_factory=dict)
     error: str | None = None
@@ -71,8 +82,13 @@ class ServerState:
             self.renderer = FrameRenderer(parts)
             self.renderer.warm_up()
             self.audio_config = s.cfg.model.audio
-            scheduler = Scheduler(self.renderer, self.renderer.max_batch, self.metrics)
+            scheduler = Scheduler(self.renderer, self.renderer.max_batch, self.metrics,
+                                  job_rows_with_live=s.job_rows_with_live)
             scheduler.start()
+            ctx = RunnerContext(cfg=s.cfg, device=s.device, parts=parts, queue=scheduler,
+                                cache_dir=Path(s.data_dir) / "prepared", avatar_source=self.avatars.source)
+            self.jobs = JobService(Path(s.data_dir), s.jobs, ctx, self.avatars.get, self.metrics.registry)
+            self.jobs.start()
             self.info = {"config": s.cfg.name, "device": str(parts.device), "backend": parts.backend,
                          "weights": parts.weights, "compose": parts.compose, "max_batch": self.renderer.max_batch}
             self.scheduler = scheduler
@@ -82,6 +98,8 @@ class ServerState:
             self.error = f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.close()
         if self.scheduler is not None:
             self.scheduler.stop()
         if self.avatars is not None:
@@ -100,6 +118,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="talkrt serve", lifespan=lifespan)
     app.state.server = server
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
 
     def store() -> AvatarStore:
         if not server.ready:
@@ -151,6 +171,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if not ID_PATTERN.match(avatar_id) or not store().delete(avatar_id):
             raise HTTPException(404, f"no avatar with id {avatar_id!r}")
         return Response(status_code=204)
+
+    def job_service() -> JobService:
+        if server.jobs is None:
+            raise ApiError(503, "loading", "the server is still loading its models" if server.error is None
+                           else f"the server failed to load: {server.error}")
+        return server.jobs
+
+    install_job_routes(app, job_service)
 
     @app.websocket("/v1/live")
     async def live(ws: WebSocket) -> None:

@@ -1,0 +1,199 @@
+"""Job workers: each takes the oldest queued job and runs ``run_pipeline`` on it with its model
+stages handed to the shared scheduler (:mod:`talkrt.serve.jobwork`), so jobs and live sessions
+share one set of engines. Several workers let one job decode, compose and encode while another
+job's rows are in a batch.
+
+A job's progress raises in ``advance`` when it was cancelled (it ends ``cancelled``) or when
+the server stops (it goes back to the queue); ``run_pipeline`` then aborts and leaves no file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from talkrt.config import TalkrtConfig
+from talkrt.pipeline import PipelineParts, RunReport, run_pipeline
+from talkrt.report import report_document, summary_line
+from talkrt.serve.job_files import JobFiles
+from talkrt.serve.job_inputs import ApiError, JobOptions, check_job, display_error, job_config
+from talkrt.serve.job_store import JobRecord, JobStore
+from talkrt.serve.jobwork import FacesReady, JobQueue, SharedModelStage
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled while it ran."""
+
+
+class ServerStopping(Exception):
+    """The server is stopping; the job goes back to the queue."""
+
+
+class JobProgress:
+    """A job's :class:`~talkrt.progress.Progress`: phases and frames into the store; raises at
+    the next step after a cancel or a stop."""
+
+    def __init__(self, store: JobStore, job_id: str, cancelled: threading.Event, stopping: threading.Event):
+        self.store, self.job_id, self.cancelled, self.stopping = store, job_id, cancelled, stopping
+        self.name, self.total, self.done = "", 0, 0
+
+    def check(self) -> None:
+        """Raise :class:`JobCancelled` or :class:`ServerStopping` when the job must stop."""
+        if self.cancelled.is_set():
+            raise JobCancelled(self.job_id)
+        if self.stopping.is_set():
+            raise ServerStopping(self.job_id)
+
+    def phase(self, name: str, total: int) -> None:
+        self.check()
+        self.name, self.total, self.done = name, total, 0
+        self.store.progress(self.job_id, name, 0, total, 0 if name == "lip-sync" else None, force=True)
+
+    def advance(self, steps: int = 1) -> None:
+        self.check()
+        self.done += steps
+        self.store.progress(self.job_id, self.name, self.done, self.total,
+                            self.done if self.name == "lip-sync" else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerContext:
+    """What every job run shares: the server's config, device, built parts, the scheduler,
+    where the avatar cache lives, and a lookup of avatar sources by id."""
+
+    cfg: TalkrtConfig
+    device: str
+    parts: PipelineParts
+    queue: JobQueue
+    cache_dir: Path
+    avatar_source: Callable[[str], Path | None]
+
+
+class JobRunner:
+    """``workers`` threads running queued jobs until :meth:`stop`."""
+
+    def __init__(self, store: JobStore, files: JobFiles, ctx: RunnerContext, workers: int,
+                 on_finish: Callable[[str, str], None] | None = None):
+        self.store, self.files, self.ctx, self.workers = store, files, ctx, workers
+        self.on_finish = on_finish
+        self._cond = threading.Condition()
+        self._cancel: dict[str, threading.Event] = {}
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"talkrt-job-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def notify(self) -> None:
+        """New jobs were queued."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Running jobs go back to the queue at their next step; wait for the workers."""
+        self._stopping.set()
+        self.notify()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a job (see :meth:`JobStore.cancel`); a running one stops at its next batch."""
+        with self._cond:
+            before = self.store.cancel(job_id)
+            if before == "running" and job_id in self._cancel:
+                self._cancel[job_id].set()
+        return before
+
+    # ------------------------------------------------------------------ worker threads
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            with self._cond:
+                record = self.store.claim()
+                if record is None:
+                    self._cond.wait(1.0)
+                    continue
+                cancelled = self._cancel[record.id] = threading.Event()
+            try:
+                self._run(record, cancelled)
+            finally:
+                with self._cond:
+                    self._cancel.pop(record.id, None)
+
+    def _run(self, record: JobRecord, cancelled: threading.Event) -> None:
+        out = self.files.result(record.id)
+        progress = JobProgress(self.store, record.id, cancelled, self._stopping)
+        names: dict[str, str] = {}
+        log.info("job %s: started (attempt %d)", record.id, record.attempts)
+        try:
+            status, extra = "done", self._pipeline(record, out, progress, names)
+        except (ServerStopping,) as exc:
+            out.unlink(missing_ok=True)
+            self.store.requeue(record.id)
+            log.info("job %s: back in the queue (%s)", record.id, type(exc).__name__)
+            return
+        except JobCancelled:
+            status, extra = "cancelled", {}
+        except Exception as exc:  # noqa: BLE001 - one job's failure ends that job only
+            if self._stopping.is_set():
+                out.unlink(missing_ok=True)
+                self.store.requeue(record.id)
+                return
+            status, extra = "failed", {"error": display_error(exc, names)}
+            log.warning("job %s failed: %s", record.id, extra["error"]["message"],
+                        exc_info=extra["error"]["code"] == "internal")
+        if status != "done":
+            out.unlink(missing_ok=True)
+        self.store.finish(record.id, status, **extra)
+        log.info("job %s: %s", record.id, status)
+        if self.on_finish is not None:
+            self.on_finish(record.id, status)
+
+    def _pipeline(self, record: JobRecord, out: Path, progress: JobProgress, names: dict[str, str]) -> dict:
+        ctx = self.ctx
+        cfg = job_config(ctx.cfg, record.options)
+        if record.avatar is not None:
+            video = ctx.avatar_source(record.avatar)
+            if video is None:
+                raise ApiError(422, "unknown_avatar", f"avatar {record.avatar} no longer exists")
+        else:
+            video = self.files.media(record.video)
+        audio = self.files.media(record.audio)
+        names.update({str(video): record.video_name, str(audio): record.audio_name})
+        inputs = check_job(video, record.video_name, audio, record.audio_name, out, config=ctx.cfg.source or ctx.cfg.name,
+                           overrides=JobOptions(record.options).overrides, fps=record.fps, device=ctx.device,
+                           cache_dir=ctx.cache_dir)
+        stream = torch.cuda.Stream(ctx.parts.device) if ctx.parts.stream is not None else None
+        parts = dataclasses.replace(ctx.parts, cfg=cfg, stream=stream)
+        stages = {"unet": SharedModelStage(ctx.queue, record.id, stream, progress.check), "vae_decode": FacesReady()}
+        started = time.time()
+        report = run_pipeline(parts, inputs.video, inputs.info, inputs.audio, inputs.clip, out, progress=progress,
+                              overrides=stages)
+        progress.check()            # a cancel that came during the last batch still wins
+        return {"summary": job_summary(report, record, cfg, ctx.device, queued_s=started - record.created),
+                "result_bytes": out.stat().st_size}
+
+
+def job_summary(report: RunReport, record: JobRecord, cfg: TalkrtConfig, device: str, queued_s: float) -> dict:
+    """The CLI's JSON run report for a job, with ids in place of server paths, and its
+    ``key=value`` summary line as ``line`` (``startup_s`` there: seconds the job waited in the queue)."""
+    doc = report_document(report, startup_seconds=queued_s, config=cfg.source or cfg.name,
+                          config_hash=cfg.model_hash(), device=device, video=Path(record.video_name),
+                          audio=Path(record.audio_name))
+    doc["inputs"] = {"video": record.video_name, "audio": record.audio_name,
+                     **({"avatar": record.avatar} if record.avatar else {})}
+    doc["output"] = f"/v1/jobs/{record.id}/result"
+    doc["line"] = summary_line(report, queued_s)
+    return doc
