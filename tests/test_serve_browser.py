@@ -5,7 +5,6 @@ microphone. Skipped when Chromium or Playwright is missing (``.ci/run`` installs
 from __future__ import annotations
 
 import os
-import time
 import wave
 from pathlib import Path
 
@@ -14,12 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_server import running_server
-from media_factory import write_frames
+from serve_server import SAMPLE, running_server, sample_clip, upload, wait_prepared
 from talkrt.media.frames import read_video_frames
 
 CHROMIUM = Path("/usr/bin/chromium")
-SAMPLE = Path(__file__).parent / "data" / "sample_avatar.mp4"
 SCREENSHOT = os.environ.get("TALKRT_PAGE_SCREENSHOT")  # set to a path to keep a picture of the page
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -35,16 +32,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def avatar(server, tmp_path_factory):
-    clip = write_frames(tmp_path_factory.mktemp("clip") / "a.mp4", read_video_frames(SAMPLE, 1 << 30)[:8])
-    r = httpx.post(server + "/v1/avatars", files={"video": (clip.name, clip.read_bytes(), "video/mp4")}, timeout=60)
+    r = upload(server, sample_clip(tmp_path_factory.mktemp("clip"), 0, 8, "a.mp4"))
     assert r.status_code == 202, r.text
-    avatar_id = r.json()["id"]
-    deadline = time.monotonic() + 120
-    while (status := httpx.get(f"{server}/v1/avatars/{avatar_id}").json())["status"] == "preparing":
-        assert time.monotonic() < deadline, "avatar still preparing"
-        time.sleep(0.3)
+    status = wait_prepared(server, r.json()["id"])
     assert status["status"] == "ready", status
-    return avatar_id
+    return status["id"]
 
 
 def _tone_wav(path: Path, seconds: float = 3.0, rate: int = 16000) -> Path:

@@ -30,7 +30,7 @@ class ServeMetrics:
                                     registry=r)
         self.batch_sessions = Histogram("talkrt_batch_sessions", "sessions per model batch",
                                         buckets=BATCH_BUCKETS, registry=r)
-        self.step_seconds = Histogram("talkrt_step_seconds", "model time of one batch (Whisper to compose; on "
+        self.step_seconds = Histogram("talkrt_step_seconds", "wall time of one batch (Whisper to JPEG; on "
                                       "CUDA the stream synchronised)", buckets=STEP_BUCKETS, registry=r)
         self.batches_failed = Counter("talkrt_batches_failed", "model batches that failed (e.g. GPU out of memory); "
                                       "their sessions' speech was dropped", registry=r)

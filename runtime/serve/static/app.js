@@ -104,6 +104,9 @@ function startSession(sampleRate) {
       } else if (msg.type === "error") {
         $("upload-status").textContent = `error ${msg.code}: ${msg.message}`;
         reject(new Error(msg.message));
+      } else if (msg.type === "speech_dropped") {   // a failed server step: the session stays open, idle
+        stats.speechDropped = (stats.speechDropped || 0) + 1;
+        $("upload-status").textContent = `speech dropped from frame ${msg.index} (${msg.code}): ${msg.message}`;
       }
     };
     ws.onclose = () => { s.stopCapture(); if (session === s) { session = null; setState("idle"); } reject(new Error("closed")); };
