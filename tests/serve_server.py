@@ -28,15 +28,16 @@ SAMPLE = Path(__file__).parent / "data" / "sample_avatar.mp4"
 
 @contextlib.contextmanager
 def running_server(data_dir: Path, max_sessions: int = 2, config: str = "tiny", device: str = "cpu",
-                   overrides: Sequence[str] = (), timeout: float = 120.0) -> Iterator[tuple[str, object]]:
+                   overrides: Sequence[str] = (), timeout: float = 120.0, **settings) -> Iterator[tuple[str, object]]:
     """Yield (base URL, the app) once ``/healthz`` answers 200; stop the server on exit.
+    ``settings``: more :class:`ServeSettings` fields (``api_key``, ``jobs``, ...).
 
     Raises:
         TimeoutError: the models did not load within ``timeout`` seconds.
         RuntimeError: loading failed (``/healthz`` answered 500; its error in the message).
     """
     app = create_app(ServeSettings(cfg=load_config(config, list(overrides)), device=device, data_dir=data_dir,
-                                   max_sessions=max_sessions))
+                                   max_sessions=max_sessions, **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
