@@ -29,12 +29,13 @@ struct WarpCropTable { CropFrame frames[WARP_TABLE_FRAMES]; };
 // distance in crop pixels to the nearer of the crop's edges u = -0.5 and u = S - 0.5 (likewise
 // v); off and the scales fold the feather's inset and width in frame pixels (warp_launch).
 // x1, y1, w, h: the frame region that can change (the crop's footprint; for NV12 grown to even
-// coordinates); w == 0 leaves the frame alone.
+// coordinates); w == 0 leaves the frame alone. nx, ny: face taps per frame pixel along x and y
+// (a box prefilter where the frame shows the crop smaller, as the crop kernel's nu, nv).
 struct __align__(16) RestoreFrame {
     float a[6];
     float su, sv, off;
     int x1, y1, w, h;
-    int pad[3];
+    int nx, ny, pad;
 };
 static_assert(sizeof(RestoreFrame) == 64, "RestoreFrame: mirrored by warp_launch.RESTORE_FRAME");
 struct RestoreTable { RestoreFrame frames[WARP_TABLE_FRAMES]; };
@@ -54,6 +55,11 @@ __device__ __forceinline__ int floor_frac(float x, float& frac) {
 
 __device__ __forceinline__ float lerp(float a, float b, float t) {
     return __fadd_rn(a, __fmul_rn(t, __fsub_rn(b, a)));
+}
+
+// Sub-pixel offset (2i + 1) / (2n) - 0.5 of supersampling tap i of n.
+__device__ __forceinline__ float tap_offset(int i, float two_n) {
+    return __fsub_rn(__fdiv_rn(exact_float(2 * i + 1), two_n), 0.5f);
 }
 
 // One frame pixel's RGB as floats; FILL_VALUE outside the frame. NV12: decoded with the
@@ -108,9 +114,9 @@ __device__ __forceinline__ void crop_pixel(const u8* __restrict__ frame, int hei
     const float two_nu = exact_float(2 * f.nu), two_nv = exact_float(2 * f.nv);
     float acc[3];
     for (int j = 0; j < f.nv; ++j) {
-        const float vv = __fadd_rn(vf, __fsub_rn(__fdiv_rn(exact_float(2 * j + 1), two_nv), 0.5f));
+        const float vv = __fadd_rn(vf, tap_offset(j, two_nv));
         for (int i = 0; i < f.nu; ++i) {
-            const float uu = __fadd_rn(uf, __fsub_rn(__fdiv_rn(exact_float(2 * i + 1), two_nu), 0.5f));
+            const float uu = __fadd_rn(uf, tap_offset(i, two_nu));
             const float x = __fadd_rn(__fadd_rn(__fmul_rn(f.m[0], uu), __fmul_rn(f.m[1], vv)), f.m[2]);
             const float y = __fadd_rn(__fadd_rn(__fmul_rn(f.m[3], uu), __fmul_rn(f.m[4], vv)), f.m[5]);
             float fx, fy;
@@ -173,7 +179,8 @@ __device__ __forceinline__ float feather(const FeatherTable& ft, float t) {
 }
 
 // The blend weight (0..255) of frame pixel (x, y) and the face sample there (valid when > 0):
-// round(feather_u * feather_v * paste(u, v)), paste bilinear on the S x S uint8 mask.
+// round(feather_u * feather_v * paste(u, v)) at the pixel centre, paste bilinear on the S x S
+// uint8 mask; the face is the mean of nx x ny bilinear taps spread over the pixel.
 __device__ __forceinline__ int restore_sample(const RestoreFrame& f, const FeatherTable& ft,
                                               const u8* __restrict__ face,
                                               const u8* __restrict__ paste, int size, int x,
@@ -191,9 +198,23 @@ __device__ __forceinline__ int restore_sample(const RestoreFrame& f, const Feath
     sample_clamped<1>(paste, size, u, v, pm);
     const int m = round_u8(__fmul_rn(weight, pm[0]));
     if (m == 0) return 0;
-    float fv[3];
-    sample_clamped<3>(face, size, u, v, fv);
-    rgb[0] = round_u8(fv[0]); rgb[1] = round_u8(fv[1]); rgb[2] = round_u8(fv[2]);
+    const float two_nx = exact_float(2 * f.nx), two_ny = exact_float(2 * f.ny);
+    float acc[3];
+    for (int j = 0; j < f.ny; ++j) {
+        const float ys = __fadd_rn(yf, tap_offset(j, two_ny));
+        for (int i = 0; i < f.nx; ++i) {
+            const float xs = __fadd_rn(xf, tap_offset(i, two_nx));
+            const float us = __fadd_rn(__fadd_rn(__fmul_rn(f.a[0], xs), __fmul_rn(f.a[1], ys)), f.a[2]);
+            const float vs = __fadd_rn(__fadd_rn(__fmul_rn(f.a[3], xs), __fmul_rn(f.a[4], ys)), f.a[5]);
+            float fv[3];
+            sample_clamped<3>(face, size, us, vs, fv);
+#pragma unroll
+            for (int c = 0; c < 3; ++c) acc[c] = (i == 0 && j == 0) ? fv[c] : __fadd_rn(acc[c], fv[c]);
+        }
+    }
+    const float count = exact_float(f.nx * f.ny);
+#pragma unroll
+    for (int c = 0; c < 3; ++c) rgb[c] = round_u8(__fdiv_rn(acc[c], count));
     return m;
 }
 

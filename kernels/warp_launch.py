@@ -6,7 +6,9 @@ same float32 records as the kernels, so both sides start from identical numbers.
 **Crop** (crop pixel -> frame pixel): each crop pixel averages ``nu x nv`` bilinear taps spread
 over the pixel, ``n = clamp(ceil(frame pixels per crop pixel along that axis), 1, 8)``: one tap
 when the crop enlarges the frame, a box prefilter over the pixel's footprint when it shrinks it.
-Outside the frame a tap reads 127 (upstream's kornia fill value).
+Outside the frame a tap reads 127 (upstream's kornia fill value). The restore samples the
+generated face the same way, ``nx x ny`` taps per frame pixel by the crop pixels per frame pixel
+(upstream shrinks the face with an antialiased resize to 420 x 560 before its bilinear warp).
 
 **Feather** of the restore (upstream: ``AlignRestore.restore_img`` in LatentSync's
 ``latentsync/utils/affine_transform.py``): the crop's footprint in the frame, a rectangle of
@@ -48,7 +50,7 @@ CROP_TABLE = np.dtype([("frames", CROP_FRAME, (WARP_TABLE_FRAMES,))])
 #: warp.cu's RestoreFrame (64 bytes, 16-byte aligned)
 RESTORE_FRAME = np.dtype([("a", "<f4", (6,)), ("su", "<f4"), ("sv", "<f4"), ("off", "<f4"),
                           ("x1", "<i4"), ("y1", "<i4"), ("w", "<i4"), ("h", "<i4"),
-                          ("pad", "<i4", (3,))])
+                          ("nx", "<i4"), ("ny", "<i4"), ("pad", "<i4")])
 RESTORE_TABLE = np.dtype([("frames", RESTORE_FRAME, (WARP_TABLE_FRAMES,))])
 #: warp.cu's FeatherTable
 FEATHER_TABLE = np.dtype([("p", "<f4", (FEATHER_TAPS,))])
@@ -111,6 +113,12 @@ def _inverse(affine: np.ndarray) -> np.ndarray:
     return np.concatenate([inv, -(inv @ affine[:, 2:])], axis=1)
 
 
+def _taps(affine: np.ndarray, axis: int) -> int:
+    """Supersampling taps along source ``axis`` of an affine: clamp(ceil(how many output
+    pixels one source pixel step spans), 1, MAX_TAPS)."""
+    return min(MAX_TAPS, max(1, math.ceil(float(np.hypot(*affine[:, axis])) - 1e-9)))
+
+
 def crop_params(to_crop: np.ndarray, size: int) -> np.ndarray:
     """:data:`CROP_FRAME` [B] for frame -> crop affines [B, 2, 3] (float64, zeros: no face)."""
     params = np.zeros(len(to_crop), CROP_FRAME)
@@ -119,9 +127,7 @@ def crop_params(to_crop: np.ndarray, size: int) -> np.ndarray:
             continue
         inv = _inverse(affine)
         params["m"][i] = inv.reshape(-1)
-        for axis, key in ((0, "nu"), (1, "nv")):
-            footprint = float(np.hypot(*inv[:, axis]))
-            params[key][i] = min(MAX_TAPS, max(1, math.ceil(footprint - 1e-9)))
+        params["nu"][i], params["nv"][i] = _taps(inv, 0), _taps(inv, 1)
     return params
 
 
@@ -155,6 +161,7 @@ def restore_params(to_crop: np.ndarray, size: int, height: int, width: int,
         params["su"][i] = g["ku"] / g["sigma"] * steps
         params["sv"][i] = g["kv"] / g["sigma"] * steps
         params["off"][i] = (FEATHER_TRUNCATE - g["e"] / g["sigma"]) * steps
+        params["nx"][i], params["ny"][i] = _taps(affine, 0), _taps(affine, 1)
         inv = _inverse(affine)
         corners = edge @ inv[:, :2].T + inv[:, 2]
         x1, y1 = np.floor(corners.min(axis=0)).astype(np.int64)

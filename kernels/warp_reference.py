@@ -12,8 +12,9 @@ leaves them alone. The arithmetic (float32, in the kernels' order; records from
   Rounded half up.
 * **restore** (``restore_rgb`` / ``restore_nv12``): frame pixel p maps to crop pixel
   (u, v) = to_crop(p); its weight is ``m = round(feather_u * feather_v * paste(u, v))`` (paste
-  bilinear, edges replicated), the face sample is the bilinear ``faces[b]`` at (u, v) rounded to
-  uint8, and the frame pixel becomes ``reference.blend_region(body, face, m)``. NV12: the chroma
+  bilinear, edges replicated), the face sample is the mean of nx x ny bilinear samples of
+  ``faces[b]`` spread over the pixel (as the crop's taps) rounded to uint8, and the frame pixel
+  becomes ``reference.blend_region(body, face, m)``. NV12: the chroma
   rule of ``reference.compose_nv12`` (``reference.blend_nv12_box``) on the region.
 """
 
@@ -41,6 +42,23 @@ def _floor_frac(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.astype(np.int64), x - f
 
 
+def _tap_offset(i: int, n: int) -> np.float32:
+    """Sub-pixel offset (2i + 1) / (2n) - 0.5 of supersampling tap i of n (float32)."""
+    return _F(2 * i + 1) / _F(2 * n) - _F(0.5)
+
+
+def _sample_clamped(img: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Bilinear samples float32 [..., C] of an [S, S, C] image at (u, v), edges replicated."""
+    size = img.shape[0]
+    u0, fu = _floor_frac(u)
+    v0, fv = _floor_frac(v)
+    i0, i1 = np.clip(u0, 0, size - 1), np.clip(u0 + 1, 0, size - 1)
+    j0, j1 = np.clip(v0, 0, size - 1), np.clip(v0 + 1, 0, size - 1)
+    img = img.astype(_F)
+    fu, fv = fu[..., None], fv[..., None]
+    return _lerp(_lerp(img[j0, i0], img[j0, i1], fu), _lerp(img[j1, i0], img[j1, i1], fu), fv)
+
+
 def _crop_frame(rgb: np.ndarray, rec: np.void, size: int) -> np.ndarray:
     """One crop [S, S, 3] from one RGB frame [H, W, 3] (the kernel's order of operations)."""
     nu, nv = int(rec["nu"]), int(rec["nv"])
@@ -54,9 +72,9 @@ def _crop_frame(rgb: np.ndarray, rec: np.void, size: int) -> np.ndarray:
     vf = np.arange(size, dtype=_F)[:, None]
     acc = None
     for j in range(nv):
-        vv = vf + (_F(2 * j + 1) / _F(2 * nv) - _F(0.5))
+        vv = vf + _tap_offset(j, nv)
         for i in range(nu):
-            uu = uf + (_F(2 * i + 1) / _F(2 * nu) - _F(0.5))
+            uu = uf + _tap_offset(i, nu)
             x = (m[0] * uu + m[1] * vv) + m[2]
             y = (m[3] * uu + m[4] * vv) + m[5]
             x0, fx = _floor_frac(x)
@@ -112,18 +130,17 @@ def _restore_region(rec: np.void, face: np.ndarray, paste: np.ndarray, profile: 
 
     weight = (feather(np.minimum(u + _F(0.5), far - u), _F(rec["su"]))
               * feather(np.minimum(v + _F(0.5), far - v), _F(rec["sv"])))
-    u0, fu = _floor_frac(u)
-    v0, fv = _floor_frac(v)
-    i0, i1 = np.clip(u0, 0, size - 1), np.clip(u0 + 1, 0, size - 1)
-    j0, j1 = np.clip(v0, 0, size - 1), np.clip(v0 + 1, 0, size - 1)
-
-    def sample(img: np.ndarray, fu: np.ndarray, fv: np.ndarray) -> np.ndarray:
-        img = img.astype(_F)
-        return _lerp(_lerp(img[j0, i0], img[j0, i1], fu), _lerp(img[j1, i0], img[j1, i1], fu), fv)
-
-    m = _round_u8(weight * sample(paste, fu, fv))
+    m = _round_u8(weight * _sample_clamped(paste[..., None], u, v)[..., 0])
     m[~(weight > 0)] = 0
-    return m, _round_u8(sample(face, fu[..., None], fv[..., None]))
+    nx, ny = int(rec["nx"]), int(rec["ny"])
+    acc = None
+    for j in range(ny):
+        ys = yf + _tap_offset(j, ny)
+        for i in range(nx):
+            xs = xf + _tap_offset(i, nx)
+            val = _sample_clamped(face, (a[0] * xs + a[1] * ys) + a[2], (a[3] * xs + a[4] * ys) + a[5])
+            acc = val if acc is None else acc + val
+    return m, _round_u8(acc / _F(nx * ny))
 
 
 def _regions(faces: Any, to_crop: Any, paste: Any, n: int, height: int, width: int, even: bool):

@@ -30,8 +30,8 @@ def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
 
 def _affines(size: int, height: int, width: int) -> np.ndarray:
     """A spread of frame -> crop affines for an S x S crop of a height x width frame."""
-    # the crop spans 0.6, 1.7 and 5.5 frame heights (1 to 8 taps per axis, by size), none,
-    # half outside, wholly outside
+    # the crop spans 0.6, 1.7 and 5.5 frame heights (the crop's 1 to 8 taps per axis, by
+    # size), none, half outside, wholly outside
     out = [
         similarity(size / (0.6 * height), 0.05, -0.2 * width * size / (0.6 * height), -0.1 * size),
         similarity(size / (1.7 * height), -0.35, 0.1 * size, 0.3 * size),
@@ -40,6 +40,10 @@ def _affines(size: int, height: int, width: int) -> np.ndarray:
         similarity(size / (0.5 * height), 0.0, 0.3 * size, 0.25 * size),
         similarity(size / (0.3 * height), 0.2, 5.0 * size, 4.0 * size),
     ]
+    for scale, angle in ((2.6, 0.4), (6.3, -0.1)):   # the frame shows the crop 2.6x / 6.3x smaller
+        zoom = similarity(scale, angle, 0.0, 0.0)       # (the restore's 3 and 7 taps per axis)
+        zoom[:, 2] = (size / 2, size / 2) - zoom[:, :2] @ (width / 2 + 0.3, height / 2 - 0.2)
+        out.append(zoom)
     aniso = similarity(size / (0.9 * height), 0.15, 0.0, 0.0)
     aniso[0] *= 512 / 420                                                      # LatentSync's squeeze
     aniso[1] *= 512 / 560

@@ -78,6 +78,18 @@ def test_shrinking_crop_is_prefiltered() -> None:
     assert abs(float(crop.mean()) - 127.5) < 3 and crop.std() < 20
 
 
+def test_restore_is_prefiltered_where_the_frame_shows_the_crop_smaller() -> None:
+    # a checkerboard face restored at 1/3 size: 3x3 taps per frame pixel average it to grey
+    board = ((np.indices((96, 96)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    faces = np.repeat(board[None, ..., None], 3, axis=3)
+    to_crop = wparity.similarity(3.0, 0.0, -3.0 * 20, -3.0 * 10)    # footprint x 20..52, y 10..42
+    assert wl.restore_params(to_crop[None], 96, 60, 80, False)[["nx", "ny"]].tolist() == [(3, 3)]
+    out = wref.restore_rgb(np.zeros((60, 80, 3), np.uint8), faces, to_crop,
+                           np.full((96, 96), 255, np.uint8))
+    inner = out[20:32, 30:42].astype(np.float64)                     # where the weight is 255
+    assert abs(inner.mean() - 127.5) < 15 and inner.std() < 30
+
+
 def test_crop_taps_follow_the_footprint() -> None:
     affines = np.stack([wparity.similarity(s, 0.3, 0.0, 0.0) for s in (2.0, 1.0, 0.99, 0.5, 0.01)])
     params = wl.crop_params(affines, 32)
