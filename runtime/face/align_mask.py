@@ -74,6 +74,13 @@ class FaceMask:
     def resolution(self) -> int:
         return int(self.keep.shape[0])
 
+    def latent(self, size: int) -> np.ndarray:
+        """float32 [size, size]: ``keep`` at the latent resolution as upstream makes it
+        (``torch.nn.functional.interpolate`` with its default ``nearest`` mode: row/column
+        ``floor(i * R / size)``), the UNet's mask channel."""
+        idx = (np.arange(int(size)) * self.resolution) // int(size)
+        return np.ascontiguousarray(self.keep[np.ix_(idx, idx)])
+
 
 def _from_image(image: np.ndarray, resolution: int, source: str) -> FaceMask:
     resized = cv2.resize(image, (resolution, resolution), interpolation=cv2.INTER_LANCZOS4)
