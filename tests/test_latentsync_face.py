@@ -199,7 +199,7 @@ def test_load_mask_procedural_and_from_file(tmp_path) -> None:
     assert mask.paste[400, 256] == 255 and mask.paste[150, 256] == 0 and mask.paste[220, 256] == 0
     assert mask.paste[220, 60] == 255                         # cheek beside the nose
     torch = pytest.importorskip("torch")
-    nearest = torch.nn.functional.interpolate(torch.from_numpy(mask.keep)[None, None], size=(64, 64))
+    nearest = torch.nn.functional.interpolate(torch.from_numpy(mask.keep.copy())[None, None], size=(64, 64))
     np.testing.assert_array_equal(mask.latent(64), nearest[0, 0].numpy())
     path = tmp_path / "mask.png"
     colour = np.repeat(lower_face_mask()[..., None], 3, axis=2)
