@@ -75,8 +75,8 @@ def _device_paste(paste: Any, like: Any) -> Any:
     return paste
 
 
-def _restore(frames: Any, single: bool, height: int, width: int, faces: Any, to_crop: Any,
-             paste: Any, out: Any, stream: Any, nv12: bool, extra: tuple) -> Any:
+def _restore(original: Any, frames: Any, single: bool, height: int, width: int, faces: Any,
+             to_crop: Any, paste: Any, out: Any, stream: Any, nv12: bool, extra: tuple) -> Any:
     n = frames.shape[0]
     face_batch, _ = as_image_batch(_cuda.adopt(faces, "faces"), "faces")
     with _cuda.on_device(frames, stream):
@@ -84,7 +84,7 @@ def _restore(frames: Any, single: bool, height: int, width: int, faces: Any, to_
         face_batch, size = wl.check_faces(face_batch, paste_dev, n)
         _cuda.same_device(frames, {"faces": face_batch})
         params = wl.restore_params(wl.check_affines(to_crop, n), size, height, width, even=nv12)
-        target, result = _in_place_target(frames if not single else frames[0], single, out)
+        target, result = _in_place_target(original, single, out)
         name = "restore_nv12_kernel" if nv12 else "restore_rgb_kernel"
         kernel = _cuda.get_kernel("warp.cu", name)
         feather = wl.feather_table()
@@ -105,8 +105,8 @@ def restore_rgb(frames: Any, faces: Any, to_crop: Any, paste: Any, *, out: Any =
     paste mask [S, S] uint8 (255 = generated face), in place when ``out`` is None."""
     frames = _cuda.adopt(frames, "frames")
     batch, single = as_image_batch(frames, "frames")
-    return _restore(batch, single, batch.shape[1], batch.shape[2], faces, to_crop, paste, out,
-                    stream, False, ())
+    return _restore(frames, batch, single, batch.shape[1], batch.shape[2], faces, to_crop, paste,
+                    out, stream, False, ())
 
 
 def restore_nv12(nv12: Any, faces: Any, to_crop: Any, paste: Any, *, matrix: str = "bt709",
@@ -116,5 +116,5 @@ def restore_nv12(nv12: Any, faces: Any, to_crop: Any, paste: Any, *, matrix: str
     nv12 = _cuda.adopt(nv12, "nv12")
     batch, single, height, width = as_nv12_batch(nv12)
     spec = color_spec(matrix, full_range)
-    return _restore(batch, single, height, width, faces, to_crop, paste, out, stream, True,
+    return _restore(nv12, batch, single, height, width, faces, to_crop, paste, out, stream, True,
                     (spec.decode_struct, spec.encode_struct))
