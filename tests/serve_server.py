@@ -68,9 +68,14 @@ def ws_url(base: str) -> str:
     return base.replace("http://", "ws://", 1) + "/v1/live"
 
 
-def sample_clip(folder: Path, first: int, count: int, name: str = "clip.mp4") -> Path:
-    """``count`` frames of the sample avatar from frame ``first``, as an MP4 in ``folder``."""
-    return write_frames(Path(folder) / name, read_video_frames(SAMPLE, 1 << 30)[first:first + count])
+def sample_clip(folder: Path, first: int, count: int, name: str = "clip.mp4", size: int | None = None) -> Path:
+    """``count`` frames of the sample avatar (320x320) from frame ``first``, as an MP4 in
+    ``folder``; ``size``: resized to ``size`` x ``size`` first (OpenCV INTER_AREA)."""
+    frames = read_video_frames(SAMPLE, 1 << 30)[first:first + count]
+    if size is not None:
+        import cv2
+        frames = [cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames]
+    return write_frames(Path(folder) / name, frames)
 
 
 def upload(base: str, path: Path) -> httpx.Response:
