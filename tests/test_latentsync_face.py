@@ -161,11 +161,19 @@ def test_face_detection_validates_alignment_points() -> None:
         mesh_to_align3(np.zeros((68, 2)))
 
 
-def test_astronaut_alignment_points_sit_on_brows_and_nose() -> None:
+@pytest.fixture(scope="module")
+def astronaut() -> tuple[np.ndarray, FaceDetection]:
     skdata = pytest.importorskip("skimage.data")
     from talkrt.face import create_tracker
-    faces = create_tracker(num_threads=2).detect(skdata.astronaut())
-    assert len(faces) == 1 and faces[0].align3 is not None
+    image = skdata.astronaut()
+    faces = create_tracker(num_threads=2).detect(image)
+    assert len(faces) == 1
+    return image, faces[0]
+
+
+def test_astronaut_alignment_points_sit_on_brows_and_nose(astronaut) -> None:
+    faces = [astronaut[1]]
+    assert faces[0].align3 is not None
     (lx, ly), (rx, ry), (nx, ny) = faces[0].align3
     # hand-checked: eyes near y 101 (x 203, 248), mouth centre near (223, 145)
     assert 190 <= lx < 215 and 235 <= rx < 262 and 70 < ly < 98 and 70 < ry < 98
@@ -173,6 +181,22 @@ def test_astronaut_alignment_points_sit_on_brows_and_nose() -> None:
     m, _ = fit_similarity(faces[0].align3, SPEC.template)
     residual = np.abs(apply_affine(m, faces[0].align3) - SPEC.template).max()
     assert residual < 0.1 * (SPEC.template[1, 0] - SPEC.template[0, 0])
+
+
+def test_crop_equals_upstreams_warp_then_resize(astronaut) -> None:
+    # upstream: bilinear warp to the 420 x 560 face crop (127 outside), then a Lanczos-4 resize
+    # to 512 (here with OpenCV, whose warpAffine uses the same pixel-centre convention as
+    # kornia). talkrt samples once through the composed affine; the two differ by the
+    # interpolators only (a half-pixel slip in the composition would cost a mean of ~1.4)
+    image, face = astronaut
+    m, bias = fit_similarity(face.align3, SPEC.template)
+    m[:, 2] += bias
+    upstream = cv2.warpAffine(image, m, SPEC.face_size, flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=(127, 127, 127))
+    upstream = cv2.resize(upstream, (512, 512), interpolation=cv2.INTER_LANCZOS4)
+    to_crop = align_transforms(face.align3[None], np.array([True]), SPEC)[0]
+    diff = np.abs(wref.warp_crop_rgb(image, to_crop, size=512).astype(np.int64) - upstream)
+    assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 2
 
 
 # ---------------------------------------------------------------------------- mask
