@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +26,7 @@ from talkrt.serve.job_store import FINAL
 from talkrt.serve.jobs import MAX_BATCH_JOBS, JobService, Media
 
 EVENT_POLL_S = 0.1          # how often an event stream looks for a change
+JOB_PATHS = ("/v1/jobs", "/v1/batches")
 KEEPALIVE_S = 15.0          # a comment line this often keeps idle proxies from closing the stream
 
 
@@ -54,6 +56,15 @@ def install_job_routes(app: FastAPI, service: Callable[[], JobService]) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own errors (no such route, wrong method) in the job API's format on its paths."""
+        if not request.url.path.startswith(JOB_PATHS):
+            return await http_exception_handler(request, exc)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     router = APIRouter()
 

@@ -26,6 +26,21 @@ log = logging.getLogger(__name__)
 MAX_BATCH_JOBS = 256
 
 
+class SerialTracker:
+    """A face tracker that runs one ``detect`` at a time: the server's avatar store and its job
+    workers prepare avatars in parallel, and a TFLite interpreter must not be entered by two
+    threads at once. Tracking state lives in each caller (``track_frames``), so calls from
+    different videos may interleave."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self._lock = threading.Lock()
+
+    def detect(self, frame_rgb, near=None):
+        with self._lock:
+            return self.tracker.detect(frame_rgb, near=near)
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """Limits and storage of the job service (``talkrt serve`` options)."""
