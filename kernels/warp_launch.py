@@ -16,9 +16,12 @@ generated face the same way, ``nx x ny`` taps per frame pixel by the crop pixels
 OpenCV's sigma for a ``2w + 1`` kernel, ``sigma = 0.3 * w + 0.5``. talkrt evaluates that in
 closed form: the isotropic blur of a rectangle factors along its own axes into two edge
 profiles, each the Gaussian CDF truncated at +-3 sigma (renormalised: 0 and 1 exactly), centred
-``e = max(w, 3 sigma + 0.5)`` frame pixels inside the edge (so the weight is 0 at least half a
-pixel inside the footprint; upstream's ``w`` is integer, ``int(sqrt(area)) // 20``, talkrt keeps
-it continuous so the width does not jump as a face changes size). The profile is tabulated at
+``e = max(w, 3 sigma + 0.5)`` frame pixels inside the edge, so the weight is 0 at least half a
+pixel inside the footprint. Against upstream (tests/test_latentsync_face.py measures it): the
+weights agree within 0.04 on average across the ramp for w = 18; below w ~ 15 (footprints under
+~300 px) upstream's kernel cuts its Gaussian at w < 3 sigma and talkrt's ramp sits about a pixel
+further in; upstream's ``w`` is an integer, ``int(sqrt(area)) // 20``, talkrt's is continuous
+so the width does not jump as a face changes size. The profile is tabulated at
 :data:`FEATHER_TAPS` points and interpolated linearly (error < 2e-4).
 """
 
