@@ -137,7 +137,8 @@ def crop_params(to_crop: np.ndarray, size: int) -> np.ndarray:
 def feather_geometry(to_crop: np.ndarray, size: int) -> dict[str, float]:
     """The feather of one frame (frame pixels): ``ku``/``kv`` frame pixels per crop pixel along
     the crop's axes, footprint ``wf x hf``, ``w``, ``sigma`` and the inset ``e`` (module
-    docstring)."""
+    docstring). Distances to the edges scale by ``ku``/``kv``: exact for the rectangular
+    footprints of a similarity followed by an axis-aligned scale, as the alignment makes."""
     inv = _inverse(np.asarray(to_crop, np.float64))
     ku, kv = float(np.hypot(*inv[:, 0])), float(np.hypot(*inv[:, 1]))
     wf, hf = size * ku, size * kv
