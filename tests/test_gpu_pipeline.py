@@ -43,6 +43,37 @@ def test_nvdec_frames_match_pyav():
     assert np.abs(gpu.astype(int) - cpu).mean() < 2.0
 
 
+def test_nvdec_pooled_session_decodes_like_a_fresh_one():
+    """A session reopened on another file (reconfigure_decoder) after a partial read gives the
+    frames a brand-new session gives, at another resolution too."""
+    import PyNvVideoCodec as nvc
+    from talkrt.media.nvcodec import NvdecReader
+    other = Path(__file__).parent / "data" / "b20a_small_face_640x360.mp4"
+    device = torch.device("cuda")
+
+    def read(path, count):
+        info = probe_video(path)
+        reader = NvdecReader(path, device, None)
+        out = torch.empty((count, info.height * 3 // 2, info.width), dtype=torch.uint8, device=device)
+        got = reader.read_into(out)
+        torch.cuda.synchronize()
+        decoder = reader.decoder
+        reader.close()
+        return out[:got].cpu().numpy(), decoder
+
+    first, d1 = read(SAMPLE, 5)                  # partial read, then back to the pool
+    second, d2 = read(other, 12)                 # the pooled session, reopened on another size
+    third, d3 = read(SAMPLE, 12)
+    assert d2 is d1 and d3 is d1
+    for path, got in ((other, second), (SAMPLE, third)):
+        info = probe_video(path)
+        fresh = nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True)
+        want = np.stack([torch.from_dlpack(f).cpu().numpy() for f in fresh.get_batch_frames(12)])
+        assert got.shape == (12, info.height * 3 // 2, info.width)
+        assert np.array_equal(got, want)
+    assert np.array_equal(first, third[:5])
+
+
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
     cfg = load_config("tiny", ["pipeline.batch_size=8"])

@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -88,24 +89,60 @@ def torch_cuda_context(device: torch.device) -> int:
     return context.value
 
 
+class _DecoderPool:
+    """Idle NVDEC sessions of this process, by (GPU, stream), reused through
+    ``SimpleDecoder.reconfigure_decoder`` (NVIDIA's cached-decoder pattern, PyNvVideoCodec's
+    ``benchmarks/cached_decoder_benchmark.py``). Tearing a session down takes about 230 ms and
+    holds the GIL (H200, PyNvVideoCodec 2.2.4), so a run that released its decoder spent that at
+    its very end; a pooled session is kept, and the next run on the same stream reopens it on
+    its own file. At most ``limit`` idle sessions are kept per key."""
+
+    def __init__(self, limit: int = 2):
+        self.limit = limit
+        self._idle: dict[tuple[int, int], list] = {}
+        self._lock = threading.Lock()
+
+    def open(self, path: str, gpu_id: int, stream_handle: int):
+        with self._lock:
+            idle = self._idle.get((gpu_id, stream_handle))
+            decoder = idle.pop() if idle else None
+        if decoder is not None:
+            try:
+                decoder.reconfigure_decoder(path)
+                return decoder
+            except Exception as exc:  # noqa: BLE001 - a session that cannot take this file: open a new one
+                log.info("NVDEC: a pooled session could not reopen %s (%s); opening a new one", path, exc)
+        return _nvc().SimpleDecoder(path, gpu_id=gpu_id, cuda_stream=stream_handle, use_device_memory=True)
+
+    def give_back(self, decoder, gpu_id: int, stream_handle: int) -> None:
+        with self._lock:
+            idle = self._idle.setdefault((gpu_id, stream_handle), [])
+            if len(idle) < self.limit:
+                idle.append(decoder)
+
+
+_POOL = _DecoderPool()
+
+
 class NvdecReader:
-    """Sequential NVDEC decode of ``path`` into caller-owned device NV12 buffers."""
+    """Sequential NVDEC decode of ``path`` into caller-owned device NV12 buffers; the session
+    comes from, and returns to, this process's pool."""
 
     path_name = "nvdec"
 
     def __init__(self, path: str | os.PathLike, device: torch.device, stream: torch.cuda.Stream | None):
-        nvc = _nvc()
         self.device = device
         self.stream = stream
-        stream_handle = stream.cuda_stream if stream is not None else 0
-        self.decoder = nvc.SimpleDecoder(str(path), gpu_id=device.index or 0, cuda_stream=stream_handle,
-                                         use_device_memory=True)
+        self._key = (device.index or 0, stream.cuda_stream if stream is not None else 0)
+        self.decoder = _POOL.open(str(path), *self._key)
         self.num_frames = len(self.decoder)
         self.next_index = 0
 
     def close(self) -> None:
-        """Release the decoder session now rather than at garbage collection."""
-        self.decoder = None
+        """Hand the session back to the pool (idempotent)."""
+        decoder, self.decoder = self.decoder, None
+        if decoder is not None:
+            _POOL.give_back(decoder, *self._key)
 
     def read_into(self, out: torch.Tensor) -> int:
         """Decode up to ``len(out)`` next frames into ``out`` ([n, H*3//2, W] uint8); returns the count."""
