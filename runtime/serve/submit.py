@@ -24,7 +24,7 @@ from talkrt.serve.auth import ENV_VAR
 log = logging.getLogger("talkrt")
 
 INPUT_CODES = ("bad_media", "too_long", "bad_options", "unknown_avatar", "avatar_failed", "missing_part",
-               "bad_part", "bad_job", "bad_batch", "too_large", "quota")
+               "bad_part", "bad_job", "bad_batch", "too_large", "quota", "unauthorized")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
