@@ -9,10 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 ENGINES_DIR ?= engines
 
-.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-realtime profile sample serve clean
+.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-realtime bench-live profile sample serve clean
 
 help:
-	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-realtime | profile | sample | serve | clean"
+	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-realtime | bench-live | profile | sample | serve | clean"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(if $(TORCH_SPEC),,--system-site-packages) $(VENV)
@@ -60,6 +60,11 @@ bench: venv
 
 bench-realtime: venv
 	$(PY) -m benchmarks.realtime --json $(OUT)/bench_realtime.json
+
+# Live serving: N simulated clients streaming speech in real time to `talkrt serve` (benchmarks/live.py);
+# e.g. make bench-live BENCH_LIVE_ARGS="--config tiny --sessions 1,2 --seconds 5" on a CPU.
+bench-live: venv
+	$(PY) -m benchmarks.live --json $(OUT)/live.json $(BENCH_LIVE_ARGS)
 
 profile: venv
 	$(PY) -m benchmarks.profile --out $(OUT)/profile
