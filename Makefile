@@ -9,10 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 ENGINES_DIR ?= engines
 
-.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-realtime bench-live profile sample serve clean
+.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-realtime bench-live bench-jobs profile sample serve clean
 
 help:
-	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-realtime | bench-live | profile | sample | serve | clean"
+	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-realtime | bench-live | bench-jobs | profile | sample | serve | clean"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(if $(TORCH_SPEC),,--system-site-packages) $(VENV)
@@ -65,6 +65,11 @@ bench-realtime: venv
 # e.g. make bench-live BENCH_LIVE_ARGS="--config tiny --sessions 1,2 --seconds 5" on a CPU.
 bench-live: venv
 	$(PY) -m benchmarks.live --json $(OUT)/live.json $(BENCH_LIVE_ARGS)
+
+# 20 jobs of 10 s (1080p) through talkrt serve vs 20 sequential run_pipeline runs, and a live session meanwhile;
+# e.g. make bench-jobs BENCH_JOBS_ARGS="--config tiny --jobs 2 --seconds 1 --resolution 360p --live-seconds 3" on a CPU.
+bench-jobs: venv
+	$(PY) -m benchmarks.jobs --json $(OUT)/bench_jobs.json $(BENCH_JOBS_ARGS)
 
 profile: venv
 	$(PY) -m benchmarks.profile --out $(OUT)/profile
