@@ -8,6 +8,7 @@ with them. With an API key every ``/v1`` route needs it (:mod:`~talkrt.serve.aut
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from talkrt.serve.avatars import ID_PATTERN, AvatarStore, UploadTooLarge
 from talkrt.serve.job_inputs import ApiError
 from talkrt.serve.job_routes import install_job_routes
 from talkrt.serve.job_runner import RunnerContext
-from talkrt.serve.jobs import JobService, JobSettings, SerialTracker
+from talkrt.serve.jobs import JobService, JobSettings, SerialPreparer
 from talkrt.serve.live import live_session
 from talkrt.serve.metrics import ServeMetrics
 from talkrt.serve.renderer import FrameRenderer
@@ -78,7 +79,7 @@ class ServerState:
         try:
             parts = build_session(s.cfg, device=s.device, weights_dir=s.weights_dir, backend=s.backend,
                                   cache_dir=Path(s.data_dir) / "prepared")
-            parts.preparer.tracker = SerialTracker(parts.preparer.tracker)     # shared by avatars and jobs
+            parts = dataclasses.replace(parts, preparer=SerialPreparer(parts.preparer))   # avatars and jobs share it
             self.avatars = AvatarStore(Path(s.data_dir), parts.preparer, self.metrics)
             self.renderer = FrameRenderer(parts)
             self.renderer.warm_up()

@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from talkrt.avatar import avatar_key
+from talkrt.hashing import sha256_files
 from talkrt.serve.avatars import ID_PATTERN
 from talkrt.serve.job_files import JOB_ID, JobFiles, Upload
 from talkrt.serve.job_inputs import ApiError, check_job, job_config, parse_options
@@ -26,19 +28,30 @@ log = logging.getLogger(__name__)
 MAX_BATCH_JOBS = 256
 
 
-class SerialTracker:
-    """A face tracker that runs one ``detect`` at a time: the server's avatar store and its job
-    workers prepare avatars in parallel, and a TFLite interpreter must not be entered by two
-    threads at once. Tracking state lives in each caller (``track_frames``), so calls from
-    different videos may interleave."""
+class SerialPreparer:
+    """The server's one :class:`~talkrt.avatar.AvatarPreparer`, shared by the avatar store and the
+    job workers: preparations run one at a time (the face tracker's TFLite interpreter and the
+    VAE encoder engine each take one call at a time), loading a prepared avatar from the cache
+    never waits for one. Other attributes are the preparer's."""
 
-    def __init__(self, tracker):
-        self.tracker = tracker
+    def __init__(self, preparer):
+        self.preparer = preparer
         self._lock = threading.Lock()
 
-    def detect(self, frame_rgb, near=None):
-        with self._lock:
-            return self.tracker.detect(frame_rgb, near=near)
+    def __getattr__(self, name: str):
+        return getattr(self.preparer, name)
+
+    def __call__(self, video_path, info, progress=None):
+        if self.cached(video_path, info):
+            return self.preparer(video_path, info, progress)
+        with self._lock:                # the preparer looks at its cache again: another may have filled it
+            return self.preparer(video_path, info, progress)
+
+    def cached(self, video_path, info) -> bool:
+        """The avatar of ``video_path`` is in the preparer's cache (its own key rule)."""
+        p = self.preparer
+        key = avatar_key(sha256_files([video_path]), p.cfg, p.weights_identity, p.tracker_name, info)
+        return (p.cache_dir / key / "meta.json").is_file()
 
 
 @dataclass(frozen=True)
