@@ -6,6 +6,10 @@
 const $ = (id) => document.getElementById(id);
 const PACKET_S = 0.02;
 const PLAYOUT_MARGIN_S = 0.15;  // a frame is shown this long after its arrival at the earliest
+// A server started with --api-key: open the page as /?token=KEY; the key goes with every request
+// (a header for fetch, the query for the WebSocket, which cannot carry headers).
+const TOKEN = new URLSearchParams(location.search).get("token");
+const AUTH = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
 
 const stats = (window.talkrtStats = {
   state: "idle", framesReceived: 0, framesDrawn: 0, speakingFrames: 0,
@@ -38,7 +42,7 @@ async function audioContext() {
 // ---- avatars ------------------------------------------------------------------------------
 
 async function loadAvatars(selectId) {
-  const r = await fetch("/v1/avatars");
+  const r = await fetch("/v1/avatars", { headers: AUTH });
   if (!r.ok) { $("upload-status").textContent = `avatars: HTTP ${r.status}`; return; }
   const { avatars } = await r.json();
   const select = $("avatar");
@@ -58,14 +62,14 @@ async function upload(file) {
   const form = new FormData();
   form.append("video", file, file.name);
   status.textContent = `uploading ${file.name}...`;
-  const r = await fetch("/v1/avatars", { method: "POST", body: form });
+  const r = await fetch("/v1/avatars", { method: "POST", body: form, headers: AUTH });
   const body = await r.json();
   if (!r.ok) { status.textContent = `upload failed: ${body.detail || r.status}`; return; }
   let info = body;
   while (info.status === "preparing") {
     status.textContent = `preparing ${info.id}...`;
     await new Promise((res) => setTimeout(res, 500));
-    info = await (await fetch(`/v1/avatars/${info.id}`)).json();
+    info = await (await fetch(`/v1/avatars/${info.id}`, { headers: AUTH })).json();
   }
   await loadAvatars(info.status === "ready" ? info.id : undefined);
   status.textContent = info.status === "ready" ? `${info.id} ready` : `${info.id} ${info.status}: ${info.error || ""}`;
@@ -86,7 +90,8 @@ function toS16(float32) {
 function startSession(sampleRate) {
   return new Promise((resolve, reject) => {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${proto}//${location.host}/v1/live`);
+    const query = TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : "";
+    const ws = new WebSocket(`${proto}//${location.host}/v1/live${query}`);
     ws.binaryType = "arraybuffer";
     const s = {
       ws, sampleRate, ready: null, readyAt: 0, t0: null, sendTimes: [], sentSamples: 0,
