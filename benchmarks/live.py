@@ -48,13 +48,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import percentiles
-from benchmarks.live_clients import ClientPlan, ClientRecord, run_clients, warm_worker
+from benchmarks.live_clients import SAMPLE_RATE, ClientPlan, analyse, need_packets, run_clients, warm_worker
 
 log = logging.getLogger("benchmarks.live")
 
-SAMPLE_RATE = 16000
-PACKET = SAMPLE_RATE // 50                  # samples per 20 ms packet
 ON_TIME_TARGET = 99.0
 
 
@@ -142,43 +139,6 @@ def prepare_avatars(base: str, clips: list[Path], timeout: float) -> list[dict]:
     return statuses
 
 
-def need_packets(samples: int, fps: Fraction, window_steps: int, pad_left_steps: int) -> np.ndarray:
-    """[frames] the packet whose arrival completes each utterance frame's audio (-1: ``end``).
-
-    Frame ``k`` reads client samples up to ``floor((k+1) r / fps)`` and Whisper steps up to
-    ``floor(50 k / fps) + window_steps - pad_left_steps - 1`` (:mod:`talkrt.serve.audio`)."""
-    frames = -(-samples * fps.numerator // (SAMPLE_RATE * fps.denominator))
-    k = np.arange(frames)
-    pcm_end = (k + 1) * SAMPLE_RATE * fps.denominator // fps.numerator
-    speech_end = ((50 * k * fps.denominator) // fps.numerator + window_steps - pad_left_steps) * PACKET
-    need = np.maximum(pcm_end, speech_end)
-    return np.where(need <= samples, -(-need // PACKET) - 1, -1)
-
-
-def analyse(records: list[ClientRecord], needs: list[np.ndarray], fps: Fraction) -> dict:
-    """On-time share, latencies and counts over the speech frames of every client."""
-    interval = 1 / float(fps)
-    latencies, vs_due = [], []
-    expected = on_time = received = mismatches = 0
-    errors = [r.error for r in records if r.error]
-    for rec, need in zip(records, needs):
-        expected += len(need)
-        mismatches += rec.pcm_mismatches
-        speech = [(index, t) for index, speaking, t in rec.frames if speaking][:len(need)]
-        received += len(speech)
-        for k, (index, t) in enumerate(speech):
-            due = rec.ready_at + index * interval
-            on_time += t <= due + interval
-            vs_due.append(1000 * (t - due))
-            sent = rec.sends[need[k]] if 0 <= need[k] < len(rec.sends) else rec.end_at
-            latencies.append(1000 * (t - sent))
-    lat = percentiles(latencies)
-    return {"speech_frames": expected, "received": received, "on_time_pct": 100 * on_time / max(1, expected),
-            "p50_ms": lat["p50"], "p95_ms": lat["p95"], "p99_ms": lat["p99"],
-            "vs_due_p95_ms": percentiles(vs_due)["p95"], "pcm_mismatches": mismatches, "errors": errors,
-            "events": [e for r in records for e in r.events]}
-
-
 class GpuSampler:
     """Mean NVML utilisation of GPU 0 over a run (None without pynvml or a GPU)."""
 
@@ -225,10 +185,27 @@ def run_sessions(pool, procs: int, base: str, avatars: list[dict], pcms: list[by
     deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     ok = [r for r in records if r.error is None]
     wall = max(r.closed_at for r in ok) - min(r.ready_at for r in ok) if ok else float("nan")
-    deadline = time.monotonic() + 30
+    wait_idle(base, deltas)
+    return records, deltas, wall, gpu.mean
+
+
+def wait_idle(base: str, deltas: dict, timeout: float = 120.0) -> None:
+    """Wait until the server has no session and no batch in flight (its batch count has not moved
+    for 1.5 mean batch times, at least 1 s), so that one run's backlog does not spill into the next."""
+    count = deltas.get("talkrt_step_seconds_count", 0.0)
+    quiet = max(1.0, 1.5 * deltas.get("talkrt_step_seconds_sum", 0.0) / count) if count else 1.0
+    deadline = time.monotonic() + timeout
     while httpx.get(base + "/healthz").json().get("sessions") and time.monotonic() < deadline:
         time.sleep(0.2)
-    return records, deltas, wall, gpu.mean
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        m = scrape(base)
+        now = (m.get("talkrt_step_seconds_count", 0.0), m.get("talkrt_batches_failed_total", 0.0))
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.2)
 
 
 def row_of(n: int, records, deltas: dict, wall: float, gpu_util, needs, fps: Fraction) -> dict:

@@ -1,4 +1,5 @@
-"""Simulated live clients for :mod:`benchmarks.live`, run in worker processes apart from the server.
+"""Simulated live clients for :mod:`benchmarks.live`, run in worker processes apart from the
+server, and the analysis of what they saw.
 
 Each client opens one ``WS /v1/live`` session (protocol v1, ``docs/protocol.md``), idles for a
 short lead-in, streams its speech in 20 ms packets at the pace it is spoken (packet ``i`` leaves
@@ -14,8 +15,15 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from benchmarks.common import percentiles
 
 PACKET_MS = 20
+SAMPLE_RATE = 16000
+PACKET = SAMPLE_RATE * PACKET_MS // 1000        # samples per packet at 16 kHz
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,43 @@ async def _client(plan: ClientPlan) -> ClientRecord:
     except (OSError, websockets.WebSocketException) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     return rec
+
+
+def need_packets(samples: int, fps: Fraction, window_steps: int, pad_left_steps: int) -> np.ndarray:
+    """[frames] the packet whose arrival completes each utterance frame's audio (-1: ``end``).
+
+    Frame ``k`` reads client samples up to ``floor((k+1) r / fps)`` and Whisper steps up to
+    ``floor(50 k / fps) + window_steps - pad_left_steps - 1`` (:mod:`talkrt.serve.audio`)."""
+    frames = -(-samples * fps.numerator // (SAMPLE_RATE * fps.denominator))
+    k = np.arange(frames)
+    pcm_end = (k + 1) * SAMPLE_RATE * fps.denominator // fps.numerator
+    speech_end = ((50 * k * fps.denominator) // fps.numerator + window_steps - pad_left_steps) * PACKET
+    need = np.maximum(pcm_end, speech_end)
+    return np.where(need <= samples, -(-need // PACKET) - 1, -1)
+
+
+def analyse(records: list[ClientRecord], needs: list[np.ndarray], fps: Fraction) -> dict:
+    """On-time share, latencies and counts over the speech frames of every client."""
+    interval = 1 / float(fps)
+    latencies, vs_due = [], []
+    expected = on_time = received = mismatches = 0
+    errors = [r.error for r in records if r.error]
+    for rec, need in zip(records, needs):
+        expected += len(need)
+        mismatches += rec.pcm_mismatches
+        speech = [(index, t) for index, speaking, t in rec.frames if speaking][:len(need)]
+        received += len(speech)
+        for k, (index, t) in enumerate(speech):
+            due = rec.ready_at + index * interval
+            on_time += t <= due + interval
+            vs_due.append(1000 * (t - due))
+            sent = rec.sends[need[k]] if 0 <= need[k] < len(rec.sends) else rec.end_at
+            latencies.append(1000 * (t - sent))
+    lat = percentiles(latencies)
+    return {"speech_frames": expected, "received": received, "on_time_pct": 100 * on_time / max(1, expected),
+            "p50_ms": lat["p50"], "p95_ms": lat["p95"], "p99_ms": lat["p99"],
+            "vs_due_p95_ms": percentiles(vs_due)["p95"], "pcm_mismatches": mismatches, "errors": errors,
+            "events": [e for r in records for e in r.events]}
 
 
 def run_clients(plans: list[ClientPlan]) -> list[ClientRecord]:
