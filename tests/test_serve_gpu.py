@@ -79,7 +79,7 @@ def _outside_box_error(state, avatar_id: str, header: dict, jpeg: bytes) -> tupl
 
 def test_gpu_path_is_in_use(server):
     health = httpx.get(server["base"] + "/healthz").json()
-    assert (health["device"], health["compose"], health["config"]) == ("cuda:0", "gpu", "musetalk")
+    assert health["device"].startswith("cuda") and (health["compose"], health["config"]) == ("gpu", "musetalk")
     assert server["state"].renderer.on_gpu
 
 
