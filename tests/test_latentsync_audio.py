@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from talkrt.models.latentsync.audio import ClipStates, LatentSyncAudio, segment_starts
 from talkrt.models.latentsync.config import load_latentsync_config
 from talkrt.models.latentsync.weights import build_synthetic

@@ -1,6 +1,5 @@
 """LatentSync configs: the full size is stage2_512, the tiny one has the same structure, errors name the field."""
 import pytest
-
 from talkrt.config import load_config
 from talkrt.errors import ConfigError
 from talkrt.models.latentsync.config import load_latentsync_config

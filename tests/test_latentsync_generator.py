@@ -5,7 +5,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-
 from talkrt.models.latentsync.audio import LatentSyncAudio
 from talkrt.models.latentsync.config import load_latentsync_config
 from talkrt.models.latentsync.generator import LatentSyncGenerator, make_scheduler
@@ -58,10 +57,10 @@ def test_end_to_end_chunk_from_audio(setup):
     feats = LatentSyncAudio(m.whisper, cfg.model.audio, CPU, torch.float32)
     audio = feats.clip(speech).windows(np.arange(16), Fraction(25))
     x = faces(16, s)
-    out = generator(setup)(x, m.mask, audio)
+    out = generator(setup)(x, m.mask.keep, audio)
     assert out.shape == (16, s, s, 3) and out.dtype == torch.uint8
-    keep = torch.from_numpy(m.mask) == 1.0
-    generated = torch.from_numpy(m.mask) == 0.0
+    keep = torch.from_numpy(np.array(m.mask.keep)) == 1.0
+    generated = torch.from_numpy(np.array(m.mask.keep)) == 0.0
     assert keep.any() and generated.any()
     hwc = x.permute(0, 2, 3, 1)
     assert torch.equal(out[:, keep], hwc[:, keep])
@@ -71,9 +70,9 @@ def test_end_to_end_chunk_from_audio(setup):
 def test_same_seed_same_bytes(setup):
     cfg, m = setup
     x, audio = faces(2, cfg.model.crop_size), audio_tokens(2, cfg)
-    out = generator(setup, steps=2)(x, m.mask, audio)
-    assert torch.equal(out, generator(setup, steps=2)(x, m.mask, audio))
-    assert not torch.equal(out, generator(setup, steps=2, noise_seed=7)(x, m.mask, audio))
+    out = generator(setup, steps=2)(x, m.mask.keep, audio)
+    assert torch.equal(out, generator(setup, steps=2)(x, m.mask.keep, audio))
+    assert not torch.equal(out, generator(setup, steps=2, noise_seed=7)(x, m.mask.keep, audio))
 
 
 def test_float_faces_and_a_per_frame_mask_give_the_same_result(setup):
@@ -81,8 +80,8 @@ def test_float_faces_and_a_per_frame_mask_give_the_same_result(setup):
     s = cfg.model.crop_size
     x, audio = faces(2, s), audio_tokens(2, cfg)
     g = generator(setup, steps=1)
-    a = g(x, m.mask, audio)
-    b = g(x.float(), torch.from_numpy(m.mask).expand(2, 1, s, s), audio)
+    a = g(x, m.mask.keep, audio)
+    b = g(x.float(), torch.from_numpy(np.array(m.mask.keep)).expand(2, 1, s, s), audio)
     assert torch.equal(a, b)
 
 
@@ -90,12 +89,11 @@ def test_guidance_batches_zero_audio_with_the_audio(setup):
     cfg, m = setup
     s, h = cfg.model.crop_size, cfg.model.latent_size
     x, audio = faces(4, s), audio_tokens(4, cfg)
-    chunk = generator(setup).prepare(x, m.mask, audio)
+    chunk = generator(setup).prepare(x, m.mask.keep, audio)
     assert chunk.condition.shape == (2, 9, 4, h, h) and torch.equal(chunk.condition[0], chunk.condition[1])
     assert torch.equal(chunk.context[:4], torch.zeros_like(audio)) and torch.equal(chunk.context[4:], audio)
-    step = s // h                                                        # nearest resize to the latent grid
-    assert torch.equal(chunk.condition[0, 0], torch.from_numpy(m.mask)[::step, ::step].expand(4, h, h))
-    plain = generator(setup, guidance_scale=1.0).prepare(x, m.mask, audio)
+    assert torch.equal(chunk.condition[0, 0], torch.from_numpy(m.mask.latent(h)).expand(4, h, h))
+    plain = generator(setup, guidance_scale=1.0).prepare(x, m.mask.keep, audio)
     assert plain.condition.shape == (1, 9, 4, h, h) and torch.equal(plain.context, audio)
 
 
@@ -122,12 +120,12 @@ def test_deepcache_on_vs_off(setup):
     x, audio = faces(4, cfg.model.crop_size), audio_tokens(4, cfg)
     on, off = generator(setup), generator(setup, deepcache=False)
     calls = count_calls(on)
-    chunk = on.prepare(x, m.mask, audio)
+    chunk = on.prepare(x, m.mask.keep, audio)
     lat_on, lat_off = on.denoise(chunk), off.denoise(chunk)
     assert calls == {"full": 7, "shallow": 13}
     rel = float((lat_on - lat_off).norm() / lat_off.norm())
     assert 0 < rel < 0.05, rel
-    generated = torch.from_numpy(m.mask) == 0.0
+    generated = torch.from_numpy(np.array(m.mask.keep)) == 0.0
     out_on, out_off = on.decode(lat_on, chunk), off.decode(lat_off, chunk)
     assert float((out_on.float() - out_off.float())[:, generated].abs().mean()) < 3.0
 
@@ -135,7 +133,7 @@ def test_deepcache_on_vs_off(setup):
 def test_deepcache_every_step_is_the_uncached_loop(setup):
     cfg, m = setup
     x, audio = faces(2, cfg.model.crop_size), audio_tokens(2, cfg)
-    chunk = generator(setup).prepare(x, m.mask, audio)
+    chunk = generator(setup).prepare(x, m.mask.keep, audio)
     every = generator(setup, steps=4, deepcache_interval=1)
     calls = count_calls(every)
     assert torch.equal(every.denoise(chunk), generator(setup, steps=4, deepcache=False).denoise(chunk))
@@ -147,8 +145,8 @@ def test_bad_inputs_are_refused(setup):
     s = cfg.model.crop_size
     g = generator(setup, steps=1)
     with pytest.raises(ValueError, match="faces must be"):
-        g(faces(4, s).permute(0, 2, 3, 1), m.mask, audio_tokens(4, cfg))
+        g(faces(4, s).permute(0, 2, 3, 1), m.mask.keep, audio_tokens(4, cfg))
     with pytest.raises(ValueError, match="audio must be"):
-        g(faces(4, s), m.mask, audio_tokens(5, cfg))
+        g(faces(4, s), m.mask.keep, audio_tokens(5, cfg))
     with pytest.raises(ValueError, match="masks must be"):
         g(faces(4, s), torch.ones(3, 1, s, s), audio_tokens(4, cfg))

@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from talkrt.models.latentsync.config import load_latentsync_config
 from talkrt.models.latentsync.unet import LatentSyncUNet
 
@@ -77,7 +76,7 @@ def per_frame(fn, x5):
 def ref_attention(attn, q_in, kv_in):
     heads = attn.heads
     q, k, v = attn.to_q(q_in), attn.to_k(kv_in), attn.to_v(kv_in)
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
     q, k, v = split(q), split(k), split(v)
     w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
     o = (w @ v).transpose(1, 2).reshape(q_in.shape[0], q_in.shape[1], -1)

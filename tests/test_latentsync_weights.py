@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from talkrt.errors import InputError
+from talkrt.face.align_mask import load_mask
 from talkrt.models.latentsync.config import load_latentsync_config
-from talkrt.models.latentsync.mask import default_mask
-from talkrt.models.latentsync.weights import (MASK_FILE, UNET_FILE, WHISPER_FILE, build_synthetic, load_official,
-                                              save_official_layout)
+from talkrt.models.latentsync.weights import (
+    UNET_FILE,
+    WHISPER_FILE,
+    build_synthetic,
+    load_official,
+    save_official_layout,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def test_official_layout_round_trip(cfg, synthetic, layout):
     assert _same_state(loaded.whisper.encoder, synthetic.whisper.encoder)
     assert _same_state(loaded.vae_encoder, synthetic.vae_encoder)
     assert _same_state(loaded.vae_decoder, synthetic.vae_decoder)
-    assert np.array_equal(loaded.mask, default_mask(cfg.model.crop_size))
+    assert np.array_equal(loaded.mask.keep, load_mask(None, cfg.model.crop_size).keep)
     assert load_official(cfg, layout).identity == loaded.identity
 
 
@@ -54,11 +58,11 @@ def test_mask_png_is_used_and_changes_the_identity(cfg, layout):
     before = load_official(cfg, layout).identity
     keep = np.full((256, 256, 3), 255, np.uint8)
     keep[150:240, 40:216] = 0
-    cv2.imwrite(str(layout / MASK_FILE), keep)
+    cv2.imwrite(str(layout / "mask.png"), keep)
     loaded = load_official(cfg, layout)
     s = cfg.model.crop_size
-    assert loaded.mask.shape == (s, s)
-    assert loaded.mask[s // 4, s // 2] == 1.0 and loaded.mask[int(s * 0.75), s // 2] == 0.0
+    assert loaded.mask.keep.shape == (s, s)
+    assert loaded.mask.keep[s // 4, s // 2] == 1.0 and loaded.mask.keep[int(s * 0.75), s // 2] == 0.0
     assert loaded.identity != before
 
 
@@ -150,7 +154,7 @@ def openai_encoder_states(sd, dims, mel):
     x = x.permute(0, 2, 1) + sd["encoder.positional_embedding"]
     states = [x]
     for i in range(dims["n_audio_layer"]):
-        p = lambda name: sd[f"encoder.blocks.{i}.{name}"]  # noqa: E731
+        p = lambda name, i=i: sd[f"encoder.blocks.{i}.{name}"]
         h = F.layer_norm(x, x.shape[-1:], p("attn_ln.weight"), p("attn_ln.bias"))
         q = F.linear(h, p("attn.query.weight"), p("attn.query.bias"))
         k = F.linear(h, p("attn.key.weight"))

@@ -30,12 +30,11 @@ from fractions import Fraction
 import numpy as np
 import torch
 import torch.nn.functional as F
+from talkrt.models.audio import SAMPLE_RATE, SEGMENT_STEPS, window_start
+from talkrt.models.latentsync.config import LatentSyncAudioConfig
 from torch import nn
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-from talkrt.models.audio import SAMPLE_RATE, SEGMENT_STEPS, window_start
-from talkrt.models.latentsync.config import LatentSyncAudioConfig
 
 MEL_PER_STEP = 2                        # Whisper's second conv has stride 2
 SEGMENT_MEL = SEGMENT_STEPS * MEL_PER_STEP
@@ -127,7 +126,7 @@ class LatentSyncAudio:
             out.append(self.model(batch))
         return torch.cat(out)
 
-    def clip(self, samples: np.ndarray) -> "ClipStates":
+    def clip(self, samples: np.ndarray) -> ClipStates:
         return ClipStates(self, self.log_mel(samples))
 
     def encode(self, samples: np.ndarray) -> torch.Tensor:

@@ -22,9 +22,8 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
-from torch import nn
-
 from talkrt.models.unet import sinusoidal_encoding
+from torch import nn
 
 
 def group_norm_frames(x: torch.Tensor, frames: int, norm: nn.GroupNorm) -> torch.Tensor:

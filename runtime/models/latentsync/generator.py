@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-
 from talkrt.models.latentsync.config import DenoiseConfig, LatentSyncModelConfig
 from talkrt.models.latentsync.unet import LatentSyncUNet
 from talkrt.models.vae import VaeDecoder, VaeEncoder
@@ -62,7 +61,7 @@ class LatentSyncGenerator:
     """``generator(faces [f,3,S,S] uint8 or float in [0,255], masks, audio [f,T,D]) -> [f,S,S,3] uint8``.
 
     ``masks``: ``[S,S]``, ``[1,S,S]`` or ``[f,1,S,S]`` floats in [0, 1] (1 = keep), e.g.
-    ``models.mask``. ``f`` is at most the UNet's ``motion_max_frames`` (chunks are 16 frames).
+    ``models.mask.keep``. ``f`` is at most the UNet's ``motion_max_frames`` (chunks are 16 frames).
     Raises ValueError on inputs of the wrong shape.
     """
 
@@ -94,7 +93,8 @@ class LatentSyncGenerator:
         if faces.dim() != 4 or tuple(faces.shape[1:]) != (3, s, s):
             raise ValueError(f"faces must be [f, 3, {s}, {s}], got {tuple(faces.shape)}")
         f = faces.shape[0]
-        keep = torch.as_tensor(masks, device=self.device, dtype=torch.float32)
+        keep = torch.as_tensor(np.array(masks) if isinstance(masks, np.ndarray) else masks,   # may be read-only
+                               device=self.device, dtype=torch.float32)
         keep = keep.reshape(-1, 1, s, s) if keep.numel() % (s * s) == 0 else keep
         if keep.dim() != 4 or keep.shape[0] not in (1, f):
             raise ValueError(f"masks must be [{s}, {s}], [1, {s}, {s}] or [{f}, 1, {s}, {s}], got {tuple(masks.shape)}")

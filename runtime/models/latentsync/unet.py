@@ -28,10 +28,14 @@ import torch
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.upsampling import Upsample2D
-from torch import nn
-
-from talkrt.models.latentsync.blocks import FrameResnet, MotionModule, SpatialTransformer, group_norm_frames
+from talkrt.models.latentsync.blocks import (
+    FrameResnet,
+    MotionModule,
+    SpatialTransformer,
+    group_norm_frames,
+)
 from talkrt.models.latentsync.config import LatentSyncModelConfig, LatentSyncUNetConfig
+from torch import nn
 
 
 class _Parts:

@@ -20,24 +20,27 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
 from talkrt.errors import InputError
+from talkrt.face.align_mask import FaceMask, load_mask, mask_file
 from talkrt.models.audio import whisper_config
 from talkrt.models.latentsync.audio import WhisperStates
 from talkrt.models.latentsync.config import LatentSyncConfig
-from talkrt.models.latentsync.mask import default_mask, load_mask
 from talkrt.models.latentsync.unet import LatentSyncUNet
 from talkrt.models.latentsync.whisper_openai import encoder_from_openai, save_openai
 from talkrt.models.vae import VaeDecoder, VaeEncoder, build_vae, vae_diffusers_config
-from talkrt.models.weights import VAE_DIR, _first_existing, _require, _weights_fingerprint
+from talkrt.models.weights import (
+    VAE_DIR,
+    _first_existing,
+    _require,
+    _weights_fingerprint,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 log = logging.getLogger(__name__)
 
-UNET_FILE, WHISPER_FILE, MASK_FILE = "latentsync_unet.pt", "whisper/tiny.pt", "mask.png"
+UNET_FILE, WHISPER_FILE = "latentsync_unet.pt", "whisper/tiny.pt"
 VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # Deterministic buffers that a checkpoint may omit (they are rebuilt from the config).
 OPTIONAL_SUFFIXES = ("pos_encoder.pe",)
@@ -51,11 +54,11 @@ class LatentSyncModels:
     vae_encoder: VaeEncoder
     vae_decoder: VaeDecoder
     whisper: WhisperStates
-    mask: np.ndarray     # [crop, crop] float32 in [0, 1], 1 = keep
+    mask: FaceMask       # the lower-face mask at the crop size (``mask.keep``: 1 = keep)
     source: str          # "official" or "synthetic"
     identity: str        # short hash identifying the weights (part of cache keys)
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "LatentSyncModels":
+    def to(self, device: torch.device, dtype: torch.dtype) -> LatentSyncModels:
         for net in (self.unet, self.vae_encoder, self.vae_decoder, self.whisper):
             net.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return self
@@ -69,7 +72,7 @@ def load_unet_state(unet: LatentSyncUNet, path: Path) -> int:
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+    except Exception as exc:
         raise InputError(path, f"cannot read the UNet checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise InputError(path, "not a LatentSync UNet checkpoint (expected a dict with 'state_dict')")
@@ -90,10 +93,6 @@ def load_unet_state(unet: LatentSyncUNet, path: Path) -> int:
     return int(ckpt.get("global_step", 0))
 
 
-def _mask(cfg: LatentSyncConfig, path: Path | None) -> np.ndarray:
-    return load_mask(path, cfg.model.crop_size) if path is not None else default_mask(cfg.model.crop_size)
-
-
 def build_synthetic(cfg: LatentSyncConfig, seed: int | None = None) -> LatentSyncModels:
     """Random weights of the configured architecture from a fixed seed (NOT lip-synced)."""
     seed = cfg.pipeline.weights_seed if seed is None else seed
@@ -107,8 +106,8 @@ def build_synthetic(cfg: LatentSyncConfig, seed: int | None = None) -> LatentSyn
         torch.random.set_rng_state(gen_state)
     log.warning("SYNTHETIC WEIGHTS (seed %d, config '%s'): the output will NOT be lip-synced. "
                 "Pass --weights DIR with the official LatentSync 1.6 checkpoints for real results.", seed, cfg.name)
-    return LatentSyncModels(unet, VaeEncoder(vae), VaeDecoder(vae), WhisperStates(encoder), _mask(cfg, None),
-                            "synthetic", f"synthetic-{cfg.model_hash()}-{seed}")
+    return LatentSyncModels(unet, VaeEncoder(vae), VaeDecoder(vae), WhisperStates(encoder),
+                            load_mask(None, cfg.model.crop_size), "synthetic", f"synthetic-{cfg.model_hash()}-{seed}")
 
 
 def load_official(cfg: LatentSyncConfig, weights_dir: str | Path) -> LatentSyncModels:
@@ -119,7 +118,7 @@ def load_official(cfg: LatentSyncConfig, weights_dir: str | Path) -> LatentSyncM
     vae_dir = _require(root / VAE_DIR, "VAE folder")
     _require(vae_dir / "config.json", "VAE config")
     vae_file = _first_existing(vae_dir, VAE_FILES)
-    mask_path = root / MASK_FILE if (root / MASK_FILE).exists() else None
+    mask_path = mask_file(root)
     unet = LatentSyncUNet(cfg.model)
     step = load_unet_state(unet, unet_path)
     encoder = encoder_from_openai(whisper_path, cfg.model.audio)
@@ -134,9 +133,9 @@ def load_official(cfg: LatentSyncConfig, weights_dir: str | Path) -> LatentSyncM
             raise InputError(vae_dir, f"VAE {key} is {got}; the config's sd-vae-ft-mse shape needs {want[key]}")
     # LatentSync sets these regardless of the folder (scripts/inference.py)
     vae.register_to_config(scaling_factor=cfg.model.vae.scaling_factor, shift_factor=0.0)
-    mask = _mask(cfg, mask_path)
+    mask = load_mask(mask_path, cfg.model.crop_size)
     if mask_path is None:
-        log.info("no %s in %s: using talkrt's drawing of LatentSync's mask (IoU 0.98 with mask.png)", MASK_FILE, root)
+        log.info("no mask.png in %s: using talkrt's procedural drawing of LatentSync's mask", root)
     files = [unet_path, whisper_path, vae_file] + ([mask_path] if mask_path else [])
     log.info("loaded official LatentSync 1.6 weights from %s (UNet global_step %d)", root, step)
     return LatentSyncModels(unet, VaeEncoder(vae), VaeDecoder(vae), WhisperStates(encoder), mask,

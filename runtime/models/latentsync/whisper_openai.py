@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids
-
 from talkrt.errors import InputError
 from talkrt.models.audio import SEGMENT_STEPS, whisper_config
 from talkrt.models.latentsync.config import LatentSyncAudioConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids
 
 # OpenAI encoder name (after "encoder.") -> transformers WhisperEncoder name; per layer i
 _TOP = {"conv1": "conv1", "conv2": "conv2", "ln_post": "layer_norm"}
@@ -54,7 +53,7 @@ def encoder_from_openai(path: str | Path, cfg: LatentSyncAudioConfig) -> Whisper
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+    except Exception as exc:
         raise InputError(path, f"cannot read the Whisper checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("dims"), dict) or \
             not isinstance(ckpt.get("model_state_dict"), dict):
