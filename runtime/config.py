@@ -48,20 +48,26 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
-class AudioConfig:
+class WhisperEncoderConfig:
+    """The Whisper encoder's shape (every model family here uses Whisper-tiny's)."""
+
     d_model: int
     encoder_layers: int
     encoder_attention_heads: int
     encoder_ffn_dim: int
     num_mel_bins: int
-    pad_left_steps: int
-    pad_right_steps: int
-    window_steps: int
 
     @property
     def hidden_states(self) -> int:
         """Whisper returns the embedding output plus one state per encoder layer."""
         return self.encoder_layers + 1
+
+
+@dataclass(frozen=True)
+class AudioConfig(WhisperEncoderConfig):
+    pad_left_steps: int
+    pad_right_steps: int
+    window_steps: int
 
     @property
     def tokens_per_frame(self) -> int:
@@ -96,6 +102,7 @@ class EncoderConfig:
     crf: int = 20
     workers: int = 1              # > 1: that many libx264 processes encode segments of the output at once
     segment_seconds: float = 2.0  # segment length (each starts with an IDR frame)
+    threads: int = 0              # libx264 threads per encoder; 0: libx264's own choice (about 1.5 x cores)
 
 
 @dataclass(frozen=True)
@@ -192,8 +199,8 @@ def pipeline_checks(p: PipelineConfig) -> list[tuple[bool, str]]:
         (p.encoder.preset in X264_PRESETS or p.encoder.codec != "libx264",
          f"pipeline.encoder.preset must be one of {X264_PRESETS} for libx264"),
         (0 <= p.encoder.crf <= 51, "pipeline.encoder.crf must be in [0, 51]"),
-        (p.encoder.workers >= 1 and p.encoder.segment_seconds > 0,
-         "pipeline.encoder needs workers >= 1 and segment_seconds > 0"),
+        (p.encoder.workers >= 1 and p.encoder.segment_seconds > 0 and p.encoder.threads >= 0,
+         "pipeline.encoder needs workers >= 1, segment_seconds > 0 and threads >= 0"),
     ]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from talkrt.config import PipelineConfig, VAEConfig, build_config, pipeline_checks
+from talkrt.config import PipelineConfig, VAEConfig, WhisperEncoderConfig, build_config, pipeline_checks
 from talkrt.errors import ConfigError
 
 FAMILY = "latentsync16"
@@ -44,22 +44,12 @@ class LatentSyncUNetConfig:
 
 
 @dataclass(frozen=True)
-class LatentSyncAudioConfig:
-    """Whisper encoder shape (the attribute names of :class:`talkrt.config.AudioConfig`) and the window rule."""
+class LatentSyncAudioConfig(WhisperEncoderConfig):
+    """Whisper encoder shape plus LatentSync's window rule and talkrt's segment overlap."""
 
-    d_model: int
-    encoder_layers: int
-    encoder_attention_heads: int
-    encoder_ffn_dim: int
-    num_mel_bins: int
     window_before_steps: int            # frame i takes steps [c - before, c - before + window_steps)
     window_steps: int
     segment_overlap_steps: int          # overlap of consecutive 30-s Whisper segments (cross-faded)
-
-    @property
-    def hidden_states(self) -> int:
-        """Stacked states per step: the embedding output plus one per encoder layer."""
-        return self.encoder_layers + 1
 
     @property
     def tokens_per_frame(self) -> int:

@@ -96,14 +96,11 @@ def load_unet_state(unet: LatentSyncUNet, path: Path) -> int:
 def build_synthetic(cfg: LatentSyncConfig, seed: int | None = None) -> LatentSyncModels:
     """Random weights of the configured architecture from a fixed seed (NOT lip-synced)."""
     seed = cfg.pipeline.weights_seed if seed is None else seed
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         unet = LatentSyncUNet(cfg.model)
         vae = build_vae(vae_diffusers_config(cfg.model))
         encoder = WhisperEncoder(whisper_config(cfg.model.audio))
-    finally:
-        torch.random.set_rng_state(gen_state)
     log.warning("SYNTHETIC WEIGHTS (seed %d, config '%s'): the output will NOT be lip-synced. "
                 "Pass --weights DIR with the official LatentSync 1.6 checkpoints for real results.", seed, cfg.name)
     return LatentSyncModels(unet, VaeEncoder(vae), VaeDecoder(vae), WhisperStates(encoder),
