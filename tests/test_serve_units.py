@@ -14,7 +14,7 @@ from talkrt.config import load_config
 from talkrt.serve.audio import Utterance, WindowEncoder, lookahead_ms
 from talkrt.serve.protocol import (MAX_AUDIO_BYTES, ProtocolError, check_audio, pack_frame, parse_control, parse_start,
                                    unpack_frame)
-from talkrt.serve.sinks import BufferSink, LiveFrame
+from talkrt.serve.sinks import MAX_EVENTS, BufferSink, LiveFrame
 
 AUDIO = load_config("tiny").model.audio
 
@@ -63,6 +63,20 @@ def test_buffer_sink_drops_oldest_and_counts():
     sink.close()
     sink.put(LiveFrame(9, 0.0, False, b"", b"", 0.0, 0.0))
     assert sink.take() == []
+
+
+def test_buffer_sink_events_wait_apart_from_frames():
+    woken = []
+    sink = BufferSink(2, wake=lambda: woken.append(1))
+    for i in range(MAX_EVENTS + 3):
+        sink.notify({"type": "speech_dropped", "index": i})
+    sink.put(LiveFrame(0, 0.0, False, b"j", b"p", 0.0, 0.0))
+    assert [e["index"] for e in sink.take_events()] == list(range(3, MAX_EVENTS + 3))   # the oldest dropped
+    assert sink.take_events() == [] and [f.index for f in sink.take()] == [0] and len(woken) == MAX_EVENTS + 4
+    sink.notify({"type": "speech_dropped", "index": 99})
+    sink.close()
+    sink.notify({"type": "speech_dropped", "index": 100})
+    assert sink.take_events() == []
 
 
 @pytest.mark.parametrize("rate", [16000, 44100, 8000])
