@@ -30,16 +30,20 @@ def group_norm_frames(x: torch.Tensor, frames: int, norm: nn.GroupNorm) -> torch
     """``norm`` with statistics pooled over the frames of each clip.
 
     ``x [(b f), c, h, w] -> same shape``; equal to ``norm`` applied to ``[b, c, f, h, w]``.
-    Statistics are computed in float32 (as the CUDA GroupNorm kernel does for half inputs).
+    The per-(clip, channel) scale and shift are formed in float32 and applied in one
+    multiply-add in ``x``'s dtype, so half precision needs no float32 copy of ``x``.
     """
     bf, c, h, w = x.shape
-    g = norm.num_groups
-    xg = x.reshape(bf // frames, frames, g, (c // g) * h * w).float()
-    var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
-    y = ((xg - mean) * torch.rsqrt(var + norm.eps)).reshape(bf, c, h, w).to(x.dtype)
+    b, g = bf // frames, norm.num_groups
+    var, mean = torch.var_mean(x.reshape(b, frames, g, -1), dim=(1, 3), correction=0, keepdim=True)
+    scale = torch.rsqrt(var.float() + norm.eps).expand(b, 1, g, c // g)            # [b, 1, g, c/g]
+    shift = -mean.float() * scale
     if norm.affine:
-        y = y * norm.weight[:, None, None] + norm.bias[:, None, None]
-    return y
+        weight = norm.weight.float().reshape(1, 1, g, c // g)
+        scale, shift = scale * weight, shift * weight + norm.bias.float().reshape(1, 1, g, c // g)
+    y = torch.addcmul(shift.reshape(b, 1, c, 1).to(x.dtype), x.reshape(b, frames, c, h * w),
+                      scale.reshape(b, 1, c, 1).to(x.dtype))
+    return y.reshape(bf, c, h, w)
 
 
 class FrameResnet(ResnetBlock2D):

@@ -162,8 +162,10 @@ class LatentSyncUNet(nn.Module):
             raise ValueError(f"{f} frames in a chunk; the temporal layers take at most {self.max_frames}")
         x = sample.transpose(1, 2).reshape(b * f, c, h, w)
         context = encoder_hidden_states.reshape(b * f, *encoder_hidden_states.shape[-2:])
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if t.numel() not in (1, b):
+            raise ValueError(f"timestep must be a scalar or have {b} entries, got {t.numel()}")
+        t = t.expand(b)
         emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
         return x, context, emb, (b, f, h, w)
 
