@@ -4,7 +4,9 @@ Per chunk of ``f`` frames (16; upstream ``LipsyncPipeline.__call__``):
 
 1. ``prepare``: pixels ``x / 127.5 - 1``; the masked image is ``pixels * mask`` (the generated
    region becomes 0); the VAE encodes the masked image and the unmasked reference (the same
-   frames) to scaled latents; the mask is resized to the latent grid (nearest). Condition
+   frames) to scaled latents (the posterior mean, as :class:`talkrt.models.vae.VaeEncoder`
+   takes it; upstream samples the posterior); the mask is resized to the latent grid
+   (nearest, as :meth:`talkrt.face.align_mask.FaceMask.latent`). Condition
    channels: ``[mask 1, masked latent 4, reference latent 4]``.
 2. ``denoise``: DDIM (``DDIMScheduler``: 1000 training steps, scaled-linear betas
    0.00085-0.012, ``steps_offset`` 1, ``set_alpha_to_one`` false, eta 0; upstream

@@ -68,7 +68,8 @@ def load_unet_state(unet: LatentSyncUNet, path: Path) -> int:
     """Load ``latentsync_unet.pt`` into ``unet`` strictly; return its ``global_step``.
 
     Every parameter and buffer must be present with its shape, except the temporal position
-    tables (deterministic), which are checked when present. Raises InputError naming ``path``.
+    tables, which are deterministic and rebuilt from the config when absent. Raises InputError
+    naming ``path``.
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
