@@ -28,62 +28,27 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import wave
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from benchmarks.live import SAMPLE_RATE, analyse, need_packets, prepare_avatars, speech
+from benchmarks.live import SAMPLE_RATE, analyse, need_packets, prepare_avatars, server_process, speech
 from benchmarks.live_clients import ClientPlan, run_clients, warm_worker
 
 log = logging.getLogger("benchmarks.jobs")
 
 
-@contextmanager
 def serve(args, work: Path):
-    """``talkrt serve`` with the job options in a child process; yields its base URL once healthy."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "talkrt.serve.cli", "serve", "--config", args.config, "--device", args.device,
-           "--port", str(port), "--data-dir", str(work / "server"), "--log-level", "warning",
-           "--job-workers", str(args.job_workers), "--max-duration-s", "86400", "--max-upload-mb", "65536",
-           *(["--backend", args.backend] if args.backend else []), *[x for kv in args.set for x in ("--set", kv)]]
-    log_path = work / "server.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + args.start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}); its log:\n{log_path.read_text()[-4000:]}")
-            try:
-                r = httpx.get(base + "/healthz")
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was not healthy after {args.start_timeout} s (log: {log_path})")
-            time.sleep(0.5)
-        yield base, r.json()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """``talkrt serve`` with the job options in a child process (:func:`benchmarks.live.server_process`)."""
+    return server_process(args, work, 2, ["--job-workers", str(args.job_workers), "--max-duration-s", "86400",
+                                          "--max-upload-mb", "65536", *[x for kv in args.set for x in ("--set", kv)]])
 
 
 def speech_tracks(source: Path, seconds: float, count: int, folder: Path) -> list[Path]:

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -56,14 +57,15 @@ ON_TIME_TARGET = 99.0
 
 
 @contextmanager
-def server_process(args, work: Path, max_sessions: int):
-    """Start ``talkrt serve`` in a child process; yield its base URL once ``/healthz`` is 200."""
+def server_process(args, work: Path, max_sessions: int, extra: Sequence[str] = ()):
+    """Start ``talkrt serve`` in a child process (``extra``: more of its options); yield its
+    base URL once ``/healthz`` is 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "talkrt.serve.cli", "serve", "--config", args.config, "--device", args.device,
            "--port", str(port), "--max-sessions", str(max_sessions), "--data-dir", str(work / "data"),
-           "--log-level", "warning"] + (["--backend", args.backend] if args.backend else [])
+           "--log-level", "warning"] + (["--backend", args.backend] if args.backend else []) + list(extra)
     log_path = work / "server.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

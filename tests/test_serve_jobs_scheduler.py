@@ -71,12 +71,17 @@ def _job(avatar, windows, rows: int, first: int = 0, owner: str = "job") -> JobF
                      windows[first:first + rows])
 
 
-def _speaking_session(parts, avatar, start: float) -> tuple[LiveSession, BufferSink]:
+def _speaking(parts, avatar, t0: float, **kwargs) -> tuple[Recorder, Scheduler, BufferSink]:
+    """A scheduler (not started: steps are driven by hand) with one session that has 2 s of
+    speech queued from ``t0``."""
+    recorder = Recorder(FrameRenderer(parts))
+    scheduler = Scheduler(recorder, 8, ServeMetrics(), lead=LEAD, **kwargs)
     sink = BufferSink(1000)
-    session = LiveSession("s1", avatar, 16000, parts.cfg.model.audio, sink, start=start)
+    session = LiveSession("s1", avatar, 16000, parts.cfg.model.audio, sink, start=t0)
     session.feed(pcm(2.0, seed=1))
     session.end()
-    return session, sink
+    scheduler.add(session)
+    return recorder, scheduler, sink
 
 
 def _no_wait():
@@ -84,11 +89,8 @@ def _no_wait():
 
 
 def test_live_frames_first_job_rows_fill_the_rest(parts, avatar, windows):
-    recorder = Recorder(FrameRenderer(parts))
-    scheduler = Scheduler(recorder, 8, ServeMetrics(), lead=LEAD)
     t0 = 1000.0
-    session, sink = _speaking_session(parts, avatar, t0)
-    scheduler.add(session)
+    recorder, scheduler, sink = _speaking(parts, avatar, t0)
     first, second = _job(avatar, windows, 20, 0, "first"), _job(avatar, windows, 6, 20, "second")
     scheduler.submit(first)
     scheduler.submit(second)
@@ -117,11 +119,8 @@ def test_live_frames_first_job_rows_fill_the_rest(parts, avatar, windows):
 
 
 def test_job_rows_in_a_step_with_live_speech_can_be_capped(parts, avatar, windows):
-    recorder = Recorder(FrameRenderer(parts))
-    scheduler = Scheduler(recorder, 8, ServeMetrics(), lead=LEAD, job_rows_with_live=2)
     t0 = 2000.0
-    session, _ = _speaking_session(parts, avatar, t0)
-    scheduler.add(session)
+    recorder, scheduler, _ = _speaking(parts, avatar, t0, job_rows_with_live=2)
     scheduler.submit(_job(avatar, windows, 10))
     scheduler.step(t0 + 0.2 - 7 / 25)                     # slot 0 only
     assert recorder.batches[-1] == (1, [2])
@@ -130,11 +129,8 @@ def test_job_rows_in_a_step_with_live_speech_can_be_capped(parts, avatar, window
 
 
 def test_a_jobs_bad_rows_fail_that_job_only(parts, avatar, windows):
-    recorder = Recorder(FrameRenderer(parts))
-    scheduler = Scheduler(recorder, 8, ServeMetrics(), lead=LEAD)
     t0 = 3000.0
-    session, sink = _speaking_session(parts, avatar, t0)
-    scheduler.add(session)
+    recorder, scheduler, sink = _speaking(parts, avatar, t0)
     good = _job(avatar, windows, 3, 0, "good")
     bad = JobFrames("bad", (avatar.prepared,), np.zeros(2, np.int64), np.zeros(2, np.int64),
                     windows[:2, :, :-1])                   # a wrong feature width: the UNet refuses it

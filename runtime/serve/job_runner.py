@@ -163,17 +163,18 @@ class JobRunner:
 
     def _pipeline(self, record: JobRecord, out: Path, progress: JobProgress, names: dict[str, str]) -> dict:
         ctx = self.ctx
-        cfg = job_config(ctx.cfg, record.options)
-        if record.avatar is not None:
-            video = ctx.avatar_source(record.avatar)
+        spec = record.spec
+        cfg = job_config(ctx.cfg, spec.options)
+        if spec.avatar is not None:
+            video = ctx.avatar_source(spec.avatar)
             if video is None:
-                raise ApiError(422, "unknown_avatar", f"avatar {record.avatar} no longer exists")
+                raise ApiError(422, "unknown_avatar", f"avatar {spec.avatar} no longer exists")
         else:
-            video = self.files.media(record.video)
-        audio = self.files.media(record.audio)
-        names.update({str(video): record.video_name, str(audio): record.audio_name})
-        inputs = check_job(video, record.video_name, audio, record.audio_name, out, config=ctx.cfg.source or ctx.cfg.name,
-                           overrides=JobOptions(record.options).overrides, fps=record.fps, device=ctx.device,
+            video = self.files.media(spec.video)
+        audio = self.files.media(spec.audio)
+        names.update({str(video): spec.video_name, str(audio): spec.audio_name})
+        inputs = check_job(video, spec.video_name, audio, spec.audio_name, out, config=ctx.cfg.source or ctx.cfg.name,
+                           overrides=JobOptions(spec.options).overrides, fps=spec.fps, device=ctx.device,
                            cache_dir=ctx.cache_dir)
         stream = torch.cuda.Stream(ctx.parts.device) if ctx.parts.stream is not None else None
         parts = dataclasses.replace(ctx.parts, cfg=cfg, stream=stream)
@@ -189,11 +190,12 @@ class JobRunner:
 def job_summary(report: RunReport, record: JobRecord, cfg: TalkrtConfig, device: str, queued_s: float) -> dict:
     """The CLI's JSON run report for a job, with ids in place of server paths, and its
     ``key=value`` summary line as ``line`` (``startup_s`` there: seconds the job waited in the queue)."""
+    spec = record.spec
     doc = report_document(report, startup_seconds=queued_s, config=cfg.source or cfg.name,
-                          config_hash=cfg.model_hash(), device=device, video=Path(record.video_name),
-                          audio=Path(record.audio_name))
-    doc["inputs"] = {"video": record.video_name, "audio": record.audio_name,
-                     **({"avatar": record.avatar} if record.avatar else {})}
+                          config_hash=cfg.model_hash(), device=device, video=Path(spec.video_name),
+                          audio=Path(spec.audio_name))
+    doc["inputs"] = {"video": spec.video_name, "audio": spec.audio_name,
+                     **({"avatar": spec.avatar} if spec.avatar else {})}
     doc["output"] = f"/v1/jobs/{record.id}/result"
     doc["line"] = summary_line(report, queued_s)
     return doc

@@ -80,17 +80,10 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A job row as the runner needs it."""
+    """A job the runner has claimed: its id, what was submitted, and how often it was started."""
 
     id: str
-    status: str
-    video: str | None
-    avatar: str | None
-    audio: str
-    video_name: str
-    audio_name: str
-    options: tuple[tuple[str, Any], ...]
-    fps: str | None
+    spec: JobSpec
     created: float
     attempts: int
 
@@ -168,11 +161,10 @@ class JobStore:
                              (time.time(), row["id"]))
             self._live[row["id"]] = {"phase": None, "phase_done": 0, "phase_total": 0, "frames_done": 0}
             self._bump(row["id"])
-        return JobRecord(id=row["id"], status="running", video=row["video"], avatar=row["avatar"], audio=row["audio"],
-                         video_name=row["video_name"], audio_name=row["audio_name"],
-                         options=tuple((k, v) for k, v in json.loads(row["options"])), fps=row["fps"],
-                         created=row["created"],
-                         attempts=row["attempts"] + 1)
+        spec = JobSpec(video=row["video"], avatar=row["avatar"], audio=row["audio"], video_name=row["video_name"],
+                       audio_name=row["audio_name"], options=tuple((k, v) for k, v in json.loads(row["options"])),
+                       fps=row["fps"], frames_total=row["frames_total"])
+        return JobRecord(id=row["id"], spec=spec, created=row["created"], attempts=row["attempts"] + 1)
 
     def progress(self, job_id: str, phase: str, done: int, total: int, frames_done: int | None = None,
                  force: bool = False) -> None:
