@@ -112,7 +112,7 @@ async def _receive(ws: WebSocket, session: LiveSession, server: ServerState) -> 
         else:
             kind = parse_control(msg.get("text") or "")
             if kind == "interrupt":
-                session.interrupt()
+                await asyncio.to_thread(session.interrupt)      # may JPEG-encode idle frames: off the loop
             elif kind == "end":
                 session.end()
             else:
