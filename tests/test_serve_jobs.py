@@ -16,7 +16,7 @@ import websockets
 
 from job_steps import (JOB_OVERRIDES, check_result, events, files, leftovers, submit, wait_for, wait_jobs,
                        write_speech)
-from media_factory import make_not_media
+from media_factory import make_not_media, make_video
 from serve_server import running_server, sample_clip, ws_url
 from talkrt.serve.jobs import JobSettings
 
@@ -103,6 +103,21 @@ def test_batch_of_three_videos_over_one_audio(server, media, tmp_path):
         check_result(out, 10, SIZE)
 
 
+def test_one_failing_job_fails_alone(server, media, tmp_path):
+    base = server["base"]
+    blank = make_video(tmp_path / "blank.mp4", 96, 96, num_frames=4)          # decodes fine, has no face
+    parts = files(None, media["speech"]) + [("video", (p.name, p.read_bytes(), "video/mp4")) for p in (blank, media["b"])]
+    answer = httpx.post(base + "/v1/batches", files=parts, headers=AUTH, timeout=60).json()
+    jobs = wait_jobs(base, answer["jobs"], AUTH)
+    assert [j["status"] for j in jobs] == ["failed", "done"]
+    assert jobs[0]["error"] == {"code": "bad_media", "message": "blank.mp4: no face found in any frame"}
+    assert httpx.get(f"{base}/v1/batches/{answer['batch']}", headers=AUTH).json()["status"] == "failed"
+    assert _error(httpx.get(f"{base}/v1/jobs/{jobs[0]['id']}/result", headers=AUTH))[:2] == (409, "not_done")
+    assert not (server["data"] / "jobs" / "results" / f"{jobs[0]['id']}.mp4").exists()
+    health = httpx.get(base + "/healthz").json()
+    assert health["jobs"]["failed"] >= 1 and health["jobs"]["done"] >= 1
+
+
 def test_cancel_a_running_job_leaves_no_file(server, media):
     base = server["base"]
     job_id = submit(base, media["a"], media["long"], AUTH).json()["id"]
@@ -137,9 +152,11 @@ def test_corrupt_or_short_media_is_refused_with_the_probe_message(server, media,
     assert _state(server) == before
 
 
-def test_bad_requests_get_json_errors(server, media):
+def test_bad_requests_get_json_errors(server, media, tmp_path):
     base = server["base"]
     before = _state(server)
+    r = submit(base, media["a"], write_speech(tmp_path / "lecture.wav", 31 * 25, seed=4), AUTH)
+    assert _error(r) == (422, "too_long", "lecture.wav: 31.0 s is longer than this server takes (30 s)")
     cases = [
         (dict(options=json.dumps({"model.crop_size": 64})), 422, "bad_options"),
         (dict(options=json.dumps({"pipeline.encoder.crf": 99})), 422, "bad_options"),

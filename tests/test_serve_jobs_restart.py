@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -59,9 +60,9 @@ def restarted(tmp_path_factory, media):
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     partial = (data / "jobs" / "results" / f"{first_id}.mp4").exists()
-    with server_process(data, port, "--job-workers", "1", "--api-key", KEY):
+    with server_process(data, port, "--job-workers", "1", "--api-key", KEY) as proc:
         yield {"base": base, "data": data, "root": root, "ids": [first_id, *queued], "queued_states": states,
-               "partial": partial, "client": client, "out": out}
+               "partial": partial, "client": client, "out": out, "proc": proc}
 
 
 @pytest.mark.slow
@@ -139,3 +140,18 @@ def test_submit_refusals_exit_2_with_the_server_message(server, media, tmp_path)
     assert proc.returncode == 2 and "401 unauthorized" in proc.stderr
     assert not (tmp_path / "o.mp4").exists() and leftovers(tmp_path) == []
     assert time.monotonic() - started < 60
+
+
+def test_sigterm_puts_the_running_job_back_in_the_queue(restarted, media):
+    """Last in this module: it stops the server. A graceful stop (SIGTERM) mid-job ends the
+    process within its grace period, the job is queued again from the start, no file is left."""
+    base, proc, data = restarted["base"], restarted["proc"], restarted["data"]
+    job_id = submit(base, media["a"], media["long"], AUTH).json()["id"]
+    wait_for(lambda: httpx.get(f"{base}/v1/jobs/{job_id}", headers=AUTH).json()["frames_done"] > 0, 120,
+             "lip-sync frames")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) in (0, -signal.SIGTERM)          # uvicorn re-raises the signal after its shutdown
+    with sqlite3.connect(data / "jobs.db") as db:
+        row = db.execute("SELECT status, frames_done, attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+    assert row == ("queued", 0, 1)
+    assert not (data / "jobs" / "results" / f"{job_id}.mp4").exists() and leftovers(data) == []

@@ -140,7 +140,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return JSONResponse({"status": "failed", "error": server.error}, status_code=500)
         if not server.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "sessions": server.open_sessions, **server.info})
+        jobs = {"jobs": server.jobs.store.counts()} if server.jobs is not None else {}
+        return JSONResponse({"status": "ok", "sessions": server.open_sessions, **jobs, **server.info})
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -21,6 +21,8 @@ from talkrt.serve.auth import ENV_VAR
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE_S = 5
+
 
 def default_data_dir() -> Path:
     """``$TALKRT_DATA_DIR``, else ``~/.cache/talkrt/serve``."""
@@ -97,8 +99,10 @@ def serve(args: argparse.Namespace) -> int:
                              api_key=args.api_key or None, jobs=jobs, job_rows_with_live=args.job_rows_with_live)
     log.info("talkrt serve: config=%s device=%s data=%s on http://%s:%d", cfg.name, args.device,
              settings.data_dir, args.host, args.port)
+    # open event streams and live sessions get this long to end on SIGINT/SIGTERM; then running
+    # jobs go back to the queue and the models are released
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                ws_max_size=1 << 21)
+                ws_max_size=1 << 21, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 
 
