@@ -26,8 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from talkrt.config import load_config
 from talkrt.engines.base import EagerEngine
-from talkrt.engines.compiled import (CompiledEngine, add_compile_arguments, load_compiled_artifacts,
-                                    settings_from_args)
+from talkrt.engines.compiled import CompiledEngine, add_compile_arguments, open_compiled_build, settings_from_args
 from talkrt.engines.graphs import EagerGraphEngine
 from talkrt.engines.manifest import dtype_name
 from talkrt.engines.specs import export_specs
@@ -120,16 +119,17 @@ def _covered(try_load, batches: list[int]) -> list[int]:
 
 def _compiled(cfg, models, specs, args, batches, device, dtype, started: float, report: Report) -> dict | None:
     """Compiled engines (from artifacts, else compiled here within the budget) with ``.ready`` batches."""
-    settings, from_artifacts = settings_from_args(args), False
+    settings, build = settings_from_args(args), None
     try:
-        build = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=MODELS, max_batch=None,
-                                        engines_dir=args.engines_dir)
+        build = open_compiled_build(cfg, device=device, dtype=dtype, models=MODELS, max_batch=None,
+                                    engines_dir=args.engines_dir)
         wanted = [b for b in batches if all(b in build.buckets[m] for m in MODELS)]
         if not wanted:
             raise EngineError(f"the artifacts hold batches {build.buckets}, none of {batches}")
-        settings, from_artifacts = build.settings, True
-        report.notes.append(f"compiled: from `make engines` artifacts ({settings.describe()}), batches {wanted}")
+        settings = None
+        report.notes.append(f"compiled: from `make engines` artifacts ({build.settings.describe()}), batches {wanted}")
     except EngineError as exc:
+        build = None
         if args.quick or device.type != "cuda":
             report.notes.append(f"compiled skipped (no usable artifacts; no cold compiles with --quick or on "
                                 f"the CPU): {exc}")
@@ -141,11 +141,10 @@ def _compiled(cfg, models, specs, args, batches, device, dtype, started: float, 
     for name in MODELS:
         spec = specs[name]
         engine = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs, wanted, device=device,
-                                dtype=dtype, settings=settings, expect_cache_hits=from_artifacts,
-                                warmup=False)
+                                dtype=dtype, build=build, settings=settings, warmup="none")
         engine.ready = []
         for batch in wanted:
-            if not from_artifacts and time.perf_counter() - started > args.budget_s:
+            if build is None and time.perf_counter() - started > args.budget_s:
                 report.notes.append(f"compiled {name} batch {batch} skipped: time budget {args.budget_s:.0f} s spent")
                 continue
             engine.prepare(batch)
@@ -168,15 +167,15 @@ def _tensorrt(cfg, models, specs, args, batches, device, dtype) -> dict:
 
 
 def _graphs_of(engines: dict, specs, device, dtype) -> dict:
-    """CUDA-graph versions of compiled engines (dynamo caches are warm, so this is capture only)."""
+    """CUDA-graph versions of compiled engines (sharing their functions, so this is capture only)."""
     out = {}
     for name, engine in engines.items():
         if not engine.ready:
             continue
         spec = specs[name]
-        graphed = CompiledEngine(name, engine.module, spec.inputs, spec.outputs, engine.ready, device=device,
-                                 dtype=dtype, settings=engine.settings, cuda_graphs=True,
-                                 expect_cache_hits=False)
+        graphed = CompiledEngine(name, engine.module, spec.inputs, spec.outputs, engine.ready,
+                                 device=device, dtype=dtype, settings=engine.settings,
+                                 functions=engine.functions, cuda_graphs=True)
         graphed.ready = list(engine.ready)
         out[name] = graphed
     return out

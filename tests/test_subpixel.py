@@ -84,19 +84,19 @@ def test_rewrite_keeps_outputs_and_leaves_the_original_alone(tiny_models, name):
 def test_compile_settings_validate_and_round_trip_through_the_manifest():
     with pytest.raises(EngineError, match="unknown graph rewrite"):
         CompileSettings(rewrites=("fuse_everything",))
-    settings = CompileSettings("default", True, ("subpixel_upsample",))
+    settings = CompileSettings("default", ("subpixel_upsample",))
     fields = settings.manifest_fields()
-    assert fields == {"compile_mode": "default", "freezing": True, "rewrites": ["subpixel_upsample"]}
+    assert fields == {"compile_mode": "default", "rewrites": ["subpixel_upsample"]}
     assert CompileSettings.from_manifest(fields) == settings
-    # a manifest written before rewrites (and freezing) existed was built without them
-    assert CompileSettings.from_manifest({"compile_mode": "default"}) == CompileSettings("default", False, ())
+    with pytest.raises(KeyError):               # settings a manifest lacks are never guessed
+        CompileSettings.from_manifest({"compile_mode": "default"})
 
 
 def test_compile_arguments_parse_rewrites():
     parser = argparse.ArgumentParser()
     add_compile_arguments(parser)
     assert settings_from_args(parser.parse_args([])) == CompileSettings()
-    assert settings_from_args(parser.parse_args(["--rewrites", "none", "--no-freezing"])).rewrites == ()
+    assert settings_from_args(parser.parse_args(["--rewrites", "none"])).rewrites == ()
     with pytest.raises(EngineError, match="unknown graph rewrite"):
         settings_from_args(parser.parse_args(["--rewrites", "subpixel_upsample,bogus"]))
 

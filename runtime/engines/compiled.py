@@ -1,40 +1,44 @@
-"""The ``compiled`` backend: ``torch.compile`` per batch bucket, warmed from saved cache artifacts.
+"""The ``compiled`` backend: one ahead-of-time compiled function per (model, batch bucket).
 
-``make engines`` compiles every bucket once and saves ``torch.compiler.save_cache_artifacts()``
-(Inductor FX-graph, AOTAutograd and autotuning caches) beside a manifest whose ``entries``
-map model -> bucket -> artifacts file (one self-contained file per (model, bucket), so builds
-can be resumed or split across runs) and whose ``artifacts`` map file -> sha256.  At start-up
-``load_compiled_artifacts`` checks the manifest against this machine and config and hot-loads
-the bytes; ``CompiledEngine`` then compiles its module per bucket, which now hits the caches
-(seconds instead of minutes), and optionally captures one CUDA graph per bucket.
+``make engines`` compiles each (model, bucket) with ``torch.compile(call_module,
+fullgraph=True).aot_compile(...)`` (Dynamo trace + Inductor, static shapes) and saves it with
+``save_compiled_function``; the manifest maps model -> bucket -> file, its sha256, size and
+the input shapes, dtypes and device the function was compiled for.  At start-up
+``torch.compiler.load_compiled_function`` reads a file back: no Dynamo trace, no Inductor
+lowering.  H200, fp16, full-size MuseTalk, batch 16, torch 2.11: the UNet loads in 3.4 s
+(+ 3.1 s first call), where re-running ``torch.compile`` against saved Inductor caches took
+~22 s; the VAE decoder loads in 0.16 s (+ 1.5 s first call).
 
-A cache miss during warm-up means Inductor compiled from scratch; that is logged as a
-warning, never silent.
+The module is an argument of the compiled function, not baked into it: its parameters are read
+at every call, so the run-time module must be the one compiled, structurally.  The graph
+rewrites recorded in the manifest are therefore applied again before loading.
 
-Why one file per bucket, each saved once: torch's mega-cache recorder appends a chunk per
-artifact kind on every ``save_cache_artifacts()`` call, but ``load_cache_artifacts()`` folds
-the chunks with ``dict()``, so from a blob saved N times only the LAST chunk of each kind is
-loaded (torch 2.11 and 2.13).  The build therefore records each bucket in a fresh recorder
-(``fresh_artifact_recording``) and saves it once, and the loader here merges every chunk
-anyway (``read_cache_artifacts``), so older multi-save files load completely too.
+Guards are off (``torch.compiler.skip_all_guards_unsafe``): on torch 2.11 the default guards do
+not serialise (ID_MATCH on the module) and tensor-only guards reject inference tensors
+(dispatch-key mismatch).  A loaded function would thus run on any input; instead
+``CompiledEngine`` refuses to use one unless its own buffers have exactly the recorded shapes,
+dtypes and device (buffers are fixed per engine, ``_args(rows)`` slices them).
+
+No Inductor freezing: ``aot_compile`` does not support it (torch 2.11: "expected OutputCode,
+got function").  H200, fp16, CUDA graphs, batch 16: UNet 0.64 ms/frame without freezing
+against 0.57 ms with it; start-up in seconds is worth the 12%.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch._dynamo.utils import counters
 
 from talkrt.config import TalkrtConfig
-from talkrt.engines.graphs import CallableEngine
+from talkrt.engines.base import TensorSpec
+from talkrt.engines.graphs import BucketedEngine, _as_tuple, check_warmup_policy
 from talkrt.engines.manifest import (
     check_manifest, config_dir, dtype_name, machine_info, read_manifest, rebuild_hint,
 )
@@ -46,23 +50,17 @@ log = logging.getLogger(__name__)
 
 # Inductor's default mode, not max-autotune: on an H200 (fp16, 2026-11-22) autotuning chose
 # cuDNN over its Triton templates for the VAE decoder's large convolutions anyway, and did not
-# finish one VAE bucket in 100 s, where the default mode compiles a bucket in 11-55 s.
-# `make engines COMPILE_MODE=max-autotune-no-cudagraphs` still selects it.
+# finish one VAE bucket in 100 s.  `make engines COMPILE_MODE=max-autotune-no-cudagraphs` still selects it.
 DEFAULT_COMPILE_MODE = "default"
-# Inductor freezing: weights become constants, so weight-only work (layout conversions, folded
-# scales) is done once at compile time. H200, fp16, CUDA graphs: UNet 0.57 ms/frame at batch 16
-# (0.64 without freezing). Frozen graphs are cached like any other in OSS torch, keyed on the
-# weights' metadata; the values are read from the module when the cache is loaded.
-DEFAULT_FREEZING = True
 # Graph rewrites applied to a module before it is compiled (recorded in the manifest, applied
-# again at load so the graphs match their caches). subpixel_upsample (talkrt.models.subpixel):
-# nearest-2x + 3x3 conv as one stride-2 transposed conv. H100, fp16, freezing + CUDA graphs,
-# 2026-11-22: VAE decoder 50.2 -> 46.5 ms at batch 32, 6.87 -> 6.39 ms at batch 4; max |diff|
-# against eager fp16 (0-255 scale) 1.25 with and without it.
+# again at load: the call-time module must be the compiled one).  subpixel_upsample
+# (talkrt.models.subpixel): nearest-2x + 3x3 conv as one stride-2 transposed conv.  H100, fp16,
+# CUDA graphs, 2026-11-22: VAE decoder 50.2 -> 46.5 ms at batch 32, 6.87 -> 6.39 ms at batch 4;
+# max |diff| against eager fp16 (0-255 scale) 1.25 with and without it.
 GRAPH_REWRITES = {REWRITE_NAME: rewrite_upsamplers}
 DEFAULT_REWRITES = (REWRITE_NAME,)
 MANIFEST_FILE = "manifest.json"
-_loaded_artifacts: set[str] = set()   # sha256 of artifacts already hot-loaded in this process
+ARTIFACT_FORMAT = "aot_compile"      # what the files are; builds of any other format are refused
 
 
 def compiled_dir(cfg: TalkrtConfig, device: torch.device | str, dtype: torch.dtype,
@@ -71,18 +69,9 @@ def compiled_dir(cfg: TalkrtConfig, device: torch.device | str, dtype: torch.dty
 
 
 def expected_manifest(cfg: TalkrtConfig, device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
-    """Manifest fields that must match for saved artifacts to be usable here."""
-    return {"kind": "compiled", "torch_version": torch.__version__, **machine_info(device),
-            "dtype": dtype_name(dtype), "config_hash": cfg.model_hash()}
-
-
-def raise_recompile_limit(needed: int) -> None:
-    """Each bucket is one static-shape recompile of the same ``forward``; allow them all."""
-    config = torch._dynamo.config
-    for name, value in (("recompile_limit", needed), ("accumulated_recompile_limit", 4 * needed)):
-        if not hasattr(config, name):                     # torch < 2.6 spelled it cache_size_limit
-            name = name.replace("recompile_limit", "cache_size_limit")
-        setattr(config, name, max(getattr(config, name), value))
+    """Manifest fields that must match for saved functions to be usable here."""
+    return {"kind": "compiled", "format": ARTIFACT_FORMAT, "torch_version": torch.__version__,
+            **machine_info(device), "dtype": dtype_name(dtype), "config_hash": cfg.model_hash()}
 
 
 @dataclass(frozen=True)
@@ -90,7 +79,6 @@ class CompileSettings:
     """How the ``compiled`` backend compiles a module; stored in (and read back from) the manifest."""
 
     mode: str = DEFAULT_COMPILE_MODE
-    freezing: bool = DEFAULT_FREEZING
     rewrites: tuple[str, ...] = DEFAULT_REWRITES
 
     def __post_init__(self) -> None:
@@ -99,23 +87,20 @@ class CompileSettings:
             raise EngineError(f"unknown graph rewrite(s) {unknown}; known: {sorted(GRAPH_REWRITES)}")
 
     def manifest_fields(self) -> dict[str, Any]:
-        return {"compile_mode": self.mode, "freezing": self.freezing, "rewrites": list(self.rewrites)}
+        return {"compile_mode": self.mode, "rewrites": list(self.rewrites)}
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> "CompileSettings":
-        """Settings of a saved build (manifests older than a field get the value they were built with)."""
-        return cls(manifest["compile_mode"], bool(manifest.get("freezing", False)),
-                   tuple(manifest.get("rewrites", ())))
+        """Settings of a saved build; ``KeyError`` if the manifest lacks them."""
+        return cls(manifest["compile_mode"], tuple(manifest["rewrites"]))
 
     def describe(self) -> str:
-        return f"mode {self.mode}, freezing {self.freezing}, rewrites {list(self.rewrites) or 'none'}"
+        return f"mode {self.mode}, rewrites {list(self.rewrites) or 'none'}"
 
 
 def add_compile_arguments(parser) -> None:
-    """The ``--compile-mode / --no-freezing / --rewrites`` options of the CLIs that compile."""
+    """The ``--compile-mode / --rewrites`` options of the CLIs that compile."""
     parser.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, help="torch.compile mode for 'compiled'")
-    parser.add_argument("--no-freezing", dest="freezing", action="store_false",
-                        help="compile without Inductor freezing (weights stay parameters)")
     parser.add_argument("--rewrites", default=",".join(DEFAULT_REWRITES),
                         help=f"comma list of graph rewrites before compiling, or 'none' (known: "
                              f"{','.join(GRAPH_REWRITES)}; default: %(default)s)")
@@ -124,7 +109,7 @@ def add_compile_arguments(parser) -> None:
 def settings_from_args(args) -> CompileSettings:
     """``CompileSettings`` from the options ``add_compile_arguments`` added."""
     names = [] if args.rewrites.strip().lower() == "none" else args.rewrites.split(",")
-    return CompileSettings(args.compile_mode, args.freezing, tuple(n.strip() for n in names if n.strip()))
+    return CompileSettings(args.compile_mode, tuple(n.strip() for n in names if n.strip()))
 
 
 def apply_rewrites(module: torch.nn.Module, rewrites: Sequence[str], name: str = "module") -> torch.nn.Module:
@@ -135,93 +120,50 @@ def apply_rewrites(module: torch.nn.Module, rewrites: Sequence[str], name: str =
     return module
 
 
-def compile_module(module: torch.nn.Module, settings: CompileSettings):
-    """``torch.compile`` with static shapes: one specialised graph per batch bucket.
+def input_specs(args: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """Shape, dtype and device of each tensor: what a compiled function may be called with."""
+    return [{"shape": list(t.shape), "dtype": dtype_name(t.dtype), "device": str(t.device)} for t in args]
 
-    ``mode`` and ``options`` exclude each other in ``torch.compile``, so the mode is expanded
-    into its Inductor options and ``freezing`` added to them."""
+
+def call_module(module: torch.nn.Module, *args: torch.Tensor):
+    """What is compiled: the module is an input, so its parameters are read at every call."""
+    return module(*args)
+
+
+def compile_function(module: torch.nn.Module, args: Sequence[torch.Tensor], settings: CompileSettings):
+    """``call_module`` compiled ahead of time for exactly ``args`` (static shapes, no guards).
+
+    Returns a ``torch._dynamo.aot_compile.AOTCompiledFunction``: call it as ``fn(module, *args)``,
+    save it with ``fn.save_compiled_function(path)``.  ``args`` should be inference tensors, as
+    the engine's buffers are.
+    """
     from torch._inductor import list_mode_options
-    options = {**list_mode_options(settings.mode), "freezing": settings.freezing}
-    return torch.compile(module, options=options, dynamic=False)
-
-
-def cache_counters() -> dict[str, int]:
-    """Inductor / AOTAutograd cache counters of this process (to tell hits from fresh compiles)."""
-    ind, aot = counters["inductor"], counters["aot_autograd"]
-    return {"fx_hit": ind["fxgraph_cache_hit"], "fx_miss": ind["fxgraph_cache_miss"],
-            "fx_bypass": ind["fxgraph_cache_bypass"], "aot_hit": aot["autograd_cache_hit"],
-            "aot_miss": aot["autograd_cache_miss"]}
-
-
-def cache_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """Non-zero counter changes between two ``cache_counters()`` snapshots."""
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
-
-
-@contextlib.contextmanager
-def fresh_artifact_recording() -> Iterator[None]:
-    """Record compile-cache artifacts from scratch inside the block (for one self-contained save).
-
-    Outside it torch keeps one process-wide recorder whose saves accumulate chunks that
-    ``load_cache_artifacts`` partly drops (see the module docstring); inside it, artifacts
-    already recorded earlier in the process (a kernel shared with another bucket, a graph this
-    process hit in its local cache) are recorded again, so the block's save stands alone.
-    """
-    try:
-        from torch.compiler._cache import CacheArtifactManager
-    except ImportError:                      # layout changed: the loader still merges every chunk
-        yield
-        return
-    if hasattr(CacheArtifactManager, "with_fresh_cache"):
-        with CacheArtifactManager.with_fresh_cache():
-            yield
-    else:
-        CacheArtifactManager.clear()
-        yield
-
-
-def read_cache_artifacts(blob: bytes) -> dict[str, list] | None:
-    """The artifacts in a ``save_cache_artifacts()`` blob, every chunk merged per kind; None if unreadable.
-
-    ``torch.compiler.load_cache_artifacts`` keeps only the last chunk of each kind, which
-    loses all but the last save of a recorder that was saved several times.
-    """
-    from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache
-    from torch.utils._appending_byte_serializer import AppendingByteSerializer
-    CacheArtifactManager._ensure_cache_artifacts_registered()     # private API: ImportError/AttributeError
-    to_list = AppendingByteSerializer.to_list                       # propagate, see hot_load_artifacts
-    try:
-        chunks = to_list(blob, deserialize_fn=_deserialize_single_cache)
-    except Exception:  # noqa: BLE001 - a corrupt blob fails in many ways (assert, struct, pickle)
-        return None
-    merged: dict[str, list] = defaultdict(list)
-    for kind, artifacts in chunks:
-        merged[kind].extend(artifacts)
-    return dict(merged)
-
-
-def hot_load_artifacts(blob: bytes) -> dict[str, int] | None:
-    """Write every artifact of ``blob`` into this process's local caches; per kind counts, None if unreadable."""
-    try:
-        artifacts = read_cache_artifacts(blob)
-    except (ImportError, AttributeError):    # private layout changed: torch's own (last-chunk) loader
-        info = torch.compiler.load_cache_artifacts(blob)
-        return None if info is None else {kind: len(keys) for kind, keys in info.artifacts.items()}
-    if artifacts is None:
-        return None
-    from torch.compiler._cache import CacheArtifactManager
-    info = CacheArtifactManager.populate_caches(artifacts)
-    return {kind: len(keys) for kind, keys in info.artifacts.items()}
+    config = torch._dynamo.config
+    if hasattr(config, "enable_aot_compile"):        # torch 2.11 needs it on; later versions default to on
+        config.enable_aot_compile = True
+    options = {**list_mode_options(settings.mode), "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+    compiled = torch.compile(call_module, fullgraph=True, dynamic=False, options=options)
+    with torch.inference_mode():
+        return compiled.aot_compile(((module, *args), {}))
 
 
 @dataclass(frozen=True)
 class CompiledBuild:
-    """A checked compiled build: its compile settings and, per model, the buckets to run."""
+    """A checked compiled build: its folder, compile settings, per model the buckets to run."""
 
     folder: Path
     settings: CompileSettings
     buckets: dict[str, tuple[int, ...]]
     manifest: dict[str, Any]
+    cfg_name: str | None = None
+
+    def entry(self, name: str, bucket: int) -> dict[str, Any]:
+        """The manifest entry of (``name``, ``bucket``); ``EngineError`` if the build lacks it."""
+        entry = self.manifest.get("entries", {}).get(name, {}).get(str(bucket))
+        if entry is None:
+            raise EngineError(f"compiled engines at {self.folder}: no '{name}' function for batch {bucket}; "
+                              f"{rebuild_hint(self.cfg_name)}")
+        return entry
 
 
 def usable_buckets(built: Sequence[int], max_batch: int | None) -> tuple[int, ...] | None:
@@ -233,99 +175,139 @@ def usable_buckets(built: Sequence[int], max_batch: int | None) -> tuple[int, ..
     return None if cover is None else tuple(b for b in built if b <= cover)
 
 
-def load_compiled_artifacts(cfg: TalkrtConfig, *, device: torch.device | str, dtype: torch.dtype,
-                            models: Sequence[str], max_batch: int | None,
-                            engines_dir: str | Path | None = None) -> CompiledBuild:
-    """Check the saved manifest, hot-load the cache artifacts ``models`` need, return what to run.
+def open_compiled_build(cfg: TalkrtConfig, *, device: torch.device | str, dtype: torch.dtype,
+                        models: Sequence[str], max_batch: int | None,
+                        engines_dir: str | Path | None = None) -> CompiledBuild:
+    """Check the saved manifest and files for ``models``; return what to run (nothing is loaded yet).
 
-    Raises ``EngineError`` (saying to run ``make engines``) if they are missing, built on
-    another GPU / torch / dtype / config, corrupt, or have no bucket holding ``max_batch``.
+    Raises ``EngineError`` (saying to run ``make engines``) if the build is missing, was made
+    for another format / torch / GPU / dtype / config, has no bucket holding ``max_batch``, or a
+    file it lists is missing or of the wrong size.  Contents (sha256) are checked as each
+    file is loaded.
     """
     folder = compiled_dir(cfg, device, dtype, engines_dir)
     manifest = read_manifest(folder / MANIFEST_FILE, "compiled engines", cfg.source)
     check_manifest(manifest, expected_manifest(cfg, device, dtype), what="compiled engines",
                    path=folder, cfg_name=cfg.source)
-    entries, digests = manifest.get("entries", {}), manifest.get("artifacts", {})
-    buckets, files = {}, set()
+    try:
+        settings = CompileSettings.from_manifest(manifest)
+    except (KeyError, TypeError) as exc:
+        raise EngineError(f"compiled engines at {folder}: manifest lacks compile settings ({exc}); "
+                          f"{rebuild_hint(cfg.source)}") from exc
+    build = CompiledBuild(folder, settings, {}, manifest, cfg.source)
     for name in models:
-        built = [int(b) for b in entries.get(name, {})]
+        built = [int(b) for b in manifest.get("entries", {}).get(name, {})]
         usable = usable_buckets(built, max_batch)
         if usable is None:
             raise EngineError(f"compiled engines at {folder}: '{name}' has no build for batch {max_batch} "
                               f"(built: {sorted(built)}); {rebuild_hint(cfg.source)} with --max-batch {max_batch}")
-        buckets[name] = usable
-        files.update(entries[name][str(b)]["artifacts_file"] for b in usable)
-    for file in sorted(files):
-        _load_artifacts_file(folder / file, digests.get(file), cfg.source)
-    return CompiledBuild(folder, CompileSettings.from_manifest(manifest), buckets, manifest)
+        build.buckets[name] = usable
+        for bucket in usable:
+            entry = build.entry(name, bucket)
+            path = folder / entry["file"]
+            if not path.is_file():
+                raise EngineError(f"compiled engines: {path} ('{name}' batch {bucket}) is missing; "
+                                  f"{rebuild_hint(cfg.source)}")
+            if path.stat().st_size != entry["bytes"]:
+                raise EngineError(f"compiled engines: {path} has {path.stat().st_size} bytes, its manifest says "
+                                  f"{entry['bytes']} (corrupt or partly written); {rebuild_hint(cfg.source)}")
+    return build
 
 
-def _load_artifacts_file(path: Path, expected_sha: str | None, cfg_name: str) -> None:
-    if not path.is_file():
-        raise EngineError(f"compiled engines: {path} is missing; {rebuild_hint(cfg_name)}")
-    digest = sha256_files([path])
+def load_function(path: Path, expected_sha: str, cfg_name: str | None = None) -> Callable[..., Any]:
+    """Load one saved compiled function after checking its sha256; ``EngineError`` on any failure."""
+    try:
+        digest = sha256_files([path])
+    except OSError as exc:
+        raise EngineError(f"compiled engines: cannot read {path} ({exc}); {rebuild_hint(cfg_name)}") from exc
     if digest != expected_sha:
-        raise EngineError(f"compiled engines: {path} does not match its manifest (corrupt or partly written); "
+        raise EngineError(f"compiled engines: {path} does not match its manifest's sha256 (corrupt or replaced); "
                           f"{rebuild_hint(cfg_name)}")
-    if digest in _loaded_artifacts:
-        return
-    start = time.perf_counter()
-    counts = hot_load_artifacts(path.read_bytes())
-    if counts is None:
-        raise EngineError(f"compiled engines: torch could not read {path}; {rebuild_hint(cfg_name)}")
-    _loaded_artifacts.add(digest)
-    log.info("loaded compile caches from %s (%.1f MB, %s) in %.1f s", path.name, path.stat().st_size / 1e6,
-             counts, time.perf_counter() - start)
+    try:
+        return torch.compiler.load_compiled_function(io.BytesIO(path.read_bytes()))
+    except Exception as exc:  # noqa: BLE001 - unpickling and torch's compatibility checks fail in many ways
+        raise EngineError(f"compiled engines: torch could not load {path} ({type(exc).__name__}: {exc}); "
+                          f"{rebuild_hint(cfg_name)}") from exc
 
 
-class CompiledEngine(CallableEngine):
-    """``torch.compile``d module at fixed batch buckets (pads a smaller batch up to its bucket).
+class CompiledEngine(BucketedEngine):
+    """An ahead-of-time compiled module at fixed batch buckets (pads a smaller batch up to its bucket).
 
-    Construct after ``load_compiled_artifacts`` (or in the build, which compiles from
-    scratch on purpose: ``expect_cache_hits=False``).  Puts ``module`` in eval mode without
-    gradients, as the build does, since graph cache keys depend on both.
+    With ``build`` (from :func:`open_compiled_build`) each bucket's function is loaded from its
+    file when the bucket is prepared; without, it is compiled here with ``settings`` (what the
+    build step and benchmarks do; ``compile_seconds`` records how long).  The module (eval mode,
+    no gradients) gets the settings' rewrites before anything is compiled or loaded.  Raises
+    ``EngineError`` when a bucket is not in ``build`` or the build's recorded inputs differ
+    from this engine's buffers (shape, dtype or device).  ``warmup``: see ``WARMUP_POLICIES``.
     """
 
     backend = "compiled"
 
-    def __init__(self, name: str, module: torch.nn.Module, inputs, outputs, buckets: Sequence[int], *,
-                 device, dtype, settings: CompileSettings = CompileSettings(), cuda_graphs: bool = False,
-                 expect_cache_hits: bool = True, warmup: bool = True, graph_fallback: bool = False):
-        module.eval().requires_grad_(False)     # the state the build compiled in; else every graph misses
-        self.module = module                    # as given (rewrites are applied to a shallow copy)
-        self.settings = settings
-        self.expect_cache_hits = expect_cache_hits
-        self.bucket_cache: dict[int, dict[str, int]] = {}   # per bucket: cache counter deltas of its warm-up
-        raise_recompile_limit(len(buckets) + 4)
-        compiled = compile_module(apply_rewrites(module, settings.rewrites, name).eval(), settings)
-        start = time.perf_counter()
-        super().__init__(name, compiled, inputs, outputs, buckets, device=device, dtype=dtype,
-                         cuda_graphs=cuda_graphs, warmup=warmup, graph_fallback=graph_fallback)
-        if warmup:
-            log.info("compiled engine %s: %d bucket(s) ready in %.1f s (%d cache hit(s), %d fresh compile(s))",
-                     name, len(self.buckets), time.perf_counter() - start, self.cache_hits, self.fresh_compiles)
+    def __init__(self, name: str, module: torch.nn.Module, inputs: tuple[TensorSpec, ...],
+                 outputs: tuple[TensorSpec, ...], buckets: Sequence[int], *, device: torch.device | str,
+                 dtype: torch.dtype, build: CompiledBuild | None = None, settings: CompileSettings | None = None,
+                 functions: Mapping[int, Callable[..., Any]] | None = None, cuda_graphs: bool = False,
+                 warmup: str = "all", graph_fallback: bool = False):
+        if build is not None and settings is not None and settings != build.settings:
+            raise EngineError(f"engine '{name}': settings {settings.describe()} differ from the build's "
+                              f"({build.settings.describe()})")
+        check_warmup_policy(warmup)                     # an unknown policy fails before any work
+        self.build = build
+        self.settings = build.settings if build is not None else settings or CompileSettings()
+        module.eval().requires_grad_(False)
+        self.module = apply_rewrites(module, self.settings.rewrites, name).eval().requires_grad_(False)
+        self.dtype = dtype
+        self._functions: dict[int, Callable[..., Any]] = dict(functions or {})
+        self.bucket_load_seconds: dict[int, float] = {}
+        self.compile_seconds: dict[int, float] = {}
+        super().__init__(name, inputs, outputs, buckets, device=device, input_dtypes={s.name: dtype for s in inputs},
+                         cuda_graphs=cuda_graphs, graph_fallback=graph_fallback)
+        if build is not None:
+            for bucket in self.buckets:
+                self._check_inputs_recorded(bucket)
+        self.warm_up(warmup)
+
+    def input_specs(self, bucket: int) -> list[dict[str, Any]]:
+        """What this engine calls the ``bucket`` function with (the manifest's ``inputs``)."""
+        return input_specs(self._args(bucket))
+
+    def _check_inputs_recorded(self, bucket: int) -> None:
+        recorded, ours = self.build.entry(self.name, bucket).get("inputs"), self.input_specs(bucket)
+        if recorded != ours:
+            raise EngineError(f"compiled engines at {self.build.folder}: '{self.name}' batch {bucket} was compiled "
+                              f"for inputs {recorded}, this engine calls it with {ours}; "
+                              f"{rebuild_hint(self.build.cfg_name)}")
 
     @property
-    def fresh_compiles(self) -> int:
-        """Graphs compiled from scratch (cache miss or bypass) while preparing buckets so far."""
-        return sum(d.get("fx_miss", 0) + d.get("fx_bypass", 0) for d in self.bucket_cache.values())
+    def functions(self) -> dict[int, Callable[..., Any]]:
+        """Bucket -> compiled function, for those loaded or compiled so far."""
+        return dict(self._functions)
 
-    @property
-    def cache_hits(self) -> int:
-        return sum(d.get("fx_hit", 0) + d.get("aot_hit", 0) for d in self.bucket_cache.values())
+    def function(self, bucket: int) -> Callable[..., Any]:
+        """The compiled function of ``bucket``, loaded or compiled on first request."""
+        if bucket not in self._functions:
+            if bucket not in self.buckets:
+                raise EngineError(f"engine '{self.name}' has no batch bucket {bucket} "
+                                  f"(buckets: {list(self.buckets)})")
+            start = time.perf_counter()
+            if self.build is None:
+                self._functions[bucket] = compile_function(self.module, self._args(bucket), self.settings)
+                self.compile_seconds[bucket] = time.perf_counter() - start
+                log.info("compiled engine %s: batch %d compiled in %.1f s", self.name, bucket,
+                         self.compile_seconds[bucket])
+            else:
+                entry = self.build.entry(self.name, bucket)
+                self._functions[bucket] = load_function(self.build.folder / entry["file"], entry["sha256"],
+                                                        self.build.cfg_name)
+                self.bucket_load_seconds[bucket] = time.perf_counter() - start
+                self.load_seconds = sum(self.bucket_load_seconds.values())
+                log.info("compiled engine %s: batch %d loaded from %s in %.2f s", self.name, bucket, entry["file"],
+                         self.bucket_load_seconds[bucket])
+        return self._functions[bucket]
 
     def prepare(self, bucket: int) -> None:
-        before = cache_counters()
+        self.function(bucket)           # load / compile outside the warm-up timing
         super().prepare(bucket)
-        delta = cache_delta(before, cache_counters())
-        if not delta:
-            return
-        stats = self.bucket_cache.setdefault(bucket, {})
-        for key, value in delta.items():
-            stats[key] = stats.get(key, 0) + value
-        misses = delta.get("fx_miss", 0) + delta.get("fx_bypass", 0)
-        log.info("compiled engine %s batch %d: cache %s", self.name, bucket, delta)
-        if self.expect_cache_hits and misses:
-            log.warning("compiled engine %s: %d graph(s) at batch %d were compiled from scratch (cache miss): "
-                        "the saved artifacts do not match this torch/Inductor setup; %s", self.name, misses,
-                        bucket, rebuild_hint())
+
+    def _launch(self, rows: int) -> tuple[torch.Tensor, ...]:
+        return _as_tuple(self._functions[rows](self.module, *self._args(rows)))

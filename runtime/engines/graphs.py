@@ -9,6 +9,13 @@ every network here treats batch rows independently, so they never affect real ro
 A backend supplies only ``_launch(rows)``: run the network over the first ``rows`` rows of
 the input buffers on the current stream and return the outputs.
 
+Preparing a bucket (first call: artifact load, kernel selection; then graph capture) costs
+start-up time, so a warm-up policy says which buckets are prepared up front: ``"all"`` (a
+server, whose batches vary), ``"max"`` (only the largest: a file run pads its last partial
+batch up to it, which costs at most one batch of compute, instead of stalling mid-run to
+prepare a small bucket) or ``"none"``.  A call runs at the smallest *prepared* bucket that
+holds it; only when none does is the smallest fitting bucket prepared on the spot.
+
 Calls into one engine must be serialised (one stream, or synchronised streams): the input
 buffers and graph outputs are reused by the next call.
 """
@@ -19,7 +26,6 @@ import abc
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -28,18 +34,6 @@ from talkrt.errors import EngineError
 from talkrt.streams import on_stream
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PaddingPlan:
-    """How one call is run: ``batch`` real rows inside a ``bucket``-row launch."""
-
-    batch: int      # rows the caller passed
-    bucket: int     # rows actually run
-
-    @property
-    def pad(self) -> int:
-        return self.bucket - self.batch
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int:
@@ -52,9 +46,21 @@ def bucket_for(batch: int, buckets: Sequence[int]) -> int:
     return min(fitting)
 
 
-def plan_padding(batch: int, buckets: Sequence[int]) -> PaddingPlan:
-    """``PaddingPlan`` of ``batch`` rows over ``buckets`` (errors as :func:`bucket_for`)."""
-    return PaddingPlan(batch, bucket_for(batch, buckets))
+WARMUP_POLICIES = ("all", "max", "none")
+
+
+def check_warmup_policy(policy: str) -> str:
+    """``policy`` if it is one of ``WARMUP_POLICIES``, else ``EngineError``."""
+    if policy not in WARMUP_POLICIES:
+        raise EngineError(f"unknown engine warm-up policy {policy!r}; choose one of {WARMUP_POLICIES}")
+    return policy
+
+
+def warmup_buckets(policy: str, buckets: Sequence[int]) -> tuple[int, ...]:
+    """The buckets ``policy`` (one of ``WARMUP_POLICIES``) prepares; ``EngineError`` for an unknown policy."""
+    if check_warmup_policy(policy) == "all":
+        return tuple(sorted(buckets))
+    return (max(buckets),) if policy == "max" else ()
 
 
 def _as_tuple(result) -> tuple[torch.Tensor, ...]:
@@ -74,11 +80,14 @@ class BucketedEngine(Engine):
     """Static max-batch input buffers, bucket padding and optional CUDA graphs around ``_launch``.
 
     ``input_dtypes`` maps each input name to its buffer dtype (feeds are copied, and cast, into
-    the buffers).  A subclass finishes its own set-up, then calls :meth:`warm_up` (this is where
-    ``torch.compile`` compiles or loads from its cache, and graphs are captured), so no call pays
-    that later.  ``graph_fallback``: if capture fails, log a warning and run without graphs
-    instead of raising ``EngineError``.  Without graphs a call runs at its bucket when
-    ``fixed_shapes`` (the class attribute) is true, else at its own batch.
+    the buffers).  A subclass finishes its own set-up, then calls :meth:`warm_up` with its
+    warm-up policy (this is where artifacts load, kernels are chosen and graphs are captured).
+    ``graph_fallback``: if capture fails, log a warning and run without graphs instead of
+    raising ``EngineError``.  Without graphs a call runs at its bucket when ``fixed_shapes``
+    (the class attribute) is true, else at its own batch.
+
+    Start-up timing: ``load_seconds`` (artifact loading: plans, compiled functions; 0 for
+    eager) and ``warmup_seconds`` (bucket -> seconds of first call + graph capture).
     """
 
     backend = "bucketed"
@@ -100,6 +109,7 @@ class BucketedEngine(Engine):
         with torch.inference_mode():
             self._buffers = {s.name: torch.zeros(s.concrete_shape(self.max_batch), device=self.device,
                                                  dtype=input_dtypes[s.name]) for s in inputs}
+        self.load_seconds = 0.0
         self.warmup_seconds: dict[int, float] = {}
 
     @abc.abstractmethod
@@ -110,15 +120,24 @@ class BucketedEngine(Engine):
         """The first ``rows`` rows of every input buffer, in input order."""
         return tuple(self._buffers[s.name][:rows] for s in self.inputs)
 
-    def warm_up(self) -> None:
-        """:meth:`prepare` every bucket."""
-        for bucket in self.buckets:
+    @property
+    def prepared_buckets(self) -> tuple[int, ...]:
+        """Buckets prepared so far (run once, graph captured when graphs are on), ascending."""
+        return tuple(sorted(self.warmup_seconds))
+
+    def warm_up(self, policy: str = "all") -> None:
+        """:meth:`prepare` the buckets ``policy`` names (see ``WARMUP_POLICIES``)."""
+        for bucket in warmup_buckets(policy, self.buckets):
             self.prepare(bucket)
 
     @torch.inference_mode()
     def prepare(self, bucket: int) -> None:
-        """Run ``bucket`` once (compile / autotune happen here) and capture its graph if enabled."""
-        if bucket in self._graphs or (bucket in self.warmup_seconds and not self.cuda_graphs):
+        """Run ``bucket`` once (first-use work happens here) and capture its graph if enabled.
+
+        Raises ``EngineError`` for a bucket the engine does not have."""
+        if bucket not in self.buckets:
+            raise EngineError(f"engine '{self.name}' has no batch bucket {bucket} (buckets: {list(self.buckets)})")
+        if bucket in self.warmup_seconds:
             return
         start = time.perf_counter()
         if self.device.type == "cuda":
@@ -135,7 +154,7 @@ class BucketedEngine(Engine):
         if self.cuda_graphs:
             self._capture(bucket)
         self.warmup_seconds[bucket] = time.perf_counter() - start
-        log.info("engine %s (%s%s): batch %d ready in %.1f s", self.name, self.backend,
+        log.info("engine %s (%s%s): batch %d ready in %.2f s", self.name, self.backend,
                  "+graphs" if self.cuda_graphs else "", bucket, self.warmup_seconds[bucket])
 
     def _capture(self, bucket: int) -> None:
@@ -161,42 +180,49 @@ class BucketedEngine(Engine):
                 raise ValueError(f"engine '{self.name}': input '{spec.name}' has shape {got}, "
                                  f"expected ({batch}, {', '.join(map(str, want))})")
 
+    def _run_bucket(self, batch: int) -> int:
+        """The smallest prepared bucket holding ``batch``; prepares the smallest fitting one if none does."""
+        ready = [b for b in self.warmup_seconds if b >= batch]
+        if ready:
+            return min(ready)
+        bucket = bucket_for(batch, self.buckets)
+        log.info("engine %s: preparing batch %d on first use", self.name, bucket)
+        self.prepare(bucket)
+        return bucket
+
     @torch.inference_mode()
     def run(self, feeds, stream=None):
         batch = self.check_inputs(feeds)
         self._check_shapes(feeds, batch)
-        plan = plan_padding(batch, self.buckets)
+        exact = not self.fixed_shapes and not self.cuda_graphs     # a dynamic profile runs the batch as is
+        bucket = batch if exact else self._run_bucket(batch)
         with on_stream(stream):
             for spec in self.inputs:
                 self._buffers[spec.name][:batch].copy_(feeds[spec.name], non_blocking=True)
-            captured = None
-            if self.cuda_graphs:
-                if plan.bucket not in self._graphs:
-                    self.prepare(plan.bucket)
-                captured = self._graphs.get(plan.bucket)      # None if capture fell back just now
+            captured = self._graphs.get(bucket) if self.cuda_graphs else None   # None after a capture fallback
             if captured is not None:
                 captured.graph.replay()
                 results = captured.outputs
             else:
-                results = self._launch(plan.bucket if self.fixed_shapes else batch)
+                results = self._launch(bucket)
         return {spec.name: value[:batch] for spec, value in zip(self.outputs, results)}
 
 
 class CallableEngine(BucketedEngine):
-    """Runs ``fn(*inputs)`` (a module or a compiled function) at fixed buckets, all inputs in ``dtype``.
+    """Runs ``fn(*inputs)`` (a module or any callable) at fixed buckets, all inputs in ``dtype``.
 
-    ``warmup`` prepares every bucket at construction.
+    ``warmup``: the warm-up policy applied at construction (``WARMUP_POLICIES``).
     """
 
     def __init__(self, name: str, fn: Callable[..., object], inputs: tuple[TensorSpec, ...],
                  outputs: tuple[TensorSpec, ...], buckets: Sequence[int], *, device: torch.device | str,
-                 dtype: torch.dtype, cuda_graphs: bool = False, warmup: bool = True, graph_fallback: bool = False):
+                 dtype: torch.dtype, cuda_graphs: bool = False, warmup: str = "all", graph_fallback: bool = False):
+        check_warmup_policy(warmup)                     # an unknown policy fails before any work
         super().__init__(name, inputs, outputs, buckets, device=device, input_dtypes={s.name: dtype for s in inputs},
                          cuda_graphs=cuda_graphs, graph_fallback=graph_fallback)
         self.fn = fn
         self.dtype = dtype
-        if warmup:
-            self.warm_up()
+        self.warm_up(warmup)
 
     def _launch(self, rows: int) -> tuple[torch.Tensor, ...]:
         return _as_tuple(self.fn(*self._args(rows)))
@@ -209,7 +235,7 @@ class EagerGraphEngine(CallableEngine):
 
     def __init__(self, name: str, module: torch.nn.Module, inputs: tuple[TensorSpec, ...],
                  outputs: tuple[TensorSpec, ...], buckets: Sequence[int], *, device, dtype,
-                 cuda_graphs: bool = True, warmup: bool = True, graph_fallback: bool = False):
+                 cuda_graphs: bool = True, warmup: str = "all", graph_fallback: bool = False):
         self.module = module
         super().__init__(name, module, inputs, outputs, buckets, device=device, dtype=dtype,
                          cuda_graphs=cuda_graphs, warmup=warmup, graph_fallback=graph_fallback)

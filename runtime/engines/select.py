@@ -5,6 +5,11 @@ takes the first whose artifacts exist and whose manifests match this machine and
 An explicit ``backend="tensorrt"`` or ``"compiled"`` that cannot be used raises
 ``EngineError`` (saying to run ``make engines``); ``"auto"`` warns and falls back to eager,
 CUDA-graph captured per batch bucket on CUDA.  Whisper always runs eager.
+
+``warmup`` (``talkrt.engines.graphs.WARMUP_POLICIES``) says which buckets are prepared before
+``create_engines`` returns: ``"max"`` (the default: a file run pads a partial batch up to the
+largest bucket) or ``"all"`` (a server).  ``startup_seconds(engines)`` reports what loading
+and warm-up cost per engine.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import torch
 
 from talkrt.config import BACKENDS, TalkrtConfig
 from talkrt.engines.base import EagerEngine, Engine
-from talkrt.engines.compiled import CompiledEngine, load_compiled_artifacts
-from talkrt.engines.graphs import EagerGraphEngine
+from talkrt.engines.compiled import CompiledEngine, open_compiled_build
+from talkrt.engines.graphs import EagerGraphEngine, check_warmup_policy
 from talkrt.engines.manifest import config_dir, rebuild_hint
 from talkrt.engines.specs import ENGINE_MODELS, ModelSpec, default_max_batch, export_specs
 from talkrt.engines.tensorrt import TensorRTEngine, import_tensorrt
@@ -32,7 +37,7 @@ def _placement(models, device, dtype) -> tuple[torch.device, torch.dtype]:
 
 
 def eager_engines(specs: dict[str, ModelSpec], models, *, device: torch.device, dtype: torch.dtype,
-                  cuda_graphs: bool, graph_fallback: bool = True) -> dict[str, Engine]:
+                  cuda_graphs: bool, graph_fallback: bool = True, warmup: str = "max") -> dict[str, Engine]:
     """Eager engines for ``ENGINE_MODELS`` (CUDA-graph captured per bucket when asked)."""
     engines: dict[str, Engine] = {}
     for name in ENGINE_MODELS:
@@ -40,47 +45,53 @@ def eager_engines(specs: dict[str, ModelSpec], models, *, device: torch.device, 
         module = spec.make_module(models)
         if cuda_graphs:
             engines[name] = EagerGraphEngine(name, module, spec.inputs, spec.outputs, spec.buckets, device=device,
-                                             dtype=dtype, cuda_graphs=True, graph_fallback=graph_fallback)
+                                             dtype=dtype, cuda_graphs=True, warmup=warmup,
+                                             graph_fallback=graph_fallback)
         else:
             engines[name] = EagerEngine(name, module, spec.inputs, spec.outputs, spec.profile.max)
     return engines
 
 
 def tensorrt_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, device: torch.device,
-                     dtype: torch.dtype, engines_dir, cuda_graphs: bool) -> dict[str, Engine]:
+                     dtype: torch.dtype, engines_dir, cuda_graphs: bool, warmup: str) -> dict[str, Engine]:
     if device.type != "cuda":
         raise EngineError(f"TensorRT engines need a CUDA device, this run uses {device}")
     import_tensorrt()
     return {name: TensorRTEngine(cfg, name, specs[name].inputs, specs[name].outputs, dtype=dtype,
                                  weights_identity=models.identity, max_batch=specs[name].profile.max,
                                  buckets=specs[name].buckets, engines_dir=engines_dir, device=device,
-                                 cuda_graphs=cuda_graphs)
+                                 cuda_graphs=cuda_graphs, warmup=warmup)
             for name in ENGINE_MODELS}
 
 
 def compiled_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, device: torch.device,
-                     dtype: torch.dtype, engines_dir, cuda_graphs: bool) -> dict[str, Engine]:
-    build = load_compiled_artifacts(cfg, device=device, dtype=dtype, models=ENGINE_MODELS,
-                                    max_batch=specs["unet"].profile.max, engines_dir=engines_dir)
+                     dtype: torch.dtype, engines_dir, cuda_graphs: bool, warmup: str) -> dict[str, Engine]:
+    build = open_compiled_build(cfg, device=device, dtype=dtype, models=ENGINE_MODELS,
+                                max_batch=specs["unet"].profile.max, engines_dir=engines_dir)
     engines: dict[str, Engine] = {}
     for name in ENGINE_MODELS:
         spec = specs[name]
         engines[name] = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs,
-                                       build.buckets[name], device=device, dtype=dtype, settings=build.settings,
-                                       cuda_graphs=cuda_graphs, graph_fallback=True)
+                                       build.buckets[name], device=device, dtype=dtype, build=build,
+                                       cuda_graphs=cuda_graphs, warmup=warmup, graph_fallback=True)
     return engines
 
 
 def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None, engines_dir: str | Path | None = None,
-                   max_batch: int | None = None, cuda_graphs: bool = True) -> tuple[dict[str, Engine], str]:
+                   max_batch: int | None = None, cuda_graphs: bool = True,
+                   warmup: str = "max") -> tuple[dict[str, Engine], str]:
     """Engines for unet, vae_decoder, vae_encoder (and eager whisper), plus the backend chosen.
 
     ``models`` (``LipSyncModels``) must be on ``device`` in ``dtype`` (both default to the
     UNet's).  ``engines_dir`` defaults to ``$TALKRT_ENGINES_DIR`` or ``./engines``.
+    ``warmup``: which batch buckets are prepared before returning (``"max"``, ``"all"``,
+    ``"none"``; see the module docstring).  Raises ``EngineError`` for an unknown backend or
+    policy, or an explicit backend that cannot be used.
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown engine backend '{backend}'; choose one of {BACKENDS}")
+    check_warmup_policy(warmup)                       # an unknown policy fails before any loading
     device, dtype = _placement(models, device, dtype)
     specs = export_specs(cfg, max_batch or default_max_batch(cfg))
     graphs = cuda_graphs and device.type == "cuda"
@@ -90,7 +101,7 @@ def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: 
     for candidate in order:
         try:
             engines = builders[candidate](cfg, specs, models, device=device, dtype=dtype, engines_dir=engines_dir,
-                                          cuda_graphs=graphs)
+                                          cuda_graphs=graphs, warmup=warmup)
         except EngineError as exc:
             if backend != "auto":
                 raise
@@ -110,7 +121,8 @@ def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: 
         log.warning("no usable prebuilt engines for config '%s' in %s%s; falling back to eager%s; to use them, "
                     "%s [%s]", cfg.name, folder, "" if folder.is_dir() else " (no such folder)",
                     " with CUDA graphs" if graphs else "", rebuild_hint(cfg.source), " | ".join(reasons))
-    engines = eager_engines(specs, models, device=device, dtype=dtype, cuda_graphs=graphs, graph_fallback=True)
+    engines = eager_engines(specs, models, device=device, dtype=dtype, cuda_graphs=graphs, graph_fallback=True,
+                            warmup=warmup)
     return _finish(engines, specs, models, cfg, "eager", graphs, engines_dir)
 
 
@@ -124,3 +136,12 @@ def _finish(engines: dict[str, Engine], specs: dict[str, ModelSpec], models, cfg
     log.info("engine backend for config '%s': %s%s (batch <= %d%s)", cfg.name, backend,
              " + CUDA graphs" if used_graphs else "", specs["unet"].profile.max, where)
     return engines, backend
+
+
+def startup_seconds(engines: dict[str, Engine]) -> dict[str, dict[str, object]]:
+    """Per engine: ``load_s`` (artifact loading) and ``warmup_s`` (bucket -> first call + graph capture).
+
+    Engines without buckets (plain eager, Whisper) report 0 and no buckets."""
+    return {name: {"load_s": round(getattr(engine, "load_seconds", 0.0), 3),
+                   "warmup_s": {b: round(s, 3) for b, s in getattr(engine, "warmup_seconds", {}).items()}}
+            for name, engine in engines.items()}

@@ -13,6 +13,7 @@ still works, and building an engine raises ``EngineError``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 
 from talkrt.config import TalkrtConfig
 from talkrt.engines.base import TensorSpec
-from talkrt.engines.graphs import BucketedEngine
+from talkrt.engines.graphs import BucketedEngine, check_warmup_policy
 from talkrt.engines.manifest import (
     check_manifest, config_dir, dtype_name, machine_info, read_manifest, rebuild_hint,
 )
@@ -103,7 +104,8 @@ class TensorRTEngine(BucketedEngine):
     def __init__(self, cfg: TalkrtConfig, name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  *, dtype: torch.dtype, weights_identity: str, max_batch: int, buckets: Sequence[int],
                  engines_dir: str | Path | None = None, device: torch.device | str = "cuda",
-                 cuda_graphs: bool = True, warmup: bool = True):
+                 cuda_graphs: bool = True, warmup: str = "all"):
+        check_warmup_policy(warmup)
         device = torch.device(device)
         if device.type != "cuda":
             raise EngineError(f"TensorRT engine '{name}' needs a CUDA device, got {device}")
@@ -115,6 +117,7 @@ class TensorRTEngine(BucketedEngine):
         check_plan_manifest(manifest, expected, path=path, max_batch=max_batch, cfg_name=cfg.source)
         if not path.is_file():
             raise EngineError(f"TensorRT plan {path} is missing; {rebuild_hint(cfg.source)}")
+        start = time.perf_counter()
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -128,10 +131,10 @@ class TensorRTEngine(BucketedEngine):
         super().__init__(name, inputs, outputs, {b for b in buckets if b <= max_batch} | {max_batch},
                          device=device, input_dtypes=input_dtypes, cuda_graphs=cuda_graphs)
         self._outputs = self._bind()
-        if warmup and cuda_graphs:
-            self.warm_up()
-        log.info("TensorRT engine %s loaded from %s (batch <= %d%s)", name, path, max_batch,
-                 f", CUDA graphs at {self.buckets}" if cuda_graphs else "")
+        self.load_seconds = time.perf_counter() - start
+        self.warm_up(warmup)
+        log.info("TensorRT engine %s loaded from %s in %.2f s (batch <= %d%s, prepared %s)", name, path,
+                 self.load_seconds, max_batch, ", CUDA graphs" if self.cuda_graphs else "", list(self.prepared_buckets))
 
     def _bind(self) -> dict[str, torch.Tensor]:
         """Set every input to its max-batch shape, allocate the outputs, set all tensor addresses once."""
