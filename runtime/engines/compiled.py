@@ -130,6 +130,12 @@ def call_module(module: torch.nn.Module, *args: torch.Tensor):
     return module(*args)
 
 
+def _enable_aot_compile() -> None:
+    config = torch._dynamo.config
+    if hasattr(config, "enable_aot_compile"):        # torch 2.11 needs it on; later versions default to on
+        config.enable_aot_compile = True
+
+
 def compile_function(module: torch.nn.Module, args: Sequence[torch.Tensor], settings: CompileSettings):
     """``call_module`` compiled ahead of time for exactly ``args`` (static shapes, no guards).
 
@@ -138,9 +144,8 @@ def compile_function(module: torch.nn.Module, args: Sequence[torch.Tensor], sett
     the engine's buffers are.
     """
     from torch._inductor import list_mode_options
-    config = torch._dynamo.config
-    if hasattr(config, "enable_aot_compile"):        # torch 2.11 needs it on; later versions default to on
-        config.enable_aot_compile = True
+    _enable_aot_compile()
+    # dynamic=False: static shapes even where Dynamo's automatic-dynamic profile saw other buckets
     options = {**list_mode_options(settings.mode), "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
     compiled = torch.compile(call_module, fullgraph=True, dynamic=False, options=options)
     with torch.inference_mode():
@@ -224,6 +229,7 @@ def load_function(path: Path, expected_sha: str, cfg_name: str | None = None) ->
         raise EngineError(f"compiled engines: {path} does not match its manifest's sha256 (corrupt or replaced); "
                           f"{rebuild_hint(cfg_name)}")
     try:
+        _enable_aot_compile()
         return torch.compiler.load_compiled_function(io.BytesIO(path.read_bytes()))
     except Exception as exc:  # noqa: BLE001 - unpickling and torch's compatibility checks fail in many ways
         raise EngineError(f"compiled engines: torch could not load {path} ({type(exc).__name__}: {exc}); "
