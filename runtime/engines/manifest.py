@@ -6,7 +6,7 @@ Layout (one folder per config, named by config name + model hash)::
       musetalk-v1.5-<model_hash>/
         onnx/unet.float32.onnx (+ .onnx.data when over 2 GB), unet.float32.json, ...
         tensorrt/unet.float16.plan, unet.float16.json, timing.cache
-        compiled/cuda-float16/artifacts.bin, manifest.json
+        compiled/cuda-float16/unet-b16.bin, ..., manifest.json
 
 Every artifact has a manifest; the run time compares the fields that must match this
 machine and config and refuses a mismatch with an ``EngineError`` that says to rebuild.
