@@ -9,10 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 ENGINES_DIR ?= engines
 
-.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-realtime bench-live bench-jobs profile sample serve clean
+.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-startup bench-realtime bench-live bench-jobs profile sample serve clean
 
 help:
-	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-realtime | bench-live | bench-jobs | profile | sample | serve | clean"
+	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-startup | bench-realtime | bench-live | bench-jobs | profile | sample | serve | clean"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(if $(TORCH_SPEC),,--system-site-packages) $(VENV)
@@ -57,6 +57,9 @@ bench-engines: venv
 bench: venv
 	$(PY) -m benchmarks.pipeline --json $(OUT)/bench_pipeline.json
 	$(PY) -m benchmarks.report --inputs '$(OUT)/bench_*.json' --out $(OUT)/report
+
+bench-startup: venv
+	$(PY) -m benchmarks.startup --json $(OUT)/bench_startup.json $(if $(ENGINES_DIR),--engines-dir $(ENGINES_DIR))
 
 bench-realtime: venv
 	$(PY) -m benchmarks.realtime --json $(OUT)/bench_realtime.json

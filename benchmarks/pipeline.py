@@ -17,6 +17,10 @@ peak GPU memory (torch allocator) and peak host RSS sampled during the run:
 * ``--extra NAME=overrides``: talkrt again with config overrides (e.g.
   ``ultrafast=pipeline.encoder.preset=ultrafast``), one more row each.
 
+Every talkrt row also gets its two bounds measured alone right after it (``benchmarks.bounds``):
+the encoder alone on the same frames and the engines alone at the same batch, and the share of
+the slower one that the end-to-end run reaches (the overlap table).
+
 ``--long-minutes M`` then runs talkrt alone at ``--long-resolution`` on 10 s and on M minutes of
 speech and reports both peaks, to show that memory does not grow with the video's length.
 """
@@ -42,6 +46,7 @@ from talkrt.media.audio import load_audio
 from talkrt.media.probe import probe_video
 from talkrt.media.writer import Mp4Writer
 from talkrt.pipeline import run_pipeline
+from benchmarks.bounds import encoder_alone, engines_alone
 from benchmarks.sample import moving_face_frames
 from talkrt.session import build_session
 
@@ -144,12 +149,20 @@ def bench(resolutions: list[str], config: str, device: str, seconds: float, work
                                      backend=talkrt_backend, compose="auto", cache_dir=cache)
     results: dict = {"config": paths["talkrt"].cfg.name, "device": str(paths["talkrt"].device),
                      "speech": str(speech), "extras": {k: v for k, v in extras}, "rows": []}
+    engines_fps: dict[str, float] = {}
     for name in resolutions:
         video = make_clip(work, name, seconds)
         for label, parts in paths.items():
             run_once(parts, video, speech, work / f"warm_{label}_{name}.mp4")        # warm-up
             row = run_once(parts, video, speech, work / f"{label}_{name}.mp4")
             row.update(resolution=name, path=label, backend=parts.backend, compose=parts.compose)
+            if label != "baseline":          # the bounds of this run, measured alone right after it
+                if label not in engines_fps:
+                    engines_fps[label] = engines_alone(parts, row["frames"])["fps"]
+                encoder = encoder_alone(parts, video, speech, row["frames"], work / f"encoder_{label}_{name}.mp4")
+                bound = min(encoder["fps"], engines_fps[label])
+                row.update(encoder_alone_fps=encoder["fps"], engines_alone_fps=engines_fps[label],
+                           share_of_bound=row["fps"] / bound)
             results["rows"].append(row)
             log.info("%s %s: %.1f frames/s", name, label, row["fps"])
     for name in resolutions:
@@ -187,6 +200,17 @@ def markdown_table(results: dict) -> str:
         per_stage = r["gpu_stages_ms_per_frame"] or r["stages_ms_per_frame"]
         cells += [f"{per_stage.get(s, 0.0):.2f}" for s in stages]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def overlap_table(results: dict) -> str:
+    """End to end against the slower of (encoder alone, engines alone), per talkrt row."""
+    lines = ["| resolution | path | end to end f/s | encoder alone f/s | engines alone f/s | share of the slower |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        if "share_of_bound" in r:
+            lines.append(f"| {r['resolution']} | {r['path']} | {r['fps']:.1f} | {r['encoder_alone_fps']:.1f} "
+                         f"| {r['engines_alone_fps']:.1f} | {100 * r['share_of_bound']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -232,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         results["gpu"] = torch.cuda.get_device_name()
     if results["rows"]:
         print(markdown_table(results))
+        print(overlap_table(results))
     if results.get("length_rows"):
         print(length_table(results["length_rows"]))
     if args.json:

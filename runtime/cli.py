@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import re
 import signal
 import sys
@@ -178,15 +179,18 @@ def check_inputs(args: argparse.Namespace, overrides: list[str]):
     return video, audio, out, info, clip
 
 
-def run(args: argparse.Namespace, progress: ProgressBar, started: float) -> int:
-    """Check, build, run, report (see :func:`main`)."""
+def run(args: argparse.Namespace, progress: ProgressBar, started: float, before_main: float) -> int:
+    """Check, build, run, report (see :func:`main`); ``before_main``: seconds from process start to ``started``."""
     overrides = list(args.set) + ([f"pipeline.batch_size={args.batch_size}"] if args.batch_size is not None else [])
     video, audio, out, info, clip = check_inputs(args, overrides)
+    checked = time.perf_counter()
     log.info("loading the models")
 
     from talkrt.pipeline import run_pipeline
-    from talkrt.report import format_ranges, no_face_ranges, report_document, summary_line, write_json
+    from talkrt.report import (format_ranges, no_face_ranges, report_document, startup_breakdown, summary_line,
+                               write_json)
     from talkrt.session import build_session, resolve_device
+    imported = time.perf_counter()
 
     device = resolve_device(args.device)
     config_name, cfg = choose_config(args, overrides, on_gpu=device.type == "cuda")
@@ -201,16 +205,21 @@ def run(args: argparse.Namespace, progress: ProgressBar, started: float) -> int:
                     report.frames - report.faces_found, report.frames, format_ranges(missing))
     for stage, ms, share in report.stage_table:
         log.info("stage %-15s %8.2f ms/frame  %5.1f%%", stage, ms, 100 * share)
+    breakdown = startup_breakdown(report, parts.load_seconds, before_main=before_main, checks=checked - started,
+                                  imports=imported - checked)
+    log.info("start-up: %s", ", ".join(f"{k} {v:.2f} s" for k, v in breakdown.items()))
     if args.json:
         write_json(Path(args.json), report_document(report, startup_seconds=startup, config=config_name,
                                                     config_hash=cfg.model_hash(), device=str(device), video=video,
-                                                    audio=audio))
-    print(summary_line(report, startup))
+                                                    audio=audio, startup=breakdown))
+    print(summary_line(report, startup, breakdown["to_first_frame"]))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    # a console-script run counts from process start; a call from Python counts from here
+    before_main = (seconds_since_process_start() or 0.0) if argv is None else 0.0
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
     try:
         with logging_redirect_tqdm():          # log lines go above the bar, never through it
-            return run(args, progress, started)
+            return run(args, progress, started, before_main)
     except TalkrtError as exc:
         progress.close()
         log.error("%s", exc)
@@ -244,6 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def seconds_since_process_start() -> float | None:
+    """Seconds since this process started (Linux ``/proc``, 10 ms resolution); None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()       # after the command name, from field 3 on
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))   # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Terminated(KeyboardInterrupt):

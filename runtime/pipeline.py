@@ -73,6 +73,7 @@ class RunReport:
     encode_path: str = ""
     frame_bytes_to_host: int = 0     # bytes of frame data copied device -> host (GPU path: NV12 only)
     gpu_stage_seconds: dict[str, float] | None = None   # CUDA-event stage times (stage_sync off or TALKRT_GPU_EVENTS=1)
+    first_batch_seconds: float = 0.0  # from the pipeline's start to the first batch handed to the encoder
 
     @property
     def fps(self) -> float:
@@ -95,6 +96,7 @@ class PipelineParts:
     weights: str
     backend: str
     compose: str
+    load_seconds: dict[str, float] = dataclasses.field(default_factory=dict)   # build_session's steps: weights, engines, ...
 
 
 def output_metadata(parts: PipelineParts, with_face: np.ndarray) -> dict[str, str]:
@@ -123,10 +125,11 @@ def open_writer(parts: PipelineParts, out_path: Path, info: VideoInfo, audio_pat
     common = dict(audio_path=audio_path, video_codec=enc.codec, preset=enc.preset, crf=enc.crf, metadata=metadata,
                   pix_fmt="nv12" if nv12_input else "yuv420p")
     if enc.workers == 1:
-        return Mp4Writer(out_path, info.width, info.height, info.fps, **common)
+        return Mp4Writer(out_path, info.width, info.height, info.fps, **common,
+                         encoder_options={"threads": str(enc.threads)} if enc.threads else None)
     segment_frames = max(1, round(enc.segment_seconds * info.fps))
     return SegmentedMp4Writer(out_path, info.width, info.height, info.fps, workers=enc.workers,
-                              segment_frames=segment_frames, **common)
+                              segment_frames=segment_frames, threads_per_worker=enc.threads or None, **common)
 
 
 def build_stages(parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int, writer,
@@ -222,10 +225,12 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
                                          f"{avatar.num_frames}")
         runner = BatchRunner(stages, clock, parts.stream)
         progress.phase("lip-sync", num_out)
+        first_batch = 0.0
         try:
             for b, first in enumerate(range(0, num_out, bs)):
                 out_index = np.arange(first, min(first + bs, num_out))
                 runner(FrameBatch.of_avatar(b, out_index, ping_pong_index(out_index, avatar.num_frames), avatar))
+                first_batch = first_batch or time.perf_counter() - start
                 progress.advance(len(out_index))
         except BaseException:
             stages.abort()          # no encoder thread or decoder outlives a failed run
@@ -238,4 +243,5 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
                      source_frames=avatar.num_frames, weights=parts.weights, backend=parts.backend,
                      compose=parts.compose, stage_table=clock.table(num_out), decode_path=stages.frames.decode_path,
                      encode_path=stages.encode.encode_path, frame_bytes_to_host=stages.encode.bytes_downloaded,
-                     gpu_stage_seconds=clock.gpu_seconds() if clock.gpu_events else None)
+                     gpu_stage_seconds=clock.gpu_seconds() if clock.gpu_events else None,
+                     first_batch_seconds=first_batch)

@@ -33,12 +33,24 @@ def format_ranges(ranges: list[tuple[int, int]]) -> str:
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges)
 
 
-def summary_line(report: RunReport, startup_seconds: float) -> str:
+def startup_breakdown(report: RunReport, load_seconds: dict[str, float], *, before_main: float, checks: float,
+                      imports: float) -> dict[str, float]:
+    """Seconds from process start to the first output frame, step by step, in order: interpreter
+    start-up (``before_main``), input checks, imports, ``build_session``'s steps (weights,
+    engines, ...), the avatar (preparation or cache load) and the first batch (Whisper on the
+    first audio segment, model, compose, handed to the encoder); ``to_first_frame`` is their sum."""
+    steps = {"interpreter": before_main, "checks": checks, "imports": imports, **load_seconds,
+             "avatar": report.prepare_seconds, "first_batch": report.first_batch_seconds}
+    return {**steps, "to_first_frame": sum(steps.values())}
+
+
+def summary_line(report: RunReport, startup_seconds: float, first_frame_seconds: float | None = None) -> str:
     """One line of ``key=value`` fields with no spaces in any value (the output path is in the
     log and the JSON report, not here, since paths may hold spaces)."""
     fields = {
         "frames": report.frames, "fps": f"{report.fps:.1f}", "seconds": f"{report.seconds:.2f}",
         "startup_s": f"{startup_seconds:.2f}", "prepare_s": f"{report.prepare_seconds:.2f}",
+        **({"first_frame_s": f"{first_frame_seconds:.2f}"} if first_frame_seconds is not None else {}),
         "faces": f"{report.faces_found}/{report.frames}", "weights": report.weights, "backend": report.backend,
         "compose": report.compose, "decode": report.decode_path, "encode": report.encode_path,
     }
@@ -57,9 +69,10 @@ def versions() -> dict[str, str]:
 
 
 def report_document(report: RunReport, *, startup_seconds: float, config: str, config_hash: str, device: str,
-                    video: Path, audio: Path) -> dict[str, Any]:
+                    video: Path, audio: Path, startup: dict[str, float] | None = None) -> dict[str, Any]:
     """The JSON report of one run (``--json``): paths absolute, times in seconds, stage times in
-    ms per output frame, ``config_hash`` the hash of the model settings (as in engine manifests)."""
+    ms per output frame, ``config_hash`` the hash of the model settings (as in engine manifests),
+    ``startup`` the :func:`startup_breakdown`."""
     return {
         "report_version": REPORT_VERSION,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -73,6 +86,7 @@ def report_document(report: RunReport, *, startup_seconds: float, config: str, c
         "seconds": {"startup": startup_seconds, "preparation": report.prepare_seconds,
                     "pipeline": report.seconds,
                     "total": startup_seconds + report.prepare_seconds + report.seconds},
+        "startup": startup or {},
         "fps": report.fps,
         "stages": [{"stage": name, "ms_per_frame": ms, "share": share} for name, ms, share in report.stage_table],
         "frame_bytes_to_host": report.frame_bytes_to_host,

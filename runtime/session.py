@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -54,14 +55,17 @@ def resolve_compose(mode: str, device: torch.device) -> str:
 def build_session(cfg: TalkrtConfig, *, device: str = "auto", weights_dir: str | None = None,
                   backend: str | None = None, compose: str | None = None, cache_dir: str | Path | None = None,
                   engines_dir: str | Path | None = None, tracker: str = DEFAULT_TRACKER,
-                  cuda_graphs: bool = True) -> PipelineParts:
+                  cuda_graphs: bool = True, warmup: str = "max") -> PipelineParts:
     dev = resolve_device(device)
     dtype = getattr(torch, cfg.pipeline.precision) if dev.type == "cuda" else torch.float32
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    start = time.perf_counter()
     models = load_models(cfg, weights_dir, dev, dtype)
+    weights_done = time.perf_counter()
     engines, chosen = create_engines(cfg, models, backend=backend or cfg.pipeline.backend, device=dev, dtype=dtype,
                                      engines_dir=engines_dir, max_batch=cfg.pipeline.batch_size,
-                                     cuda_graphs=cuda_graphs)
+                                     cuda_graphs=cuda_graphs, warmup=warmup)
+    engines_done = time.perf_counter()
     face_tracker = create_tracker(tracker)
     preparer = AvatarPreparer(cfg, face_tracker, tracker, engines["vae_encoder"], models.identity, dev, dtype,
                               Path(cache_dir) if cache_dir else default_cache_dir(),
@@ -70,4 +74,6 @@ def build_session(cfg: TalkrtConfig, *, device: str = "auto", weights_dir: str |
     log.info("session: device=%s dtype=%s backend=%s weights=%s", dev, dtype, chosen, models.source)
     return PipelineParts(cfg=cfg, device=dev, dtype=dtype, stream=stream, unet=engines["unet"],
                          vae_decoder=engines["vae_decoder"], audio_features=audio, preparer=preparer,
-                         weights=models.source, backend=chosen, compose=resolve_compose(compose or cfg.pipeline.compose, dev))
+                         weights=models.source, backend=chosen, compose=resolve_compose(compose or cfg.pipeline.compose, dev),
+                         load_seconds={"weights": weights_done - start, "engines": engines_done - weights_done,
+                                       "tracker_and_audio": time.perf_counter() - engines_done})

@@ -177,6 +177,12 @@ def test_json_report_and_summary_line(media, tmp_path, capsys):
                                                   "4.vae_decode", "5.compose", "6.encode", "6.encode-drain"]
     assert doc["config_hash"] and doc["finished"].endswith("+00:00") and Path(doc["inputs"]["video"]).is_absolute()
     assert doc["versions"]["talkrt"] == __version__ and "torch" in doc["versions"]
+    startup = doc["startup"]            # called from Python: counted from main(), so no interpreter time
+    assert list(startup) == ["interpreter", "checks", "imports", "weights", "engines", "tracker_and_audio",
+                             "avatar", "first_batch", "to_first_frame"]
+    assert startup["interpreter"] == 0 and startup["first_batch"] > 0 and startup["avatar"] > 0
+    assert startup["to_first_frame"] == pytest.approx(sum(v for k, v in startup.items() if k != "to_first_frame"))
+    assert float(fields["first_frame_s"]) == pytest.approx(startup["to_first_frame"], abs=0.01)
 
 
 @pytest.mark.slow
@@ -212,3 +218,9 @@ def test_fps_resamples_the_avatar(media, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args(media, out, None, None, "--fps", "0"))
     assert exit_info.value.code == 2 and "--fps: must be positive" in capsys.readouterr().err
+
+
+def test_process_age_counts_from_process_start():
+    code = "import time; time.sleep(0.5); from talkrt.cli import seconds_since_process_start as s; print(s())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.45 <= age < 10.0          # /proc's clock ticks are 10 ms; the interpreter start adds a little
