@@ -234,7 +234,7 @@ def engines_alone(args, batches: list[int]) -> dict[int, dict]:
     from talkrt.config import load_config
     from talkrt.session import build_session
     parts = build_session(load_config(args.config), device=args.device, backend=args.backend,
-                          cache_dir=tempfile.mkdtemp(prefix="talkrt-live-engines-"))
+                          cache_dir=tempfile.mkdtemp(prefix="talkrt-live-engines-"), warmup="all")
     m, dev = parts.cfg.model, parts.device
     out = {}
     for b in sorted(set(batches)):

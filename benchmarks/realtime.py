@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config)
     if max(args.batch_sizes) > cfg.pipeline.batch_size:
         cfg = load_config(config, [f"pipeline.batch_size={max(args.batch_sizes)}"])
-    parts = build_session(cfg, device=device, backend=args.backend, cache_dir=args.cache_dir)
+    parts = build_session(cfg, device=device, backend=args.backend, cache_dir=args.cache_dir, warmup="all")
     avatar = parts.preparer(inputs.video, info)
     a = cfg.model.audio
     timing = AudioTiming(clip.num_samples, info.fps, a.pad_left_steps, a.window_steps)

@@ -78,7 +78,7 @@ class ServerState:
         s = self.settings
         try:
             parts = build_session(s.cfg, device=s.device, weights_dir=s.weights_dir, backend=s.backend,
-                                  cache_dir=Path(s.data_dir) / "prepared")
+                                  cache_dir=Path(s.data_dir) / "prepared", warmup="all")   # live batches take any size
             parts = dataclasses.replace(parts, preparer=SerialPreparer(parts.preparer))   # avatars and jobs share it
             self.avatars = AvatarStore(Path(s.data_dir), parts.preparer, self.metrics)
             self.renderer = FrameRenderer(parts)
