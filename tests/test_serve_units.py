@@ -4,6 +4,7 @@ frames and PCM, and the live Whisper windows against whole-clip features."""
 from __future__ import annotations
 
 import json
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -63,6 +64,17 @@ def test_buffer_sink_drops_oldest_and_counts():
     sink.close()
     sink.put(LiveFrame(9, 0.0, False, b"", b"", 0.0, 0.0))
     assert sink.take() == []
+
+
+def test_buffer_sink_drops_frames_that_waited_too_long_not_bursts():
+    sink = BufferSink(1000, max_wait_s=0.05)
+    for i in range(300):                                  # a burst from a late step: nothing has waited
+        sink.put(LiveFrame(i, i / 25, False, b"j", b"p", 0.0, 0.0))
+    assert sink.dropped == 0 and [f.index for f in sink.take()] == list(range(300))
+    sink.put(LiveFrame(300, 12.0, False, b"j", b"p", 0.0, 0.0))
+    time.sleep(0.1)                                       # the reader stalls
+    sink.put(LiveFrame(301, 12.04, False, b"j", b"p", 0.0, 0.0))
+    assert sink.dropped == 1 and [f.index for f in sink.take()] == [301]
 
 
 def test_buffer_sink_events_wait_apart_from_frames():

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
-SINK_SECONDS = 5.0          # how many seconds of frames a client may fall behind before the oldest are dropped
+SINK_SECONDS = 5.0          # how long a frame may wait for a slow client before it is dropped
+SINK_MAX_SECONDS = 20.0     # frames (in seconds of video) a session may hold at most, whatever their wait
 
 
 async def _refuse(ws: WebSocket, exc: ProtocolError) -> None:
@@ -75,7 +76,7 @@ async def live_session(ws: WebSocket, server: ServerState) -> None:
             raise ProtocolError("avatar_not_ready", f"avatar {start.avatar}: {exc}") from exc
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        sink = BufferSink(max(1, round(SINK_SECONDS * float(avatar.fps))),
+        sink = BufferSink(max(1, round(SINK_MAX_SECONDS * float(avatar.fps))), max_wait_s=SINK_SECONDS,
                           wake=lambda: loop.call_soon_threadsafe(wake.set))
         session = LiveSession(uuid.uuid4().hex[:16], avatar, start.sample_rate, server.audio_config, sink)
         p = avatar.prepared

@@ -104,9 +104,18 @@ class FrameRenderer:
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise RenderError("out_of_memory", f"out of device memory in a batch of {total} frames") from exc
+            log.error("out of device memory in a batch of %d frames: %s", total, exc)
+        # here, outside the handler, the failed step's tensors are no longer referenced and can go
+        self.release_memory()
+        raise RenderError("out_of_memory", f"out of device memory in a batch of {total} frames")
+
+    def release_memory(self) -> None:
+        """Return cached device memory to the driver: torch's allocator, CuPy's pool and the
+        avatars' device frames (uploaded again on next use); no-op on the CPU."""
+        if self.on_gpu:
+            self.gpu.release()
+        elif self.parts.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _render(self, items: Sequence[WorkItem], jobs: Sequence[JobRows]) -> tuple[list[bytes], list]:
         start = time.perf_counter()
@@ -126,12 +135,14 @@ class FrameRenderer:
                     self.compose(live)
             if self.parts.stream is not None:
                 self.parts.stream.synchronize()
-            self.last_seconds = time.perf_counter() - start
             if live is None:
-                return [], job_faces
-            if self.on_gpu:
-                return self.gpu.jpeg(live.nv12), job_faces
-            return [encode_jpeg_cpu(frame) for frame in live.frames], job_faces
+                jpegs = []
+            elif self.on_gpu:
+                jpegs = self.gpu.jpeg(live.nv12)
+            else:
+                jpegs = [encode_jpeg_cpu(frame) for frame in live.frames]
+        self.last_seconds = time.perf_counter() - start
+        return jpegs, job_faces
 
     def _live_batch(self, items: Sequence[WorkItem]) -> tuple[FrameBatch, list[LiveAvatar]]:
         """The step's live frames as one batch, and the live avatars its ``avatar_index`` points at."""

@@ -4,6 +4,7 @@ drop-when-slow buffer the WebSocket sender reads (a WebRTC track would be anothe
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,18 +45,21 @@ class FrameSink(Protocol):
 class BufferSink:
     """A bounded, thread-safe frame buffer: ``put`` from the scheduler, ``take`` from the reader.
 
-    When ``capacity`` frames are waiting, the oldest is dropped (``dropped`` counts them), so a
-    slow client sees the newest frames rather than a growing delay. Events (``notify``) wait
-    in their own queue of at most :data:`MAX_EVENTS` (beyond it the oldest are dropped). ``wake`` is called
-    after every ``put`` and ``notify`` (e.g. ``loop.call_soon_threadsafe(event.set)``); it must
-    not block.
+    A frame that has waited longer than ``max_wait_s`` for the reader is dropped at the next
+    ``put``, and so is the oldest when ``capacity`` frames are waiting (``dropped`` counts
+    both), so a slow client sees the newest frames rather than a growing delay. Waiting time,
+    not the count alone, marks a slow reader: a burst of frames from a late server step reaches
+    a reader that keeps up whole. Events (``notify``) wait in their own queue of at most
+    :data:`MAX_EVENTS` (beyond it the oldest are dropped). ``wake`` is called after every
+    ``put`` and ``notify`` (e.g. ``loop.call_soon_threadsafe(event.set)``); it must not block.
     """
 
-    def __init__(self, capacity: int, wake: Callable[[], None] | None = None):
+    def __init__(self, capacity: int, wake: Callable[[], None] | None = None, max_wait_s: float | None = None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity, self.wake = capacity, wake
+        self.capacity, self.wake, self.max_wait_s = capacity, wake, max_wait_s
         self._frames: deque[LiveFrame] = deque()
+        self._put_at: deque[float] = deque()            # time.monotonic() of each waiting frame's put
         self._events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self._lock = threading.Lock()
         self.put_count = 0
@@ -66,10 +70,14 @@ class BufferSink:
         with self._lock:
             if self.closed:
                 return
-            if len(self._frames) >= self.capacity:
+            now = time.monotonic()
+            while self._frames and (len(self._frames) >= self.capacity or
+                                    (self.max_wait_s is not None and now - self._put_at[0] > self.max_wait_s)):
                 self._frames.popleft()
+                self._put_at.popleft()
                 self.dropped += 1
             self._frames.append(frame)
+            self._put_at.append(now)
             self.put_count += 1
         if self.wake is not None:
             self.wake()
@@ -94,6 +102,7 @@ class BufferSink:
         with self._lock:
             frames = list(self._frames)
             self._frames.clear()
+            self._put_at.clear()
         return frames
 
     def close(self) -> None:
@@ -101,4 +110,5 @@ class BufferSink:
         with self._lock:
             self.closed = True
             self._frames.clear()
+            self._put_at.clear()
             self._events.clear()
