@@ -174,7 +174,8 @@ class Scheduler:
         room = self.max_batch - len(batch)
         jobs = self._take_job_rows(min(room, self.job_rows_with_live) if batch else room)
         if batch or jobs:
-            self._run_batch(batch, jobs)
+            with self.metrics.batch_in_flight.track_inprogress():
+                self._run_batch(batch, jobs)
         return bool(idle or batch or jobs)
 
     def _take_job_rows(self, capacity: int) -> list[JobRows]:
