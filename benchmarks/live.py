@@ -187,27 +187,19 @@ def run_sessions(pool, procs: int, base: str, avatars: list[dict], pcms: list[by
     deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     ok = [r for r in records if r.error is None]
     wall = max(r.closed_at for r in ok) - min(r.ready_at for r in ok) if ok else float("nan")
-    wait_idle(base, deltas)
+    wait_idle(base)
     return records, deltas, wall, gpu.mean
 
 
-def wait_idle(base: str, deltas: dict, timeout: float = 120.0) -> None:
-    """Wait until the server has no session and no batch in flight (its batch count has not moved
-    for 1.5 mean batch times, at least 1 s), so that one run's backlog does not spill into the next."""
-    count = deltas.get("talkrt_step_seconds_count", 0.0)
-    quiet = max(1.0, 1.5 * deltas.get("talkrt_step_seconds_sum", 0.0) / count) if count else 1.0
+def wait_idle(base: str, timeout: float = 120.0) -> None:
+    """Wait until the server holds no session and runs no batch (``talkrt_batch_in_flight``), so
+    that one run's backlog does not spill into the next."""
     deadline = time.monotonic() + timeout
-    while httpx.get(base + "/healthz").json().get("sessions") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    last, since = None, time.monotonic()
     while time.monotonic() < deadline:
-        m = scrape(base)
-        now = (m.get("talkrt_step_seconds_count", 0.0), m.get("talkrt_batches_failed_total", 0.0))
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
+        if not httpx.get(base + "/healthz").json().get("sessions") and not scrape(base).get("talkrt_batch_in_flight"):
             return
         time.sleep(0.2)
+    log.warning("the server was still busy %g s after the clients left", timeout)
 
 
 def row_of(n: int, records, deltas: dict, wall: float, gpu_util, needs, fps: Fraction) -> dict:
