@@ -106,7 +106,8 @@ def test_batch_of_three_videos_over_one_audio(server, media, tmp_path):
 def test_one_failing_job_fails_alone(server, media, tmp_path):
     base = server["base"]
     blank = make_video(tmp_path / "blank.mp4", 96, 96, num_frames=4)          # decodes fine, has no face
-    parts = files(None, media["speech"]) + [("video", (p.name, p.read_bytes(), "video/mp4")) for p in (blank, media["b"])]
+    parts = files(None, media["speech"])
+    parts += [("video", (p.name, p.read_bytes(), "video/mp4")) for p in (blank, media["b"])]
     answer = httpx.post(base + "/v1/batches", files=parts, headers=AUTH, timeout=60).json()
     jobs = wait_jobs(base, answer["jobs"], AUTH)
     assert [j["status"] for j in jobs] == ["failed", "done"]
@@ -189,7 +190,8 @@ def test_upload_over_the_limit_is_413_before_it_is_stored(server, media):
         yield b"--x\r\nContent-Disposition: form-data; name=\"video\"; filename=\"big.mp4\"\r\n\r\n"
         for _ in range(LIMIT // (1 << 16) + 2):
             yield bytes(1 << 16)
-    r = httpx.post(base + "/v1/jobs", content=chunked(), headers={**AUTH, "content-type": "multipart/form-data; boundary=x"})
+    r = httpx.post(base + "/v1/jobs", content=chunked(),
+                   headers={**AUTH, "content-type": "multipart/form-data; boundary=x"})
     assert _error(r)[:2] == (413, "too_large")
     assert _state(server) == before
 
@@ -224,8 +226,12 @@ def test_job_on_a_stored_avatar_reuses_its_preparation(server, media):
                    headers=AUTH, timeout=60)
     assert r.status_code in (200, 202), r.text
     avatar = r.json()["id"]
-    status = wait_for(lambda: (s := httpx.get(f"{base}/v1/avatars/{avatar}", headers=AUTH).json())["status"] != "preparing"
-                      and s, 120, "avatar preparation")
+
+    def prepared():
+        s = httpx.get(f"{base}/v1/avatars/{avatar}", headers=AUTH).json()
+        return s if s["status"] != "preparing" else None
+
+    status = wait_for(prepared, 120, "avatar preparation")
     assert status["status"] == "ready"
     prepared = sorted(p.name for p in (server["data"] / "prepared").iterdir())
     r = httpx.post(base + "/v1/jobs", files=files(None, media["speech"]), data={"avatar": avatar}, headers=AUTH)

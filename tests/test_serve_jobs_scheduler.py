@@ -138,7 +138,7 @@ def test_a_jobs_bad_rows_fail_that_job_only(parts, avatar, windows):
     scheduler.submit(good)
     scheduler.step(t0)                                     # slots 0..2 and both jobs in one batch
     assert recorder.batches[0] == (3, [2, 3])
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):
         bad.wait(_no_wait)
     assert good.wait(_no_wait).shape == (3, 128, 128, 3)
     frames = sink.take()

@@ -72,7 +72,7 @@ def parse_options(text: str | None) -> JobOptions:
             frame_rate(str(fps))
         except argparse.ArgumentTypeError as exc:
             raise ApiError(422, "bad_options", f"options.fps: {exc}") from None
-    for key, value in data.items():
+    for key in data:
         if key not in SAFE_OPTIONS:
             raise ApiError(422, "bad_options", f"options.{key}: not settable per job; allowed: fps, "
                                                f"{', '.join(SAFE_OPTIONS)}")

@@ -139,7 +139,7 @@ class JobRunner:
         log.info("job %s: started (attempt %d)", record.id, record.attempts)
         try:
             status, extra = "done", self._pipeline(record, out, progress, names)
-        except (ServerStopping,) as exc:
+        except ServerStopping as exc:
             out.unlink(missing_ok=True)
             self.store.requeue(record.id)
             log.info("job %s: back in the queue (%s)", record.id, type(exc).__name__)

@@ -123,7 +123,8 @@ class JobStore:
             self._db.execute("BEGIN IMMEDIATE")
             for row in rows:
                 if row["cancel_requested"]:
-                    self._db.execute("UPDATE jobs SET status='cancelled', finished=? WHERE id=?", (time.time(), row["id"]))
+                    self._db.execute("UPDATE jobs SET status='cancelled', finished=? WHERE id=?",
+                                     (time.time(), row["id"]))
                 else:
                     self._db.execute("UPDATE jobs SET status='queued', started=NULL, frames_done=0, phase=NULL, "
                                      "phase_done=NULL, phase_total=NULL WHERE id=?", (row["id"],))
