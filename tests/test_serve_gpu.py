@@ -37,8 +37,11 @@ SIZES = (320, SMALL)
 MAX_MEAN_OUTSIDE_BOX = 4.0
 MAX_BIAS_OUTSIDE_BOX = 1.5
 # GPU compose (NV12, kernel) against the CPU compose (RGB, reference) on the same smooth faces:
-MAX_MEAN_COMPOSE = 2.0
-MAX_SHARE_OVER_16 = 0.005
+# the whole-frame mean may exceed that of the NV12 round trip alone (8-bit rounding, 4:2:0
+# chroma: ~1-2 levels) by 1 level, and at most 1% of the values may be off by more than 16
+# (chroma of 2x2 blocks across the feathered mask edge).
+COMPOSE_OVER_ROUND_TRIP = 1.0
+MAX_SHARE_OVER_16 = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +188,8 @@ def test_gpu_compose_matches_cpu_compose(server, avatars):
 
     floor = np.mean([np.abs(u.transpose(1, 2, 0).astype(int) - live.frames[s]).mean() for u, s in zip(untouched, src)])
     diff = np.abs(np.stack(got).astype(np.int16) - np.stack(cpu.frames).astype(np.int16))
-    assert diff.mean() <= MAX_MEAN_COMPOSE, f"mean {diff.mean():.2f} (NV12 round trip alone: {floor:.2f})"
+    assert floor < 2.5, f"NV12 round trip alone: mean error {floor:.2f}"
+    assert diff.mean() <= floor + COMPOSE_OVER_ROUND_TRIP, f"mean {diff.mean():.2f} (NV12 round trip alone: {floor:.2f})"
     assert (diff > 16).mean() <= MAX_SHARE_OVER_16, f"{100 * (diff > 16).mean():.2f}% of values off by > 16"
     changed = np.abs(np.stack(got).astype(np.int16) - np.stack([live.frames[s] for s in src])).mean()
     assert changed > 1.0                                    # the faces were composed at all
