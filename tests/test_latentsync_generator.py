@@ -85,6 +85,25 @@ def test_float_faces_and_a_per_frame_mask_give_the_same_result(setup):
     assert torch.equal(a, b)
 
 
+def test_cached_conditions_and_raw_decode(setup):
+    """Per-frame conditions encoded once (as an avatar cache would hold them) give the same chunk as
+    prepare; decode without the faces returns the decoded pixels everywhere."""
+    cfg, m = setup
+    x, audio = faces(2, cfg.model.crop_size), audio_tokens(2, cfg)
+    g = generator(setup, steps=1)
+    cached = torch.cat([g.encode_condition(x[i:i + 1], m.mask.keep) for i in range(2)])
+    a, b = g.prepare(x, m.mask.keep, audio), g.chunk(cached, audio)
+    assert torch.allclose(a.condition, b.condition, atol=1e-5) and torch.equal(a.context, b.context)
+    assert b.pixels is None
+    latents = g.denoise(b)
+    raw, pasted = g.decode(latents), g.decode(latents, a)
+    keep = torch.from_numpy(np.array(m.mask.keep)) == 1.0
+    generated = torch.from_numpy(np.array(m.mask.keep)) == 0.0
+    assert torch.equal(raw[:, generated], pasted[:, generated])
+    assert not torch.equal(raw[:, keep], pasted[:, keep])
+    assert torch.equal(pasted[:, keep], x.permute(0, 2, 3, 1)[:, keep])
+
+
 def test_guidance_batches_zero_audio_with_the_audio(setup):
     cfg, m = setup
     s, h = cfg.model.crop_size, cfg.model.latent_size
