@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from talkrt.config import PipelineConfig, VAEConfig, WhisperEncoderConfig, build_config, pipeline_checks
+from talkrt.config import (
+    PipelineConfig,
+    VAEConfig,
+    WhisperEncoderConfig,
+    build_config,
+    pipeline_checks,
+)
 from talkrt.errors import ConfigError
 
 FAMILY = "latentsync16"
