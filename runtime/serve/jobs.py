@@ -134,9 +134,8 @@ class JobService:
             for media in {id(m): m for pair in pairs for m in pair if m.source is not None}.values():
                 uploads[id(media)] = self.files.receive(media.source, media.filename, "upload")
             checked = [self._check(v, a, uploads, opts) for v, a in pairs]
-            incoming = sum(u.size for u in uploads.values())
-            used = self.files.usage()
-            if used + incoming > self.settings.quota_bytes:
+            used = self.files.usage()           # this request's uploads included: they are in tmp/
+            if used > self.settings.quota_bytes:
                 raise ApiError(507, "quota", f"the server's job storage is full ({used / 1e6:.0f} MB used of "
                                              f"{self.settings.quota_bytes / 1e6:.0f} MB); try again later")
             with self.files.lock:
