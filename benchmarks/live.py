@@ -234,10 +234,11 @@ def engines_alone(args, batches: list[int]) -> dict[int, dict]:
         feeds = {"latent_input": torch.randn(b, m.unet.in_channels, m.latent_size, m.latent_size, generator=gen),
                  "audio_features": torch.randn(b, m.audio.tokens_per_frame, m.audio.d_model, generator=gen)}
         feeds = {k: v.to(dev, parts.dtype) for k, v in feeds.items()}
-        latents = parts.unet.run(feeds, parts.stream)["pred_latents"]
+        # on the current stream: time_ms's CUDA events are recorded there
+        latents = parts.unet.run(feeds, None)["pred_latents"]
         warm = 3 if dev.type == "cuda" else 1
-        unet_ms = time_ms(lambda: parts.unet.run(feeds, parts.stream), dev, args.engine_iters, warm)
-        vae_ms = time_ms(lambda: parts.vae_decoder.run({"latents": latents}, parts.stream), dev, args.engine_iters, warm)
+        unet_ms = time_ms(lambda: parts.unet.run(feeds, None), dev, args.engine_iters, warm)
+        vae_ms = time_ms(lambda: parts.vae_decoder.run({"latents": latents}, None), dev, args.engine_iters, warm)
         out[b] = {"unet_ms": unet_ms, "vae_ms": vae_ms, "fps": 1000 * b / (unet_ms + vae_ms)}
         log.info("engines alone, batch %d: %.1f frames/s", b, out[b]["fps"])
     return out
