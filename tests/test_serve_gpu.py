@@ -82,7 +82,7 @@ def _outside_box_error(state, avatar_id: str, header: dict, jpeg: bytes) -> tupl
 
 def test_gpu_path_is_in_use(server):
     health = httpx.get(server["base"] + "/healthz").json()
-    assert health["device"].startswith("cuda") and (health["compose"], health["config"]) == ("gpu", "musetalk")
+    assert health["device"].startswith("cuda") and (health["compose"], health["config"]) == ("gpu", "musetalk-v1.5")
     assert server["state"].renderer.on_gpu
 
 
