@@ -80,7 +80,7 @@ class FrameRenderer:
         pay for lazy initialisation (seconds on the CPU)."""
         f, m, stream = self.parts.audio_features, self.parts.cfg.model, self.parts.stream
         with torch.inference_mode(), on_stream(stream):
-            mel = f.extractor([np.zeros(SAMPLE_RATE, np.float32)], sampling_rate=SAMPLE_RATE,
+            mel = f.extractor([np.zeros(SAMPLE_RATE, np.float32)], sampling_rate=SAMPLE_RATE, device=str(f.device),
                               return_tensors="pt").input_features
             states = f.stack(mel.to(f.device, f.dtype))                      # [1, 1500, L+1, D]
             audio = states.new_zeros(1, m.audio.window_steps * states.shape[2], states.shape[3])
