@@ -14,18 +14,20 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import cv2
 import numpy as np
 import torch
 
 from talkrt import __version__
-from talkrt.config import TalkrtConfig
+from talkrt.config import PipelineConfig, TalkrtConfig
 from talkrt.errors import InputError
-from talkrt.face.geometry import track_frames
+from talkrt.face.geometry import TrackResult, track_frames
 from talkrt.face.tracker import FaceTracker
 from talkrt.hashing import sha256_files
 from talkrt.media.frames import iter_video_frames
@@ -53,6 +55,10 @@ class PreparedAvatar:
     mask_offsets: np.ndarray   # [N + 1] int64 offsets into mask_data
     key: str
 
+    ARRAYS: ClassVar[tuple[str, ...]] = ("found", "boxes", "crop_boxes", "latents", "mask_data", "mask_offsets")
+    MMAP: ClassVar[tuple[str, ...]] = ("latents",)     # arrays loaded memory-mapped from the cache
+    PREP_VERSION: ClassVar[int] = PREP_VERSION
+
     def mask(self, i: int) -> np.ndarray:
         x1, y1, x2, y2 = (int(v) for v in self.boxes[i])
         return self.mask_data[self.mask_offsets[i]:self.mask_offsets[i + 1]].reshape(y2 - y1, x2 - x1)
@@ -62,16 +68,17 @@ class PreparedAvatar:
         return int(self.found.sum())
 
 
-def avatar_key(video_digest: str, cfg: TalkrtConfig, weights_identity: str, tracker_name: str,
-               info: VideoInfo) -> str:
+def avatar_key(video_digest: str, cfg: Any, weights_identity: str, tracker_name: str,
+               info: VideoInfo, prep_version: int | str = PREP_VERSION) -> str:
     """The cache key of a prepared avatar: everything that changes its content (the file, the
     model, the weights, the tracker, the preparation settings and the frames delivered from the
-    file: rate, size and conversions)."""
+    file: rate, size and conversions). ``cfg``: any family's config (``model_hash()``, ``pipeline``);
+    ``prep_version``: the family's preparation version."""
     p = cfg.pipeline
     parts = {
         "video": video_digest, "model": cfg.model_hash(), "weights": weights_identity, "tracker": tracker_name,
         "extra_margin": p.extra_margin, "crop_expand": p.crop_expand, "upper": p.upper_boundary_ratio,
-        "smooth": p.smooth_window, "prep_version": PREP_VERSION,
+        "smooth": p.smooth_window, "prep_version": prep_version,
         "frames": [str(info.fps), info.width, info.height, info.num_frames, list(info.conversions)],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -92,6 +99,30 @@ def vae_inputs(crops: np.ndarray, device: torch.device, dtype: torch.dtype) -> t
     masked = x.clone()
     masked[:, :, x.shape[2] // 2:, :] = 0
     return masked * 2.0 - 1.0, x * 2.0 - 1.0
+
+
+def track_video(video_path, info: VideoInfo, tracker: FaceTracker, p: PipelineConfig,
+                progress: Progress) -> TrackResult:
+    """Track the face through every frame of ``video_path`` with the ``pipeline`` settings
+    (margin, smoothing, crop expansion); ``progress`` gets the phase "tracking".
+
+    Raises:
+        InputError: no face in any frame (or a decode failure).
+    """
+    log.info("preparing avatar from %s (%d frames): face tracking", video_path, info.num_frames)
+    progress.phase("tracking", info.num_frames)
+
+    def counted(frames):
+        for frame in frames:
+            yield frame
+            progress.advance()
+    track = track_frames(counted(iter_video_frames(video_path, fps=info.fps)), tracker, extra_margin=p.extra_margin,
+                         smooth_window=p.smooth_window, expand=p.crop_expand)
+    if len(track.found) != info.num_frames:
+        log.warning("%s: decoded %d frames, container said %d", video_path, len(track.found), info.num_frames)
+    if not track.found.any():
+        raise InputError(video_path, "no face found in any frame")
+    return track
 
 
 class AvatarPreparer:
@@ -118,13 +149,8 @@ class AvatarPreparer:
             InputError: the video cannot be decoded or has no face in any frame.
         """
         key = avatar_key(sha256_files([video_path]), self.cfg, self.weights_identity, self.tracker_name, info)
-        cached = self.cache_dir / key
-        if (cached / "meta.json").is_file():
-            log.info("avatar cache hit: %s", cached)
-            return load_avatar(cached)
-        avatar = self._prepare(video_path, info, key, progress or NoProgress())
-        save_avatar(avatar, cached)
-        return avatar
+        return load_or_prepare(self.cache_dir / key, PreparedAvatar,
+                               lambda: self._prepare(video_path, info, key, progress or NoProgress()))
 
     def _encode(self, crops: list[np.ndarray]) -> np.ndarray:
         masked, reference = vae_inputs(np.stack(crops), self.device, self.dtype)
@@ -134,20 +160,8 @@ class AvatarPreparer:
 
     def _prepare(self, video_path, info: VideoInfo, key: str, progress: Progress) -> PreparedAvatar:
         p = self.cfg.pipeline
-        log.info("preparing avatar from %s (%d frames): face tracking", video_path, info.num_frames)
-        progress.phase("tracking", info.num_frames)
-
-        def counted(frames):
-            for frame in frames:
-                yield frame
-                progress.advance()
-        track = track_frames(counted(iter_video_frames(video_path, fps=info.fps)), self.tracker, extra_margin=p.extra_margin,
-                             smooth_window=p.smooth_window, expand=p.crop_expand)
+        track = track_video(video_path, info, self.tracker, p, progress)
         n = len(track.found)
-        if n != info.num_frames:
-            log.warning("%s: decoded %d frames, container said %d", video_path, n, info.num_frames)
-        if not track.found.any():
-            raise InputError(video_path, "no face found in any frame")
         size, latent = self.cfg.model.crop_size, self.cfg.model.latent_size
         channels = 2 * self.cfg.model.vae.latent_channels
         latents = np.zeros((n, channels, latent, latent), np.float16)
@@ -181,19 +195,32 @@ class AvatarPreparer:
             mask_data=np.concatenate(masks) if masks else np.zeros(0, np.uint8), mask_offsets=offsets, key=key)
 
 
-_ARRAYS = ("found", "boxes", "crop_boxes", "latents", "mask_data", "mask_offsets")
+A = TypeVar("A")
 
 
-def save_avatar(avatar: PreparedAvatar, folder: Path) -> None:
-    """Write atomically: a temp folder renamed into place, so a crash leaves no half cache."""
+def load_or_prepare(folder: Path, cls: type[A], prepare: Callable[[], A]) -> A:
+    """The avatar cached in ``folder`` (a dataclass of type ``cls``, see :func:`save_avatar`), else
+    ``prepare()``'s result, saved there."""
+    if (folder / "meta.json").is_file():
+        log.info("avatar cache hit: %s", folder)
+        return load_avatar(folder, cls)
+    avatar = prepare()
+    save_avatar(avatar, folder)
+    return avatar
+
+
+def save_avatar(avatar: Any, folder: Path) -> None:
+    """Write a prepared avatar (any family's: a dataclass with ``ARRAYS``, ``num_frames``, ``width``,
+    ``height``, ``fps``, ``key``) atomically: a temp folder renamed into place, so a crash leaves no
+    half cache."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        for name in _ARRAYS:
+        for name in type(avatar).ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(avatar, name))
         meta = {"num_frames": avatar.num_frames, "width": avatar.width, "height": avatar.height,
                 "fps": [avatar.fps.numerator, avatar.fps.denominator], "key": avatar.key,
-                "talkrt_version": __version__, "prep_version": PREP_VERSION}
+                "talkrt_version": __version__, "prep_version": type(avatar).PREP_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, folder)
@@ -205,11 +232,12 @@ def save_avatar(avatar: PreparedAvatar, folder: Path) -> None:
     log.info("avatar cached at %s", folder)
 
 
-def load_avatar(folder: Path) -> PreparedAvatar:
+def load_avatar(folder: Path, cls: type[A] = PreparedAvatar) -> A:
+    """The avatar :func:`save_avatar` wrote to ``folder``, as ``cls``."""
     meta = json.loads((folder / "meta.json").read_text())
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if name == "latents" else None)
-              for name in _ARRAYS}
-    fields = {f.name for f in dataclasses.fields(PreparedAvatar)}
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if name in cls.MMAP else None)
+              for name in cls.ARRAYS}
+    fields = {f.name for f in dataclasses.fields(cls)}
     meta_fields = {k: v for k, v in meta.items() if k in fields}
     meta_fields["fps"] = Fraction(*meta["fps"])
-    return PreparedAvatar(**meta_fields, **arrays)
+    return cls(**meta_fields, **arrays)

@@ -22,8 +22,9 @@ from fractions import Fraction
 from pathlib import Path
 
 from talkrt import __version__
-from talkrt.config import BACKENDS, COMPOSE_MODES, TalkrtConfig, load_config
+from talkrt.config import BACKENDS, COMPOSE_MODES, TalkrtConfig
 from talkrt.errors import InputError, TalkrtError
+from talkrt.families import load_family_config
 
 log = logging.getLogger("talkrt")
 
@@ -60,13 +61,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--video", required=True, help="avatar video or still image (any format FFmpeg reads)")
     p.add_argument("--audio", required=True, help="speech track (any audio or video file with audio)")
     p.add_argument("--out", required=True, help="output .mp4 path")
-    p.add_argument("--config", help="musetalk (full size), tiny (a toy of the same structure, for tests) or a "
-                                    ".yaml path; default: musetalk on a GPU, tiny on a CPU")
+    p.add_argument("--config", help="musetalk (full size), tiny (a toy of the same structure, for tests), "
+                                    "latentsync16, latentsync16-tiny, or a .yaml path (its 'family' picks the "
+                                    "model); default: musetalk on a GPU, tiny on a CPU")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--fps", type=frame_rate, help="output frame rate, e.g. 25 or 30000/1001 (default: the video's "
                                                  "own; variable-rate videos: their nominal rate)")
-    p.add_argument("--batch-size", type=positive_int, help="frames per batch (overrides pipeline.batch_size)")
-    p.add_argument("--weights", help="folder with the official MuseTalk v1.5 checkpoints (else synthetic weights)")
+    p.add_argument("--batch-size", type=positive_int, help="frames per batch (overrides pipeline.batch_size; "
+                                                             "LatentSync batches model.frames_per_chunk)")
+    p.add_argument("--weights", help="folder with the official checkpoints of the config's model "
+                                     "(MuseTalk v1.5 or LatentSync 1.6; else synthetic weights)")
     p.add_argument("--backend", choices=BACKENDS, help="engine backend (default: from config, auto)")
     p.add_argument("--compose", choices=COMPOSE_MODES, help="compose path (default: from config, auto)")
     p.add_argument("--engines-dir", help="where `make engines` put the engines (default: ./engines)")
@@ -112,20 +116,20 @@ def choose_config(args: argparse.Namespace, overrides: list[str], on_gpu: bool) 
     """(name as ``--config`` takes it, config): the one ``--config`` names; without one,
     ``musetalk`` on a GPU and ``tiny`` on a CPU, saying which runs and why."""
     if args.config:
-        return args.config, load_config(args.config, overrides)
+        return args.config, load_family_config(args.config, overrides)
     if on_gpu:
         log.info("config: musetalk (full-size MuseTalk v1.5; no --config given)")
-        return "musetalk", load_config("musetalk", overrides)
+        return "musetalk", load_family_config("musetalk", overrides)
     log.warning("config: tiny, because no --config was given and this runs on the CPU: a toy model of "
                 "MuseTalk's structure with small widths (right shapes and timing, not a real lip-sync "
                 "model). Pass --config musetalk for the full-size model (minutes per second of video on a CPU).")
-    return "tiny", load_config("tiny", overrides)
+    return "tiny", load_family_config("tiny", overrides)
 
 
 def early_config(args: argparse.Namespace, overrides: list[str]) -> TalkrtConfig:
     """The config as far as it can be known without torch: ``--config``, else ``tiny`` for
     ``--device cpu`` and ``musetalk`` otherwise (``auto`` is settled once torch is loaded)."""
-    return load_config(args.config or ("tiny" if args.device == "cpu" else "musetalk"), overrides)
+    return load_family_config(args.config or ("tiny" if args.device == "cpu" else "musetalk"), overrides)
 
 
 def check_settings(args: argparse.Namespace, cfg: TalkrtConfig) -> None:
@@ -157,7 +161,11 @@ def check_inputs(args: argparse.Namespace, overrides: list[str]):
         TalkrtError: naming the file or setting and the problem.
     """
     from talkrt.media.audio import load_audio, num_video_frames
-    from talkrt.media.output import check_free_space, check_writable_folder, preflight_file
+    from talkrt.media.output import (
+        check_free_space,
+        check_writable_folder,
+        preflight_file,
+    )
     from talkrt.media.probe import probe_video
     from talkrt.paths import default_cache_dir
 
@@ -187,8 +195,14 @@ def run(args: argparse.Namespace, progress: ProgressBar, started: float, before_
     log.info("loading the models")
 
     from talkrt.pipeline import run_pipeline
-    from talkrt.report import (format_ranges, no_face_ranges, report_document, startup_breakdown, summary_line,
-                               write_json)
+    from talkrt.report import (
+        format_ranges,
+        no_face_ranges,
+        report_document,
+        startup_breakdown,
+        summary_line,
+        write_json,
+    )
     from talkrt.session import build_session, resolve_device
     imported = time.perf_counter()
 

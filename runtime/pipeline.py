@@ -6,13 +6,16 @@ The batch loop walks one numbered list of stages (:class:`talkrt.stages.StageSet
     1. frames       source frames for these output frames (decoded once; ping-pong cycled;
                     on the GPU normalized to the output's BT.709 limited range)
     2. audio        Whisper windows for these output frames
-    3. unet         one t=0 UNet step on [masked latent, reference latent] + audio
-    4. vae_decode   VAE decode to 256x256 uint8 faces
-    5. compose      resize each face to its box and blend it into its frame with the mask
+    3. unet         the generator: MuseTalk's one t=0 UNet step, LatentSync's denoising loop
+    4. vae_decode   VAE decode to S x S uint8 faces
+    5. compose      blend each face into its frame (MuseTalk: resize to the box and mask;
+                    LatentSync: inverse affine warp and feathered mask)
     6. encode       H.264 + AAC into a temporary MP4, renamed into place at the end
 
 :func:`build_stages` is the one place that picks the CPU or the GPU set; the loop itself never
-looks at the device. On CUDA every stage works on the one stream the session owns.
+looks at the device. Stages 2-5 and the batch size come from the config's model family
+(:mod:`talkrt.families`); the loop never looks at the family either. On CUDA every stage works
+on the one stream the session owns.
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from talkrt import __version__
-from talkrt.avatar import AvatarPreparer
-from talkrt.config import TalkrtConfig
 from talkrt.engines.base import Engine
 from talkrt.errors import InputError
 from talkrt.media.audio import AudioClip, num_video_frames
@@ -39,9 +41,11 @@ from talkrt.media.writer import Mp4Writer
 from talkrt.models.audio import AudioFeatures
 from talkrt.profiling import StageClock, nvtx_range
 from talkrt.progress import NoProgress, Progress
-from talkrt.stages import (AudioWindows, CpuComposeStage, CpuEncodeStage, FrameBatch, FrameSource, Stage, StageSet,
-                           UNetStage, VaeDecodeStage)
+from talkrt.stages import CpuEncodeStage, FrameBatch, FrameSource, Stage, StageSet
 from talkrt.streams import on_stream
+
+if TYPE_CHECKING:
+    from talkrt.families import ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +87,22 @@ class RunReport:
 
 @dataclass
 class PipelineParts:
-    """What ``run_pipeline`` needs besides the input files (built by :func:`talkrt.session.build_session`)."""
+    """What ``run_pipeline`` needs besides the input files (built by :func:`talkrt.session.build_session`
+    through the config's model family, :mod:`talkrt.families`)."""
 
-    cfg: TalkrtConfig
+    cfg: Any                        # the family's config (TalkrtConfig for MuseTalk)
     device: torch.device
     dtype: torch.dtype
     stream: torch.cuda.Stream | None
-    unet: Engine
-    vae_decoder: Engine
-    audio_features: AudioFeatures
-    preparer: AvatarPreparer
-    weights: str
+    family: ModelFamily             # supplies stages 2-5 and the batch size
+    preparer: Any                   # video -> prepared avatar (AvatarPreparer for MuseTalk), cached
+    weights: str                    # "official" or "synthetic"
     backend: str
     compose: str
+    unet: Engine | None = None      # MuseTalk's engines and audio features (None for other families)
+    vae_decoder: Engine | None = None
+    audio_features: AudioFeatures | None = None
+    models: Any = None              # another family's own bundle (e.g. LatentSync's generator and audio)
     load_seconds: dict[str, float] = dataclasses.field(default_factory=dict)   # build_session's steps: weights, engines, ...
 
 
@@ -148,21 +155,17 @@ def build_stages(parts: PipelineParts, video_path: Path, info: VideoInfo, num_ou
 def _device_stages(parts: PipelineParts, video_path: Path, info: VideoInfo, num_out: int, writer,
                    audio: Stage) -> StageSet:
     p = parts.cfg.pipeline
-    on_gpu = parts.compose == "gpu"
-    unet = UNetStage(parts.unet, parts.device, parts.dtype, parts.stream)
-    vae = VaeDecodeStage(parts.vae_decoder, parts.stream, on_device=on_gpu)
-    if not on_gpu:
+    unet, vae, compose = parts.family.model_stages(parts)
+    if parts.compose != "gpu":
         return StageSet(frames=FrameSource(video_path, info, num_out, p.max_cycle_cache_bytes), audio=audio,
-                        unet=unet, vae_decode=vae, compose=CpuComposeStage(parts.compose, p.sharpen),
-                        encode=CpuEncodeStage(writer))
-    from talkrt.gpu_stages import GpuComposeStage, GpuFrameSource, HostEncodeStage, NvencEncodeStage
+                        unet=unet, vae_decode=vae, compose=compose, encode=CpuEncodeStage(writer))
+    from talkrt.gpu_stages import GpuFrameSource, HostEncodeStage, NvencEncodeStage
     from talkrt.media.nvcodec import NvencMp4Writer
-    frames = GpuFrameSource(video_path, info, num_out, p.batch_size, p.max_cycle_cache_bytes, parts.device,
-                            parts.stream)
+    bs = parts.family.chunk_frames(parts.cfg)
+    frames = GpuFrameSource(video_path, info, num_out, bs, p.max_cycle_cache_bytes, parts.device, parts.stream)
     encode = (NvencEncodeStage(writer, parts.stream) if isinstance(writer, NvencMp4Writer)
-              else HostEncodeStage(writer, p.batch_size, info.height, info.width, parts.stream))
-    return StageSet(frames=frames, audio=audio, unet=unet, vae_decode=vae,
-                    compose=GpuComposeStage(p.sharpen, parts.stream), encode=encode)
+              else HostEncodeStage(writer, bs, info.height, info.width, parts.stream))
+    return StageSet(frames=frames, audio=audio, unet=unet, vae_decode=vae, compose=compose, encode=encode)
 
 
 class BatchRunner:
@@ -214,8 +217,8 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
     clock = StageClock(parts.stream, sync=cfg.pipeline.stage_sync,
                        gpu_events=None if cfg.pipeline.stage_sync else parts.stream is not None)
     with clock.stage("audio_features"):     # set-up only now: Whisper runs lazily inside "2.audio"
-        audio_stage = AudioWindows(parts.audio_features, clip, info.fps)
-    bs = cfg.pipeline.batch_size
+        audio_stage = parts.family.audio_stage(parts, clip, info.fps)
+    bs = parts.family.chunk_frames(cfg)
     with open_writer(parts, out_path, info, audio_path, output_metadata(parts, with_face), parts.compose == "gpu") as writer:
         stages = build_stages(parts, video_path, info, num_out, writer, audio_stage, overrides)
         log.info("media path: decode=%s compose=%s encode=%s", stages.frames.decode_path, parts.compose,

@@ -1,20 +1,15 @@
-"""Build everything ``run_pipeline`` needs once: device, stream, models, engines, tracker."""
+"""Build everything ``run_pipeline`` needs once: device, stream, then the model family's models,
+engines, tracker and avatar preparer."""
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 
-from talkrt.avatar import AvatarPreparer
-from talkrt.config import TalkrtConfig
-from talkrt.engines.select import create_engines
 from talkrt.errors import TalkrtError
-from talkrt.face.tracker import create_tracker
-from talkrt.models.audio import AudioFeatures
-from talkrt.models.weights import load_models
+from talkrt.families import config_family, get_family
 from talkrt.paths import default_cache_dir
 from talkrt.pipeline import PipelineParts
 
@@ -52,28 +47,20 @@ def resolve_compose(mode: str, device: torch.device) -> str:
     return "numpy"
 
 
-def build_session(cfg: TalkrtConfig, *, device: str = "auto", weights_dir: str | None = None,
+def build_session(cfg, *, device: str = "auto", weights_dir: str | None = None,
                   backend: str | None = None, compose: str | None = None, cache_dir: str | Path | None = None,
                   engines_dir: str | Path | None = None, tracker: str = DEFAULT_TRACKER,
                   cuda_graphs: bool = True, warmup: str = "max") -> PipelineParts:
+    """Everything a run of ``cfg`` needs, built by the config's model family
+    (:func:`talkrt.families.get_family`; a config of any family, :func:`talkrt.families.load_family_config`).
+
+    Raises:
+        TalkrtError: an unusable device, backend or compose mode; InputError: unreadable weights.
+    """
     dev = resolve_device(device)
     dtype = getattr(torch, cfg.pipeline.precision) if dev.type == "cuda" else torch.float32
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-    start = time.perf_counter()
-    models = load_models(cfg, weights_dir, dev, dtype)
-    weights_done = time.perf_counter()
-    engines, chosen = create_engines(cfg, models, backend=backend or cfg.pipeline.backend, device=dev, dtype=dtype,
-                                     engines_dir=engines_dir, max_batch=cfg.pipeline.batch_size,
-                                     cuda_graphs=cuda_graphs, warmup=warmup)
-    engines_done = time.perf_counter()
-    face_tracker = create_tracker(tracker)
-    preparer = AvatarPreparer(cfg, face_tracker, tracker, engines["vae_encoder"], models.identity, dev, dtype,
-                              Path(cache_dir) if cache_dir else default_cache_dir(),
-                              batch_size=cfg.pipeline.batch_size)
-    audio = AudioFeatures(models.whisper, cfg.model.audio, dev, dtype)
-    log.info("session: device=%s dtype=%s backend=%s weights=%s", dev, dtype, chosen, models.source)
-    return PipelineParts(cfg=cfg, device=dev, dtype=dtype, stream=stream, unet=engines["unet"],
-                         vae_decoder=engines["vae_decoder"], audio_features=audio, preparer=preparer,
-                         weights=models.source, backend=chosen, compose=resolve_compose(compose or cfg.pipeline.compose, dev),
-                         load_seconds={"weights": weights_done - start, "engines": engines_done - weights_done,
-                                       "tracker_and_audio": time.perf_counter() - engines_done})
+    family = get_family(config_family(cfg))
+    return family.build_parts(cfg, device=dev, dtype=dtype, stream=stream, weights_dir=weights_dir, backend=backend,
+                              compose=compose, cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
+                              engines_dir=engines_dir, tracker=tracker, cuda_graphs=cuda_graphs, warmup=warmup)

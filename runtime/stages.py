@@ -46,13 +46,13 @@ class FrameBatch:
     index: int                      # batch number
     out_index: np.ndarray           # [b] int64 output frame numbers (of each frame's owner)
     src_index: np.ndarray           # [b] int64 source frame within the frame's avatar
-    avatars: tuple[PreparedAvatar, ...]   # the avatars this batch draws on
+    avatars: tuple[PreparedAvatar, ...]   # the avatars this batch draws on (another family's: its own type)
     avatar_index: np.ndarray        # [b] int64 index into ``avatars``
     found: np.ndarray               # [b] bool: the source frame has a face
     frames: list[np.ndarray] = field(default_factory=list)   # CPU: [H, W, 3] uint8 RGB, composed in place
     nv12: torch.Tensor | None = None          # GPU: [b, H*3//2, W] uint8 device NV12, composed in place
     audio: torch.Tensor | None = None         # [f, tokens, D] Whisper windows of the frames with a face
-    latents: torch.Tensor | None = None       # [f, 4, h, w] UNet output
+    latents: torch.Tensor | None = None       # [f, 4, h, w] UNet output (LatentSync: [1, 4, f, h, w])
     faces: np.ndarray | torch.Tensor | None = None   # [f, S, S, 3] uint8 faces (host on CPU, device on GPU)
 
     @classmethod
