@@ -87,7 +87,9 @@ class AudioFeatures:
         first = group * self.segments_per_batch * seg
         chunks = [samples[i:i + seg] for i in range(first, min(len(samples), first + self.segments_per_batch * seg),
                                                       seg)] or [samples[:0]]
-        mel = self.extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        # log-mel on the model's device (transformers' torch path; the same numbers on the CPU)
+        mel = self.extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                             device=str(self.device)).input_features
         out = self.stack(mel.to(self.device, self.dtype))
         return out.reshape(-1, *out.shape[2:])
 
