@@ -7,8 +7,9 @@ the renderer (one Whisper call, UNet, VAE decode, compose, JPEG), and each frame
 its session, which hands it to its sink in slot order. Sinks never block, so a slow client
 costs only its own frames.
 
-Items of an interrupted or closed session that are still queued or in flight are answered as
-idle frames (closed: dropped), so an interrupt shows within one step.
+An interrupt answers the session's outstanding slots with idle frames at once
+(:meth:`LiveSession.interrupt`); its items still queued or in flight here are stale and their
+results are dropped (a closed session's too).
 
 Jobs (:mod:`talkrt.serve.jobwork`) submit the face rows of their batches; a step takes its live
 speech items first and fills the capacity they leave (at most ``job_rows_with_live`` rows while
