@@ -47,3 +47,13 @@ def test_the_musetalk_loader_points_to_the_latentsync_one():
         load_config("latentsync16")
     with pytest.raises(ConfigError, match="missing key 'family'|unknown key"):
         load_latentsync_config("tiny")
+
+
+def test_reading_a_latentsync_config_imports_no_model_library():
+    """The CLI reads the config before its checks; they must refuse bad input without torch."""
+    import subprocess
+    import sys
+    code = ("import sys; from talkrt.families import load_family_config; load_family_config('latentsync16-tiny', []); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -17,7 +17,7 @@ from talkrt.kernels import reference as kernels
 from talkrt.media.audio import load_audio
 from talkrt.media.frames import iter_video_frames
 from talkrt.media.probe import probe_output, probe_video
-from talkrt.models.latentsync import LatentSyncConfig
+from talkrt.models.latentsync.config import LatentSyncConfig
 from talkrt.session import build_session
 
 DATA = Path(__file__).parent / "data"

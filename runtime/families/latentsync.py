@@ -4,7 +4,7 @@ chunk, inverse-warp restore with the feathered lower-face mask.
 Stages (numbered as in :mod:`talkrt.pipeline`):
 
 2. :class:`LatentSyncAudioStage` - 50-token Whisper windows ``[c-4, c+6)`` per output frame
-   (:class:`talkrt.models.latentsync.ClipStates`, seam-free across 30-s segments);
+   (:class:`talkrt.models.latentsync.audio.ClipStates`, seam-free across 30-s segments);
 3. :class:`DenoiseStage` - the cached per-frame conditions of the batch's source frames and
    the audio through :meth:`LatentSyncGenerator.denoise` (a batch is one chunk of at most
    ``model.frames_per_chunk`` frames; the last one runs short, which the temporal layers allow);
@@ -35,12 +35,10 @@ from talkrt.face.tracker import create_tracker
 from talkrt.families.latentsync_avatar import LatentSyncPreparer
 from talkrt.kernels import reference as kernels
 from talkrt.media.audio import AudioClip
-from talkrt.models.latentsync import (
-    LatentSyncAudio,
-    LatentSyncConfig,
-    LatentSyncGenerator,
-    load_models,
-)
+from talkrt.models.latentsync.audio import LatentSyncAudio
+from talkrt.models.latentsync.config import LatentSyncConfig
+from talkrt.models.latentsync.generator import LatentSyncGenerator
+from talkrt.models.latentsync.weights import load_models
 from talkrt.pipeline import PipelineParts
 from talkrt.stages import FrameBatch, Stage
 

@@ -4,7 +4,7 @@ Per source frame (index-aligned; frames without a face keep their slot with ``fo
 the tracker's three alignment points (:attr:`talkrt.face.geometry.TrackResult.align3`) give the
 frame -> crop affine (:func:`talkrt.face.align.align_track`); the aligned ``S x S`` crop
 (:func:`talkrt.kernels.reference.warp_crop_rgb`) goes through
-:meth:`talkrt.models.latentsync.LatentSyncGenerator.encode_condition` to the UNet's per-frame
+:meth:`talkrt.models.latentsync.generator.LatentSyncGenerator.encode_condition` to the UNet's per-frame
 condition ``[9, h, w]`` (mask, masked latent, reference latent), which depends only on the
 face, so it is computed once and cached by content like MuseTalk's latents
 (:func:`talkrt.avatar.load_or_prepare`).
@@ -30,7 +30,8 @@ from talkrt.hashing import sha256_files
 from talkrt.kernels import reference as kernels
 from talkrt.media.frames import iter_video_frames
 from talkrt.media.probe import VideoInfo
-from talkrt.models.latentsync import LatentSyncConfig, LatentSyncGenerator
+from talkrt.models.latentsync.config import LatentSyncConfig
+from talkrt.models.latentsync.generator import LatentSyncGenerator
 from talkrt.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)

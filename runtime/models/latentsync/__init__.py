@@ -7,26 +7,6 @@
 * :mod:`.weights` - official layout loader and synthetic weights
 
 The lower-face mask and the face alignment live in :mod:`talkrt.face.align_mask` and
-:mod:`talkrt.face.align`.
+:mod:`talkrt.face.align`. Import the modules by their own names: this package imports nothing,
+so that reading a config (:mod:`.config`) does not import torch, diffusers and transformers.
 """
-
-from talkrt.models.latentsync.audio import ClipStates, LatentSyncAudio, WhisperStates
-from talkrt.models.latentsync.config import LatentSyncConfig, load_latentsync_config
-from talkrt.models.latentsync.generator import (
-    ChunkInputs,
-    LatentSyncGenerator,
-    make_scheduler,
-)
-from talkrt.models.latentsync.unet import LatentSyncUNet
-from talkrt.models.latentsync.weights import (
-    LatentSyncModels,
-    build_synthetic,
-    load_models,
-    load_official,
-)
-
-__all__ = [
-    "ChunkInputs", "ClipStates", "LatentSyncAudio", "LatentSyncConfig", "LatentSyncGenerator", "LatentSyncModels",
-    "LatentSyncUNet", "WhisperStates", "build_synthetic", "load_latentsync_config", "load_models", "load_official",
-    "make_scheduler",
-]
