@@ -193,6 +193,10 @@ def test_upload_over_the_limit_is_413_before_it_is_stored(server, media):
     r = httpx.post(base + "/v1/jobs", content=chunked(),
                    headers={**AUTH, "content-type": "multipart/form-data; boundary=x"})
     assert _error(r)[:2] == (413, "too_large")
+    avatars = sorted((server["data"] / "avatars").rglob("*"))
+    r = httpx.post(base + "/v1/avatars", files={"video": ("big.mp4", big, "video/mp4")}, headers=AUTH)
+    assert r.status_code == 413                      # the same --max-upload-mb limit as jobs
+    assert sorted((server["data"] / "avatars").rglob("*")) == avatars
     assert _state(server) == before
 
 

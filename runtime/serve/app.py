@@ -80,7 +80,8 @@ class ServerState:
             parts = build_session(s.cfg, device=s.device, weights_dir=s.weights_dir, backend=s.backend,
                                   cache_dir=Path(s.data_dir) / "prepared", warmup="all")   # live batches take any size
             parts = dataclasses.replace(parts, preparer=SerialPreparer(parts.preparer))   # avatars and jobs share it
-            self.avatars = AvatarStore(Path(s.data_dir), parts.preparer, self.metrics)
+            self.avatars = AvatarStore(Path(s.data_dir), parts.preparer, self.metrics,
+                                       max_upload_bytes=s.jobs.max_upload_bytes)    # --max-upload-mb, as for jobs
             self.renderer = FrameRenderer(parts)
             self.renderer.warm_up()
             self.audio_config = s.cfg.model.audio

@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     j = s.add_argument_group("jobs")
     j.add_argument("--jobs-db", type=Path, help="the job queue's SQLite file (default: DATA_DIR/jobs.db)")
     j.add_argument("--job-workers", type=positive_int, default=2, help="jobs running at once (default 2)")
-    j.add_argument("--max-upload-mb", type=positive_int, default=2048, help="largest request body (default 2048)")
+    j.add_argument("--max-upload-mb", type=positive_int, default=2048, help="largest request body, jobs and avatars (default 2048)")
     j.add_argument("--max-duration-s", type=positive_int, default=3600,
                    help="longest input video or audio of a job (default 3600)")
     j.add_argument("--storage-quota-gb", type=float, default=100.0,
