@@ -171,6 +171,8 @@ def test_bad_requests_get_json_errors(server, media, tmp_path):
     assert _error(r)[:2] == (422, "unknown_avatar")
     r = httpx.post(base + "/v1/jobs", files=files(None, media["speech"]), headers=AUTH)
     assert _error(r)[:2] == (422, "missing_part")
+    assert _error(httpx.post(base + "/v1/jobs", json={"video": "x"}, headers=AUTH))[:2] == (400, "bad_form")
+    assert _error(httpx.post(base + "/v1/jobs", headers=AUTH))[:2] == (400, "bad_form")
     assert _error(httpx.get(f"{base}/v1/jobs/{'0' * 32}", headers=AUTH))[:2] == (404, "not_found")
     assert _error(httpx.get(f"{base}/v1/jobs/..%2F..%2Fjobs.db/result", headers=AUTH))[:2] == (404, "not_found")
     assert _error(httpx.get(f"{base}/v1/jobs?status=sleeping", headers=AUTH))[:2] == (422, "bad_status")

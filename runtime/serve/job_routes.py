@@ -75,6 +75,9 @@ def install_job_routes(app: FastAPI, service: Callable[[], JobService]) -> None:
         too_large = ApiError(413, "too_large", f"the request body is over this server's limit of {limit} bytes")
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise too_large
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise ApiError(400, "bad_form", "the body is not multipart/form-data; send the files as form fields "
+                                            "(curl -F video=@talk.mp4 -F audio=@dub.wav)")
         limited = Request(request.scope, _limited(request.receive, limit))
         try:
             form = await limited.form(max_files=MAX_BATCH_JOBS + 1, max_fields=MAX_BATCH_JOBS + 8)
