@@ -231,7 +231,9 @@ class JobService:
         if job is None:
             raise ApiError(404, "not_found", f"no job with id {job_id!r}")
         if job["status"] != "done":
-            raise ApiError(409, "not_done", f"job {job_id} is {job['status']}; its result exists once it is done")
+            later = ("; its result exists once it is done" if job["status"] in ("queued", "running")
+                     else "; it has no result and never will")
+            raise ApiError(409, "not_done", f"job {job_id} is {job['status']}{later}")
         path = self.files.result(job_id)
         if job.get("expired") or not path.is_file():
             raise ApiError(410, "expired", f"the result of job {job_id} was removed after the retention period")
