@@ -46,7 +46,7 @@ class MuseTalkFamily:
                     cuda_graphs: bool, warmup: str) -> PipelineParts:
         from talkrt.session import resolve_compose
         start = time.perf_counter()
-        models = load_models(cfg, weights_dir, device, dtype)
+        models = load_models(cfg, weights_dir, device, dtype, cache_dir)
         weights_done = time.perf_counter()
         engines, chosen = create_engines(cfg, models, backend=backend or cfg.pipeline.backend, device=device,
                                          dtype=dtype, engines_dir=engines_dir, max_batch=cfg.pipeline.batch_size,

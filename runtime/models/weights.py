@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +148,77 @@ def load_official(cfg: TalkrtConfig, weights_dir: str | Path) -> LipSyncModels:
 
 
 def load_models(cfg: TalkrtConfig, weights_dir: str | Path | None, device: torch.device,
-                dtype: torch.dtype) -> LipSyncModels:
-    models = load_official(cfg, weights_dir) if weights_dir else build_synthetic(cfg)
+                dtype: torch.dtype, cache_dir: Path | None = None) -> LipSyncModels:
+    """The official checkpoints of ``weights_dir``, else synthetic weights, on ``device`` in ``dtype``.
+
+    With ``cache_dir``, synthetic weights are kept there after their first build, as they are
+    on the device (:func:`synthetic_cache_path`), and later loads read that file straight to
+    the device instead of re-running the random initialisers (seconds of CPU for the full-size
+    model). A cache file that cannot be used is ignored (a warning) and rebuilt.
+
+    Raises:
+        InputError: the official layout is incomplete or does not match (see :func:`load_official`).
+    """
+    if weights_dir:
+        return load_official(cfg, weights_dir).to(device, dtype)
+    if cache_dir is None:
+        return build_synthetic(cfg).to(device, dtype)
+    path = synthetic_cache_path(cfg, dtype, cache_dir)
+    if path.is_file():
+        try:
+            return _load_cached_synthetic(cfg, path, device, dtype)
+        except Exception as exc:  # noqa: BLE001 - a bad cache file is rebuilt, never fatal
+            log.warning("ignoring the synthetic weights cache %s (%s); rebuilding it", path, exc)
+    models = build_synthetic(cfg).to(device, dtype)
+    _save_synthetic(models, path)
+    return models
+
+
+def synthetic_cache_path(cfg: TalkrtConfig, dtype: torch.dtype, cache_dir: Path) -> Path:
+    """``cache_dir/weights/synthetic-<model hash>-<seed>-<dtype>.safetensors``."""
+    seed = cfg.pipeline.weights_seed
+    return Path(cache_dir) / "weights" / f"synthetic-{cfg.model_hash()}-{seed}-{str(dtype).split('.')[-1]}.safetensors"
+
+
+def _networks(models: LipSyncModels) -> dict[str, torch.nn.Module]:
+    """The four inference modules; their state dicts hold every tensor they use."""
+    return {"unet": models.unet, "vae_encoder": models.vae_encoder, "vae_decoder": models.vae_decoder,
+            "whisper": models.whisper}
+
+
+def _save_synthetic(models: LipSyncModels, path: Path) -> None:
+    from safetensors.torch import save_file
+    state = {f"{part}.{k}": v.contiguous() for part, net in _networks(models).items()
+             for k, v in net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(tmp), metadata={"talkrt": "synthetic weights", "identity": models.identity})
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not cache the synthetic weights in %s (%s)", path, exc)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_cached_synthetic(cfg: TalkrtConfig, path: Path, device: torch.device, dtype: torch.dtype) -> LipSyncModels:
+    """The networks built without initialisers (on the meta device), then given the cached tensors."""
+    from safetensors.torch import load_file
+    with torch.device("meta"):
+        unet, vae = build_unet(unet_diffusers_config(cfg.model)), build_vae(vae_diffusers_config(cfg.model))
+        encoder = WhisperEncoder(whisper_config(cfg.model.audio))
+    models = _assemble(cfg, unet, vae, encoder, "synthetic", f"synthetic-{cfg.model_hash()}-{cfg.pipeline.weights_seed}")
+    state = load_file(str(path), device=str(device))
+    for part, net in _networks(models).items():
+        prefix = part + "."
+        net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                            strict=True, assign=True)
+        left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+        if left:
+            raise ValueError(f"{part}: {len(left)} tensors not in the file (e.g. {left[0]})")
+    seed = cfg.pipeline.weights_seed
+    log.warning("SYNTHETIC WEIGHTS (seed %d, config '%s', cached in %s): the output will NOT be lip-synced. "
+                "Pass --weights DIR with the official MuseTalk v1.5 checkpoints for real results.", seed, cfg.name, path)
     return models.to(device, dtype)
 
 
