@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from benchmarks.common import HostCores
 from talkrt.media.frames import iter_video_frames
 from talkrt.media.probe import probe_video
 from talkrt.pipeline import PipelineParts, open_writer
@@ -48,12 +49,14 @@ def encoder_alone(parts: PipelineParts, video: Path, audio: Path, frames: int, o
     nv12 = parts.compose == "gpu"
     pool = _host_frames(video, nv12)
     start = time.perf_counter()
-    with open_writer(parts, out, info, audio, {}, nv12) as writer:
-        write = writer.write_nv12 if nv12 else writer.write_rgb
-        for i in range(frames):
-            write(pool[i % len(pool)])
+    with HostCores() as cpu:
+        with open_writer(parts, out, info, audio, {}, nv12) as writer:
+            write = writer.write_nv12 if nv12 else writer.write_rgb
+            for i in range(frames):
+                write(pool[i % len(pool)])
     seconds = time.perf_counter() - start
-    return {"frames": frames, "seconds": seconds, "fps": frames / seconds, "writer": type(writer).__name__}
+    return {"frames": frames, "seconds": seconds, "fps": frames / seconds, "writer": type(writer).__name__,
+            "host_cores": cpu.cores}
 
 
 def engines_alone(parts: PipelineParts, frames: int, warmup: int = 3) -> dict:

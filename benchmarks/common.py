@@ -157,3 +157,23 @@ def default_config_and_device(config: str | None, device: str) -> tuple[str, str
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     return (config or ("musetalk" if dev.startswith("cuda") else "tiny")), dev
+
+
+class HostCores:
+    """Mean host CPU cores this process used inside the block: CPU seconds of all its threads
+    (libx264's included: PyAV runs it in-process) over wall seconds. ``cores`` after the block;
+    ``available``: the cores this process may run on."""
+
+    def __init__(self):
+        self.cores = float("nan")
+        self.available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    def __enter__(self) -> HostCores:
+        import time
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+        wall = time.perf_counter() - self._wall
+        self.cores = (time.process_time() - self._cpu) / wall if wall > 0 else float("nan")
