@@ -65,7 +65,8 @@ def server_process(args, work: Path, max_sessions: int, extra: Sequence[str] = (
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "talkrt.serve.cli", "serve", "--config", args.config, "--device", args.device,
            "--port", str(port), "--max-sessions", str(max_sessions), "--data-dir", str(work / "data"),
-           "--log-level", "warning"] + (["--backend", args.backend] if args.backend else []) + list(extra)
+           "--log-level", "warning"] + (["--backend", args.backend] if args.backend else []) + \
+        (["--overlap-steps"] if getattr(args, "overlap_steps", False) else []) + list(extra)
     log_path = work / "server.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -98,12 +99,15 @@ def server_process(args, work: Path, max_sessions: int, extra: Sequence[str] = (
 
 
 def scrape(base: str) -> dict[str, float]:
-    """Every sample of ``/metrics``, summed over labels: ``{sample name: value}``."""
+    """Every sample of ``/metrics``, summed over labels: ``{sample name: value}``; the step phases
+    also one by one, as ``talkrt_step_phase_seconds_total:PHASE``."""
     from prometheus_client.parser import text_string_to_metric_families
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(base + "/metrics").text):
         for sample in family.samples:
             out[sample.name] = out.get(sample.name, 0.0) + sample.value
+            if "phase" in sample.labels:
+                out[f"{sample.name}:{sample.labels['phase']}"] = sample.value
     return out
 
 
@@ -214,7 +218,9 @@ def row_of(n: int, records, deltas: dict, wall: float, gpu_util, needs, fps: Fra
                render_fps=speech / step_s if step_s > 0 else float("nan"), wall_s=wall,
                server_late=int(deltas.get("talkrt_frames_late_total", 0)),
                dropped=int(deltas.get("talkrt_frames_dropped_total", 0)),
-               failed_batches=int(deltas.get("talkrt_batches_failed_total", 0)))
+               failed_batches=int(deltas.get("talkrt_batches_failed_total", 0)),
+               phase_ms={k.split(":", 1)[1]: 1000 * v / batches for k, v in deltas.items()
+                         if k.startswith("talkrt_step_phase_seconds_total:") and batches})
     return row
 
 
@@ -246,7 +252,8 @@ def engines_alone(args, batches: list[int]) -> dict[int, dict]:
 
 def tables(result: dict) -> str:
     head = (f"talkrt live: config={result['config']} device={result['device']} ({result['gpu']}) "
-            f"backend={result['backend']} compose={result['compose']} speech={result['seconds']:g} s per client, "
+            f"backend={result['backend']} compose={result['compose']} "
+            f"overlap_steps={'on' if result.get('overlap_steps') else 'off'} speech={result['seconds']:g} s per client, "
             f"{result['avatars']} avatars, {result['client_procs']} client processes, "
             f"look-ahead {result['lookahead_ms']:g} ms")
     lines = [head, "", "| N | on time | p50 ms | p95 ms | p99 ms | late p95 ms | mean batch | sess/batch | busy | GPU util "
@@ -261,6 +268,11 @@ def tables(result: dict) -> str:
                      f"| {r['p99_ms']:.0f} | {r['vs_due_p95_ms']:.0f} | {r['mean_batch']:.1f} "
                      f"| {r['sessions_per_batch']:.1f} | {r['busy_pct']:.0f}% | {util} | {r['served_fps']:.0f} "
                      f"| {r['render_fps']:.0f} | " + " | ".join(shares) + " |")
+    phases = ("schedule", "prepare", "audio", "model", "compose", "sync", "jpeg")
+    lines += ["", "scheduler thread, ms per batch by phase (on CUDA the GPU's time shows in sync):", "",
+              "| N | " + " | ".join(phases) + " |", "|---:|" + "---:|" * len(phases)]
+    lines += [f"| {r['sessions']} | " + " | ".join(f"{r.get('phase_ms', {}).get(p, float('nan')):.2f}" for p in phases)
+              + " |" for r in result["rows"]]
     best = result["largest_on_time"]
     lines += ["", f"largest N with >= {ON_TIME_TARGET:g}% of speech frames on time: {best if best else 'none'}",
               f"idle sessions: {result['idle']['sessions']} for {result['idle']['seconds']:g} s, "
@@ -315,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-iters", type=int, help="timed calls per engine and batch (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--start-timeout", type=float, default=1800.0, help="seconds for the server to load")
     p.add_argument("--work", type=Path, help="folder for the server's data and log (default: temp)")
+    p.add_argument("--overlap-steps", action="store_true", help="serve with --overlap-steps (one batch in flight)")
     p.add_argument("--json", help="write the results (a 'live' section) here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -359,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
               "compose": health.get("compose"), "gpu": gpu_name(machine_info()), "seconds": args.seconds,
               "avatars": args.avatars, "client_procs": procs, "lookahead_ms": lookahead_ms(fps, audio_cfg),
               "rows": rows, "engines": {str(b): v for b, v in engines.items()}, "idle": idle,
-              "largest_on_time": max(on_time) if on_time else None, "on_time_target_pct": ON_TIME_TARGET}
+              "largest_on_time": max(on_time) if on_time else None, "on_time_target_pct": ON_TIME_TARGET,
+              "overlap_steps": bool(args.overlap_steps)}
     print(tables(result))
     if args.json:
         print(f"wrote {save_benchmark(args.json, 'live', result)}")

@@ -26,7 +26,7 @@ from talkrt.media.nvcodec import HOST_UPLOAD_COLOR, open_gpu_reader
 from talkrt.media.probe import VideoInfo
 from talkrt.profiling import nvtx_range
 from talkrt.stages import sharpen_params
-from talkrt.streams import on_stream
+from talkrt.streams import on_stream, to_device
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class GpuComposeStage:
         if len(rows) == batch.size:
             self._compose(batch.nv12, batch.faces, boxes, masks)
             return
-        index = torch.as_tensor(rows, device=batch.nv12.device)
+        index = to_device(rows, batch.nv12.device)
         subset = batch.nv12.index_select(0, index)
         self._compose(subset, batch.faces, boxes, masks)
         batch.nv12.index_copy_(0, index, subset)

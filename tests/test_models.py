@@ -81,3 +81,48 @@ def test_official_layout_errors(tiny, tmp_path):
     (root / "musetalkV15" / "unet.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot read the UNet checkpoint"):
         load_official(cfg, root)
+
+
+def test_log_mel_matches_the_whisper_feature_extractor():
+    """talkrt's batched log-mel equals transformers' WhisperFeatureExtractor (torch path) on the
+    CPU: same float32 arithmetic, so within 1e-5 (outputs are O(1)); clips shorter than, equal
+    to and longer than 30 s (truncated), and an empty one."""
+    import numpy as np
+    from transformers import WhisperFeatureExtractor
+
+    from talkrt.models.audio import LogMel
+
+    extractor = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000)
+    rng = np.random.default_rng(0)
+    clips = [(0.3 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 480000, 500000, 0, 7)]
+    want = extractor(clips, sampling_rate=16000, return_tensors="pt", device="cpu").input_features
+    got = LogMel(extractor, torch.device("cpu"))(clips)
+    assert got.shape == want.shape == (5, 80, 3000) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_synthetic_weights_cache_loads_the_same_tensors(tmp_path, caplog):
+    from safetensors.torch import load as load_file_bytes
+
+    from talkrt.models.weights import load_models, synthetic_cache_path
+
+    cfg = load_config("tiny")
+    fresh = load_models(cfg, None, torch.device("cpu"), torch.float32, cache_dir=tmp_path)
+    path = synthetic_cache_path(cfg, torch.float32, tmp_path)
+    assert path.is_file()
+    before = path.read_bytes()
+    cached = load_models(cfg, None, torch.device("cpu"), torch.float32, cache_dir=tmp_path)
+    assert path.read_bytes() == before
+    assert cached.identity == fresh.identity and cached.source == "synthetic"
+    for a, b in ((fresh.unet, cached.unet), (fresh.vae_decoder, cached.vae_decoder),
+                 (fresh.vae_encoder, cached.vae_encoder), (fresh.whisper, cached.whisper)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # a damaged cache file is ignored with a warning and written again
+    path.write_bytes(b"not a safetensors file")
+    again = load_models(cfg, None, torch.device("cpu"), torch.float32, cache_dir=tmp_path)
+    assert "ignoring the synthetic weights cache" in caplog.text
+    from safetensors.torch import load_file
+    written, first = load_file(str(path)), load_file_bytes(before)
+    assert written.keys() == first.keys() and all(torch.equal(v, first[k]) for k, v in written.items())
+    assert all(torch.equal(v, again.unet.state_dict()[k]) for k, v in fresh.unet.state_dict().items())

@@ -38,9 +38,13 @@ class Recorder:
     def last_seconds(self) -> float:
         return self.render.last_seconds
 
-    def __call__(self, items, jobs=()):
+    @property
+    def last_phases(self) -> dict:
+        return self.render.last_phases
+
+    def launch(self, items, jobs=()):
         self.batches.append((len(items), [len(j) for j in jobs]))
-        return self.render(items, jobs)
+        return self.render.launch(items, jobs)
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +161,21 @@ def test_stopping_fails_the_rows_still_waiting(parts, avatar, windows):
     scheduler.submit(late)
     with pytest.raises(SchedulerStopped):
         late.wait(_no_wait)
+
+
+def test_overlapped_steps_deliver_a_batch_one_step_later_and_the_same_frames(parts, avatar, windows):
+    t0 = 3000.0
+    _, plain, plain_sink = _speaking(parts, avatar, t0)
+    plain.step(t0 + 0.21)
+    expected = plain_sink.take()
+    assert [f.index for f in expected] == list(range(8))
+    recorder, overlapped, sink = _speaking(parts, avatar, t0)
+    assert overlapped.step(t0 + 0.21, overlap=True)       # slots 0..7 launched, none delivered yet
+    assert sink.take() == [] and overlapped.stats.batches == 0
+    assert overlapped.step(t0 + 0.25, overlap=True)      # slot 8 launched, slots 0..7 finished
+    got = sink.take()
+    assert [f.index for f in got] == list(range(8)) and overlapped.stats.batches == 1
+    assert [f.jpeg for f in got] == [f.jpeg for f in expected]
+    assert overlapped.step(t0 + 0.25, overlap=True)      # nothing new: slot 8 finished
+    assert [f.index for f in sink.take()] == [8] and recorder.batches == [(8, []), (1, [])]
+    assert not overlapped.step(t0 + 0.25, overlap=True)

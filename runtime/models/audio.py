@@ -23,11 +23,13 @@ from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from talkrt.config import AudioConfig
+from talkrt.streams import to_device
 
 SAMPLE_RATE = 16_000
 STEPS_PER_SECOND = 50
 SEGMENT_SECONDS = 30
 SEGMENT_STEPS = SEGMENT_SECONDS * STEPS_PER_SECOND
+SEGMENT_SAMPLES = SEGMENT_SECONDS * SAMPLE_RATE
 
 
 def window_start(frame_index: int | np.ndarray, fps: Fraction) -> int | np.ndarray:
@@ -48,6 +50,43 @@ def whisper_config(audio: AudioConfig) -> WhisperConfig:
         num_mel_bins=audio.num_mel_bins,
         max_source_positions=SEGMENT_STEPS,
     )
+
+
+class LogMel:
+    """Whisper's log-mel spectrogram of a batch of <= 30-s clips, computed on ``device``:
+    ``[B, num_mel_bins, 3000]`` float32, staying there.
+
+    The rule of transformers' ``WhisperFeatureExtractor`` (its torch path, ``dither=0``; itself
+    OpenAI Whisper's ``log_mel_spectrogram``): each clip truncated or zero-padded to 30 s,
+    ``torch.stft`` (n_fft 400, hop 160, Hann window, centred, reflect padding), the last frame
+    dropped, power spectrum, the extractor's Slaney mel filters, ``log10`` clamped at 1e-10,
+    floored at the clip's maximum minus 8, then ``(x + 4) / 4``. Unlike the extractor, the
+    result is not copied back to the host and only the clips' real samples cross to the
+    device (without blocking the host: :func:`talkrt.streams.to_device`).
+    """
+
+    def __init__(self, extractor: WhisperFeatureExtractor, device: torch.device):
+        if getattr(extractor, "dither", 0.0):
+            raise ValueError("LogMel follows the extractor without dither")
+        self.device, self.n_fft, self.hop = device, extractor.n_fft, extractor.hop_length
+        self.filters = torch.from_numpy(np.ascontiguousarray(extractor.mel_filters.T)).to(device, torch.float32)
+        self.window = torch.hann_window(self.n_fft, device=device)
+
+    def __call__(self, clips: list[np.ndarray]) -> torch.Tensor:
+        """``clips``: 1-D float arrays of 16 kHz samples in [-1, 1) (any length; past 30 s ignored)."""
+        clips = [np.asarray(c, np.float32)[:SEGMENT_SAMPLES] for c in clips]
+        wave = torch.zeros(len(clips), SEGMENT_SAMPLES, device=self.device)
+        if sum(map(len, clips)):
+            flat = to_device(np.concatenate(clips), self.device)
+            first = 0
+            for row, clip in zip(wave, clips):
+                row[:len(clip)] = flat[first:first + len(clip)]
+                first += len(clip)
+        stft = torch.stft(wave, self.n_fft, self.hop, window=self.window, return_complex=True)
+        power = stft[..., :-1].abs() ** 2                                   # [B, 201, 3000]
+        log = torch.clamp(self.filters @ power, min=1e-10).log10()         # [B, mels, 3000]
+        log = torch.maximum(log, log.amax(dim=(1, 2), keepdim=True) - 8.0)
+        return (log + 4.0) / 4.0
 
 
 class WhisperStack(nn.Module):
@@ -73,6 +112,7 @@ class AudioFeatures:
         self.dtype = dtype
         self.segments_per_batch = segments_per_batch
         self.extractor = WhisperFeatureExtractor(feature_size=audio.num_mel_bins, sampling_rate=SAMPLE_RATE)
+        self.log_mel = LogMel(self.extractor, device)
 
     @property
     def group_steps(self) -> int:
@@ -87,10 +127,7 @@ class AudioFeatures:
         first = group * self.segments_per_batch * seg
         chunks = [samples[i:i + seg] for i in range(first, min(len(samples), first + self.segments_per_batch * seg),
                                                       seg)] or [samples[:0]]
-        # log-mel on the model's device (transformers' torch path; the same numbers on the CPU)
-        mel = self.extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt",
-                             device=str(self.device)).input_features
-        out = self.stack(mel.to(self.device, self.dtype))
+        out = self.stack(self.log_mel(chunks).to(self.dtype))
         return out.reshape(-1, *out.shape[2:])
 
     def encode(self, samples: np.ndarray) -> torch.Tensor:
@@ -170,5 +207,5 @@ class StreamingAudioStates:
         elif self.table is None:
             self._hold(0, 0)
         rows = np.where(valid, raw - self.first_group * group_steps + 1, 0)
-        window = self.table[torch.as_tensor(rows, device=self.table.device)]   # [B, 10, L+1, D]
+        window = self.table[to_device(rows, self.table.device)]              # [B, 10, L+1, D]
         return window.reshape(window.shape[0], -1, window.shape[-1])

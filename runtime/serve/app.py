@@ -51,6 +51,7 @@ class ServeSettings:
     api_key: str | None = None           # required on every /v1 route when set
     jobs: JobSettings = field(default_factory=JobSettings)
     job_rows_with_live: int | None = None   # job rows in a step with live speech (None: all the room left)
+    overlap_steps: bool = False             # the scheduler keeps one batch in flight (Scheduler's overlap)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class ServerState:
             self.renderer.warm_up()
             self.audio_config = s.cfg.model.audio
             scheduler = Scheduler(self.renderer, self.renderer.max_batch, self.metrics,
-                                  job_rows_with_live=s.job_rows_with_live)
+                                  job_rows_with_live=s.job_rows_with_live, overlap=s.overlap_steps)
             scheduler.start()
             ctx = RunnerContext(cfg=s.cfg, device=s.device, parts=parts, queue=scheduler,
                                 cache_dir=Path(s.data_dir) / "prepared", avatar_source=self.avatars.source)

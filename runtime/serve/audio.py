@@ -26,6 +26,7 @@ import torch
 
 from talkrt.config import AudioConfig
 from talkrt.models.audio import SAMPLE_RATE, SEGMENT_SECONDS, STEPS_PER_SECOND, AudioFeatures, window_start
+from talkrt.streams import to_device
 
 SAMPLES_PER_STEP = SAMPLE_RATE // STEPS_PER_SECOND
 WINDOW_SAMPLES = SEGMENT_SECONDS * SAMPLE_RATE     # Whisper's input: 30 s at 16 kHz
@@ -194,9 +195,10 @@ def gather_windows(states: torch.Tensor, first_step: int, total_steps: int | Non
     if missing.any():
         raise RuntimeError(f"a frame needs Whisper step {int(steps[missing][0])}, the window holds steps "
                            f"{first_step}..{first_step + states.shape[0] - 1}")
-    out = states.new_zeros(len(starts), audio.window_steps, *states.shape[1:])
-    mask = torch.as_tensor(real, device=states.device)
-    out[mask] = states[torch.as_tensor(local[real], device=states.device)]
+    # padding steps read an appended zero row: one gather, no data-dependent shape (no host sync)
+    table = torch.cat([states, states.new_zeros(1, *states.shape[1:])])
+    rows = np.where(real, local, states.shape[0])
+    out = table[to_device(rows, states.device)]                      # [B, window_steps, L+1, D]
     return out.reshape(out.shape[0], -1, out.shape[-1])
 
 
@@ -215,11 +217,9 @@ class WindowEncoder:
             return []
         f = self.features
         recent = [utt.recent_speech(frames) for utt, frames in requests]
-        # log-mel on the model's device: on the CPU each 30-s window costs tens of ms, once per
-        # speaking session and step (H200 host: the scheduler busy 94% with the GPU at 38-51%)
-        mel = f.extractor([samples for samples, _ in recent], sampling_rate=SAMPLE_RATE, return_tensors="pt",
-                          device=str(f.device)).input_features
-        states = f.stack(mel.to(f.device, f.dtype))            # [B, 1500, L+1, D]
+        # log-mel on the model's device, only the real samples uploaded (the extractor's padded
+        # 30-s windows and its copy back to the host cost the H200 host 35 ms per step of 16)
+        states = f.stack(f.log_mel([samples for samples, _ in recent]).to(f.dtype))   # [B, 1500, L+1, D]
         self.calls += 1
         out = []
         for (utt, frames), (samples, first), s in zip(requests, recent, states):

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", help="engine backend (default: the config's)")
     s.add_argument("--weights", help="folder with the MuseTalk v1.5 checkpoints (default: synthetic weights)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    s.add_argument("--overlap-steps", action="store_true",
+                   help="prepare the next batch while the GPU runs the current one (more frames/s at many "
+                        "sessions, later frames at few; see BENCHMARKS.md)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--api-key", default=os.environ.get(ENV_VAR),
                    help=f"bearer token every /v1 route then requires (default: ${ENV_VAR}; unset: none)")
@@ -96,7 +99,8 @@ def serve(args: argparse.Namespace) -> int:
                        retention_s=args.retention_hours * 3600.0)
     settings = ServeSettings(cfg=cfg, device=args.device, data_dir=args.data_dir or default_data_dir(),
                              max_sessions=args.max_sessions, backend=args.backend, weights_dir=args.weights,
-                             api_key=args.api_key or None, jobs=jobs, job_rows_with_live=args.job_rows_with_live)
+                             api_key=args.api_key or None, jobs=jobs, job_rows_with_live=args.job_rows_with_live,
+                             overlap_steps=args.overlap_steps)
     log.info("talkrt serve: config=%s device=%s data=%s on http://%s:%d", cfg.name, args.device,
              settings.data_dir, args.host, args.port)
     # open event streams and live sessions get this long to end on SIGINT/SIGTERM; then running

@@ -25,6 +25,7 @@ from talkrt.errors import TalkrtError
 from talkrt.pipeline import PipelineParts
 from talkrt.serve.avatars import JPEG_QUALITY, LiveAvatar
 from talkrt.stages import FrameBatch
+from talkrt.streams import to_device
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class GpuFrames:
                              avatars=batch.avatars, avatar_index=batch.avatar_index[rows], found=batch.found[rows])
             sub.nv12 = torch.stack([frames[r] for r in rows])
             faces_of = np.searchsorted(face_rows, with_face)           # rows of batch.faces, in order
-            sub.faces = batch.faces[torch.as_tensor(faces_of, device=batch.faces.device)]
+            sub.faces = batch.faces[to_device(faces_of, batch.faces.device)]
             self.composer(sub)
             for k, r in enumerate(rows):
                 frames[r] = sub.nv12[k]
@@ -155,9 +156,14 @@ class GpuFrames:
 
     def jpeg(self, frames: list[torch.Tensor]) -> list[bytes]:
         """NV12 device frames -> JPEG bytes (nvJPEG, quality :data:`JPEG_QUALITY`); call on the
-        stream the frames were made on."""
+        stream the frames were made on (waits for it)."""
         rgb = self.rgb(frames)
-        torch.cuda.current_stream(self.device).synchronize()      # the encoder's stream does not wait for ours
+        torch.cuda.current_stream(self.device).synchronize()
+        return self.encode(rgb)
+
+    def encode(self, rgb: list[torch.Tensor]) -> list[bytes]:
+        """[3, H, W] uint8 device RGB frames, already made (their stream synchronised or their
+        event waited for: the encoder's stream does not wait for ours) -> JPEG bytes."""
         encoded = self.encode_jpeg(rgb, quality=JPEG_QUALITY)
         sizes = np.cumsum([0] + [int(e.numel()) for e in encoded])
         if encoded[0].is_cuda:

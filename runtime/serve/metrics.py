@@ -32,7 +32,11 @@ class ServeMetrics:
                                         buckets=BATCH_BUCKETS, registry=r)
         self.step_seconds = Histogram("talkrt_step_seconds", "wall time of one batch (Whisper to JPEG; on "
                                       "CUDA the stream synchronised)", buckets=STEP_BUCKETS, registry=r)
-        self.batch_in_flight = Gauge("talkrt_batch_in_flight", "1 while the scheduler runs a model batch", registry=r)
+        self.step_phase_seconds = Counter("talkrt_step_phase_seconds", "scheduler thread time by phase of its "
+                                          "steps: schedule (slots, idle frames, delivery), prepare, audio, model, "
+                                          "compose (host time to launch on CUDA), sync (waiting for the GPU), jpeg",
+                                          ["phase"], registry=r)
+        self.batch_in_flight = Gauge("talkrt_batch_in_flight", "1 while a model batch is launched and not yet finished", registry=r)
         self.batches_failed = Counter("talkrt_batches_failed", "model batches that failed (e.g. GPU out of memory); "
                                       "their sessions' speech was dropped", registry=r)
         self.preparations = Counter("talkrt_avatar_preparations", "avatar preparations started", registry=r)

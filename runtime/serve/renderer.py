@@ -32,7 +32,7 @@ from talkrt.serve.gpu_frames import GpuFrames
 from talkrt.serve.jobwork import JobRows
 from talkrt.serve.session import WorkItem
 from talkrt.stages import CpuComposeStage, FrameBatch, UNetStage, VaeDecodeStage
-from talkrt.streams import on_stream
+from talkrt.streams import on_stream, to_device
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,49 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
+class PhaseClock:
+    """Host seconds by phase: :meth:`mark` adds the time since the last mark (or restart)."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self.restart()
+
+    def restart(self) -> None:
+        self._since = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._since
+        self._since = now
+
+
+class Launched:
+    """A batch whose device work is queued (:meth:`FrameRenderer.launch`); :meth:`finish` once."""
+
+    def __init__(self, renderer: FrameRenderer, total: int, frames, job_faces: list,
+                 ready: torch.cuda.Event | None, clock: PhaseClock):
+        self.renderer, self.total, self.frames, self.job_faces = renderer, total, frames, job_faces
+        self.ready, self.clock = ready, clock
+
+    def finish(self) -> tuple[list[bytes], list]:
+        """Wait for the batch and return (one JPEG per live item, one face array per job part).
+
+        Raises:
+            RenderError: out of device memory.
+        """
+        return self.renderer._guard(self.total, lambda: self.renderer._finish(self))
+
+
 class FrameRenderer:
     """Makes the JPEGs of a list of speech work items, and the faces of job rows, in one batch.
 
     ``__call__(items, jobs)`` -> (one JPEG (bytes) per item in item order, one face array per
-    job part); together they must number at most the engines' max batch. ``last_seconds`` holds
-    the wall time of the last call (Whisper to JPEG; on CUDA the stream synchronised).
+    job part); together they must number at most the engines' max batch. :meth:`launch` and
+    :meth:`Launched.finish` split a call so that the host can prepare the next batch while the
+    device runs this one. After a finish, ``last_seconds`` holds that batch's host time (Whisper
+    to JPEG, the wait for the device included, the time between launch and finish not) and
+    ``last_phases`` the same by phase (prepare, audio, model, compose, sync, jpeg; on CUDA the
+    device's work shows in ``sync``, the others are host and launch time).
 
     Raises (``__call__``):
         RenderError: out of device memory (cached memory released first).
@@ -74,15 +111,15 @@ class FrameRenderer:
             self.compose = CpuComposeStage(parts.compose, parts.cfg.pipeline.sharpen)
         self.batches = 0
         self.last_seconds = 0.0
+        self.last_phases: dict[str, float] = {}
+        self._clock = PhaseClock()
 
     def warm_up(self) -> None:
         """One Whisper, UNet and VAE decode call at batch 1, so that the first live frame does not
         pay for lazy initialisation (seconds on the CPU)."""
         f, m, stream = self.parts.audio_features, self.parts.cfg.model, self.parts.stream
         with torch.inference_mode(), on_stream(stream):
-            mel = f.extractor([np.zeros(SAMPLE_RATE, np.float32)], sampling_rate=SAMPLE_RATE, device=str(f.device),
-                              return_tensors="pt").input_features
-            states = f.stack(mel.to(f.device, f.dtype))                      # [1, 1500, L+1, D]
+            states = f.stack(f.log_mel([np.zeros(SAMPLE_RATE, np.float32)]).to(f.dtype))   # [1, 1500, L+1, D]
             audio = states.new_zeros(1, m.audio.window_steps * states.shape[2], states.shape[3])
             latents = torch.zeros(1, 2 * m.vae.latent_channels, m.latent_size, m.latent_size,
                                   device=self.parts.device, dtype=self.parts.dtype)
@@ -96,11 +133,27 @@ class FrameRenderer:
     def __call__(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> tuple[list[bytes], list]:
         """(one JPEG per live item, one [k, S, S, 3] uint8 face array per job part, host or device
         as the compose path needs). ``items`` and ``jobs`` together hold 1..max_batch frames."""
+        return self.launch(items, jobs).finish()
+
+    def launch(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> Launched:
+        """Queue the batch's device work (Whisper, UNet, VAE decode, compose, RGB for the JPEG
+        encoder) and return without waiting for it; :meth:`Launched.finish` waits and returns
+        what :meth:`__call__` does. The host may prepare and launch the next batch before
+        finishing this one: the stream keeps their device work in order.
+
+        Raises:
+            ValueError: no frame, or more than the engines' max batch.
+            RenderError: out of device memory (cached memory released first).
+        """
         total = len(items) + sum(len(j) for j in jobs)
         if not 1 <= total <= self.max_batch:
             raise ValueError(f"batch of {total} frames, engines take 1..{self.max_batch}")
+        return self._guard(total, lambda: self._launch(items, jobs))
+
+    def _guard(self, total: int, work):
+        """``work()``, with an out-of-memory error turned into :class:`RenderError`."""
         try:
-            return self._render(items, jobs)
+            return work()
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
@@ -117,32 +170,45 @@ class FrameRenderer:
         elif self.parts.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _render(self, items: Sequence[WorkItem], jobs: Sequence[JobRows]) -> tuple[list[bytes], list]:
-        start = time.perf_counter()
+    def _launch(self, items: Sequence[WorkItem], jobs: Sequence[JobRows]) -> Launched:
+        self._clock = clock = PhaseClock()
         live, live_avatars = self._live_batch(items) if items else (None, [])
         self.batches += 1
+        out = None
         with torch.inference_mode(), on_stream(self.parts.stream):
             if live is not None:
                 if self.on_gpu:
                     live.nv12 = self.gpu.frames(live_avatars, live.avatar_index, live.src_index)
                 else:
                     live.frames = [live_avatars[a].frames[s].copy() for a, s in zip(live.avatar_index, live.src_index)]
+            clock.mark("prepare")
             job_faces = self._model(live, items, jobs)
-            if live is not None and live.found.any():
-                if self.on_gpu:
-                    self.gpu.compose(live)
-                else:
-                    self.compose(live)
+            if live is not None:
+                if live.found.any():
+                    (self.gpu.compose if self.on_gpu else self.compose)(live)
+                out = self.gpu.rgb(live.nv12) if self.on_gpu else live.frames
+            ready = None
             if self.parts.stream is not None:
-                self.parts.stream.synchronize()
-            if live is None:
-                jpegs = []
-            elif self.on_gpu:
-                jpegs = self.gpu.jpeg(live.nv12)
-            else:
-                jpegs = [encode_jpeg_cpu(frame) for frame in live.frames]
-        self.last_seconds = time.perf_counter() - start
-        return jpegs, job_faces
+                ready = torch.cuda.Event()
+                ready.record(self.parts.stream)
+            clock.mark("compose")
+        return Launched(self, len(items) + sum(map(len, jobs)), out, job_faces, ready, clock)
+
+    def _finish(self, launched: Launched) -> tuple[list[bytes], list]:
+        clock = launched.clock
+        clock.restart()
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        clock.mark("sync")
+        if launched.frames is None:
+            jpegs = []
+        elif self.on_gpu:
+            jpegs = self.gpu.encode(launched.frames)
+        else:
+            jpegs = [encode_jpeg_cpu(frame) for frame in launched.frames]
+        clock.mark("jpeg")
+        self.last_seconds, self.last_phases = sum(clock.phases.values()), clock.phases
+        return jpegs, launched.job_faces
 
     def _live_batch(self, items: Sequence[WorkItem]) -> tuple[FrameBatch, list[LiveAvatar]]:
         """The step's live frames as one batch, and the live avatars its ``avatar_index`` points at."""
@@ -179,6 +245,7 @@ class FrameRenderer:
             avatar_index.append(np.array([slot(live.avatars[a]) for a in live.avatar_index[rows]], np.int64))
             src_index.append(live.src_index[rows])
             audio.append(self._audio([items[r] for r in rows]))
+            self._clock.mark("audio")
         for part in jobs:
             avatar_index.append(np.array([slot(part.work.avatars[a]) for a in part.avatar_index], np.int64))
             src_index.append(part.src_index)
@@ -192,6 +259,7 @@ class FrameRenderer:
         model.audio = torch.cat([a.to(self.parts.device, self.parts.dtype) for a in audio])
         self.unet(model)
         self.vae(model)
+        self._clock.mark("model")
         if f_live:
             live.faces = model.faces[:f_live]
         out, first = [], f_live
@@ -207,8 +275,6 @@ class FrameRenderer:
             groups.setdefault(id(it.utterance), []).append(i)
         requests = [(rows[g[0]].utterance, np.array([rows[i].frame for i in g], np.int64)) for g in groups.values()]
         windows = self.windows(requests)
-        out = windows[0].new_empty(len(rows), *windows[0].shape[1:])
-        for g, w in zip(groups.values(), windows):
-            out[torch.as_tensor(g, device=out.device)] = w
-        return out
+        order = np.argsort(np.concatenate(list(groups.values())), kind="stable")   # back to row order
+        return torch.cat(windows)[to_device(order, windows[0].device)]
 

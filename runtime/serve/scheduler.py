@@ -5,7 +5,9 @@ answered at once from the avatar's cached JPEGs (no model time). Speech slots jo
 the earliest-due ``max_batch`` of them, from any sessions and avatars, become ONE batch through
 the renderer (one Whisper call, UNet, VAE decode, compose, JPEG), and each frame goes back to
 its session, which hands it to its sink in slot order. Sinks never block, so a slow client
-costs only its own frames.
+costs only its own frames. With ``overlap`` the thread keeps one batch in flight: it launches
+step k+1's batch (host work: Whisper input, gathers, kernel launches) while the device still
+runs step k's, then finishes step k's (waits for it, JPEG, delivery).
 
 An interrupt answers the session's outstanding slots with idle frames at once
 (:meth:`LiveSession.interrupt`); its items still queued or in flight here are stale and their
@@ -56,16 +58,32 @@ class SchedulerStats:
     job_failures: int = 0               # job parts that failed on their own
 
 
+class Launched(Protocol):
+    """A batch whose device work is queued; ``finish()`` waits for it and returns (one JPEG per
+    live item, one face array per job part)."""
+
+    def finish(self) -> tuple[list[bytes], list[Any]]: ...
+
+
 class Renderer(Protocol):
     """Makes one step's frames (a :class:`~talkrt.serve.renderer.FrameRenderer`).
 
-    ``render(items, jobs)`` -> (one JPEG per live item, one face array per job part), with
-    ``len(items) + sum(len(j) for j in jobs) <= max_batch``; ``last_seconds``: its model time.
+    ``launch(items, jobs)`` queues the frames' work and returns a :class:`Launched`, with
+    ``len(items) + sum(len(j) for j in jobs) <= max_batch``; after its ``finish()``,
+    ``last_seconds`` holds that batch's host time and ``last_phases`` the same by phase.
     """
 
     last_seconds: float
+    last_phases: dict[str, float]
 
-    def __call__(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> tuple[list[bytes], list[Any]]: ...
+    def launch(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> Launched: ...
+
+
+@dataclass
+class _InFlight:
+    batch: list[WorkItem]
+    jobs: list[JobRows]
+    launched: Launched
 
 
 class SchedulerStopped(RuntimeError):
@@ -83,13 +101,21 @@ class Scheduler:
             different sessions due within ``lead`` of each other can share a batch.
         job_rows_with_live: most job rows in a step that holds live speech (None: all the
             capacity left), a knob to keep shared steps short.
+        overlap: the thread's steps keep one batch in flight (see :meth:`step`). Off by default:
+            on an H200 (2026-12-01, BENCHMARKS.md) it raised the frames served at 20 sessions
+            from 202 to 293 per second but delivered each batch later (nvJPEG's encode of
+            batch k then waited for batch k+1's model work), so fewer frames were on time at
+            4 and 8 sessions.
     """
 
     def __init__(self, render: Renderer, max_batch: int, metrics: ServeMetrics, lead: float = 0.08,
-                 job_rows_with_live: int | None = None):
+                 job_rows_with_live: int | None = None, overlap: bool = False):
         self.render, self.max_batch, self.metrics, self.lead = render, max_batch, metrics, lead
+        self.overlap = overlap
         self.job_rows_with_live = max_batch if job_rows_with_live is None else job_rows_with_live
         self.stats = SchedulerStats()
+        self._phases: dict[str, float] = {}     # the renderer's phases in the current step
+        self._in_flight: _InFlight | None = None  # launched by the last step, finished by the next
         self.sessions: dict[str, LiveSession] = {}
         self.pending: list[WorkItem] = []
         self.jobs: deque[JobFrames] = deque()
@@ -145,16 +171,31 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.step(time.monotonic()):
+            if self.step(time.monotonic(), overlap=self.overlap):
                 continue
             with self._lock:
                 sessions = list(self.sessions.values())
             next_time = min((s.next_assign_time(self.lead) for s in sessions), default=float("inf"))
             self._wake.wait(max(0.0, min(IDLE_WAIT_S, next_time - time.monotonic())))
             self._wake.clear()
+        self._finish_in_flight()
 
-    def step(self, now: float) -> bool:
-        """One scheduling step at ``now`` (``time.monotonic()``); True if it made any frame."""
+    def step(self, now: float, overlap: bool = False) -> bool:
+        """One scheduling step at ``now`` (``time.monotonic()``); True if it made or launched any
+        frame. With ``overlap`` the step's batch is launched and left in flight, and the batch
+        the previous step launched is finished (its frames delivered) after it: the host
+        prepares batch k+1 while the device runs batch k. Without, the step finishes its own."""
+        start = time.perf_counter()
+        made = self._step(now, overlap)
+        if made:
+            render = sum(self._phases.values())
+            for phase, seconds in self._phases.items():
+                self.metrics.step_phase_seconds.labels(phase).inc(seconds)
+            self.metrics.step_phase_seconds.labels("schedule").inc(max(0.0, time.perf_counter() - start - render))
+        self._phases = {}
+        return made
+
+    def _step(self, now: float, overlap: bool) -> bool:
         self.stats.steps += 1
         with self._lock:
             sessions = list(self.sessions.values())
@@ -174,10 +215,13 @@ class Scheduler:
             self._send_idle(item)
         room = self.max_batch - len(batch)
         jobs = self._take_job_rows(min(room, self.job_rows_with_live) if batch else room)
-        if batch or jobs:
-            with self.metrics.batch_in_flight.track_inprogress():
-                self._run_batch(batch, jobs)
-        return bool(idle or batch or jobs)
+        launched = self._launch(batch, jobs) if batch or jobs else None
+        finished = self._finish_in_flight()
+        self._in_flight = launched
+        self.metrics.batch_in_flight.set(int(launched is not None))
+        if not overlap:
+            self._finish_in_flight()
+        return bool(idle or launched or finished)
 
     def _take_job_rows(self, capacity: int) -> list[JobRows]:
         """Up to ``capacity`` rows of the queued job work, oldest first."""
@@ -204,17 +248,30 @@ class Scheduler:
         jpeg = session.avatar.idle_jpeg(session.avatar.source_index(item.slot))
         self._deliver(item, jpeg)
 
-    def _run_batch(self, batch: list[WorkItem], jobs: list[JobRows]) -> None:
+    def _launch(self, batch: list[WorkItem], jobs: list[JobRows]) -> _InFlight | None:
+        """The batch's work queued on the device (None: it failed, and its frames with it)."""
         try:
-            jpegs, faces = self.render(batch, jobs)
+            return _InFlight(batch, jobs, self.render.launch(batch, jobs))
         except Exception as exc:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
-            if jobs:
-                log.warning("batch of %d live and %d job frames failed (%s); retrying each part alone", len(batch),
-                            sum(map(len, jobs)), exc)
-                self._run_parts_alone(batch, jobs)
-                return
-            self._fail_live(batch, exc)
-            return
+            self._failed(batch, jobs, exc)
+            return None
+
+    def _finish_in_flight(self) -> bool:
+        """Finish the batch in flight, if any: count it and hand its frames out."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return False
+        try:
+            jpegs, faces = flight.launched.finish()
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
+            self._failed(flight.batch, flight.jobs, exc)
+            return True
+        finally:
+            self.metrics.batch_in_flight.set(0)
+        self._done(flight.batch, flight.jobs, jpegs, faces)
+        return True
+
+    def _done(self, batch: list[WorkItem], jobs: list[JobRows], jpegs: list[bytes], faces: list) -> None:
         self._count(batch, jobs)
         for rows, part in zip(jobs, faces):
             rows.put(part)
@@ -224,20 +281,32 @@ class Scheduler:
             else:
                 self._deliver(item, jpeg)
 
+    def _failed(self, batch: list[WorkItem], jobs: list[JobRows], exc: Exception) -> None:
+        if jobs:
+            log.warning("batch of %d live and %d job frames failed (%s); retrying each part alone", len(batch),
+                        sum(map(len, jobs)), exc)
+            self._run_parts_alone(batch, jobs)
+        else:
+            self._fail_live(batch, exc)
+
     def _run_parts_alone(self, batch: list[WorkItem], jobs: list[JobRows]) -> None:
         """After a failed mixed batch: the live part, then each job part, as batches of their own."""
         if batch:
-            self._run_batch(batch, [])
+            try:
+                jpegs, _ = self.render.launch(batch, []).finish()
+            except Exception as exc:  # noqa: BLE001 - the live part fails on its own
+                self._fail_live(batch, exc)
+            else:
+                self._done(batch, [], jpegs, [])
         for rows in jobs:
             try:
-                _, faces = self.render([], [rows])
+                _, faces = self.render.launch([], [rows]).finish()
             except Exception as exc:  # noqa: BLE001 - this job's rows fail, nothing else
                 log.warning("job %s: %d frames failed: %s", rows.work.owner, len(rows), exc)
                 self.stats.job_failures += 1
                 rows.work.fail(exc)
                 continue
-            self._count([], [rows])
-            rows.put(faces[0])
+            self._done([], [rows], [], faces)
 
     def _fail_live(self, batch: list[WorkItem], exc: Exception) -> None:
         log.exception("batch of %d frames failed; its sessions' speech is dropped", len(batch), exc_info=exc)
@@ -248,6 +317,8 @@ class Scheduler:
 
     def _count(self, batch: list[WorkItem], jobs: list[JobRows]) -> None:
         seconds = getattr(self.render, "last_seconds", 0.0)
+        for phase, t in getattr(self.render, "last_phases", {}).items():
+            self._phases[phase] = self._phases.get(phase, 0.0) + t
         job_frames = sum(map(len, jobs))
         st = self.stats
         st.batches += 1
