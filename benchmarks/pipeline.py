@@ -123,6 +123,7 @@ def run_once(parts, video: Path, audio: Path, out: Path) -> dict:
         "gpu_stages_ms_per_frame": {k: 1000 * v / report.frames for k, v in (report.gpu_stage_seconds or {}).items()},
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         "peak_host_rss_mb": rss.peak_mb, "host_cores": cpu.cores, "cores_available": cpu.available,
+        "encoder_thread_seconds": report.encode_waits,
         "width": info.width, "height": info.height, "encode_path": report.encode_path,
     }
 
@@ -207,15 +208,22 @@ def markdown_table(results: dict) -> str:
 def overlap_table(results: dict) -> str:
     """End to end against the slower of (encoder alone, engines alone), per talkrt row."""
     lines = ["| resolution | path | end to end f/s | encoder alone f/s | engines alone f/s | share of the slower "
-             "| host cores end to end | host cores encoder alone |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| host cores end to end | host cores encoder alone | encoder thread: encode / idle / download wait "
+             "| pipeline thread waits for a buffer |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in results["rows"]:
         if "share_of_bound" in r:
+            waits = {k: 100 * v / r["seconds"] for k, v in r.get("encoder_thread_seconds", {}).items()}
+            thread = "-" if not waits else \
+                f"{waits['encode']:.0f}% / {waits['encoder_idle']:.0f}% / {waits['download_wait']:.0f}%"
+            producer = f"{waits['producer_wait']:.0f}%" if waits else "-"
             lines.append(f"| {r['resolution']} | {r['path']} | {r['fps']:.1f} | {r['encoder_alone_fps']:.1f} "
                          f"| {r['engines_alone_fps']:.1f} | {100 * r['share_of_bound']:.0f}% "
-                         f"| {r.get('host_cores', float('nan')):.1f} | {r.get('encoder_alone_cores', float('nan')):.1f} |")
+                         f"| {r.get('host_cores', float('nan')):.1f} | {r.get('encoder_alone_cores', float('nan')):.1f} "
+                         f"| {thread} | {producer} |")
     cores = next((r["cores_available"] for r in results["rows"] if "cores_available" in r), None)
     lines.append(f"\nhost cores: CPU seconds of the process over wall seconds (of {cores} available); "
-                 "libx264 runs in-process")
+                 "libx264 runs in-process. Encoder thread and pipeline thread waits: shares of the run's wall "
+                 "time (GPU path only)")
     return "\n".join(lines)
 
 

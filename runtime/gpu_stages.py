@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,11 @@ class HostEncodeStage:
 
     Only the NV12 frame crosses to the host, once per frame; at most ``depth`` batches are in
     flight, so host memory stays constant whatever the video length.
+
+    ``waits`` (seconds, for the run report and the overlap benchmark): ``producer_wait``, the
+    pipeline's thread waiting for a free buffer (the encoder is behind); ``encoder_idle``, the
+    encoder thread waiting for a batch (the pipeline is behind); ``download_wait``, the encoder
+    thread waiting for a batch's download (the GPU is behind); ``encode``, in libx264.
     """
 
     def __init__(self, writer, batch_size: int, height: int, width: int, stream: torch.cuda.Stream | None,
@@ -212,12 +218,15 @@ class HostEncodeStage:
         self.jobs: queue.Queue[tuple[int, _EncodeJob] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.bytes_downloaded = 0
+        self.waits = dict.fromkeys(("producer_wait", "encoder_idle", "download_wait", "encode"), 0.0)
         self.worker = threading.Thread(target=self._work, name="talkrt-encode", daemon=True)
         self.worker.start()
 
     def __call__(self, batch) -> None:
         self._raise_if_failed()
+        waited = time.perf_counter()
         slot = self.free.get()
+        self.waits["producer_wait"] += time.perf_counter() - waited
         host = self.buffers[slot][:batch.size]
         with on_stream(self.stream):
             host.copy_(batch.nv12[:batch.size], non_blocking=True)
@@ -227,15 +236,25 @@ class HostEncodeStage:
         self.jobs.put((slot, _EncodeJob(host, ready, batch.size)))
 
     def _work(self) -> None:
-        while (item := self.jobs.get()) is not None:
+        waits = self.waits
+        while True:
+            t0 = time.perf_counter()
+            item = self.jobs.get()
+            t1 = time.perf_counter()
+            waits["encoder_idle"] += t1 - t0
+            if item is None:
+                break
             slot, job = item
             try:
                 if self.error is None:
                     job.ready.synchronize()
+                    t2 = time.perf_counter()
+                    waits["download_wait"] += t2 - t1
                     with nvtx_range("encode-x264"):
                         frames = job.host.numpy()
                         for i in range(job.count):
                             self.writer.write_nv12(frames[i])
+                    waits["encode"] += time.perf_counter() - t2
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 self.error = exc
             finally:
@@ -267,6 +286,7 @@ class NvencEncodeStage:
         self.stream = stream
         self.encode_path = "nvenc"
         self.bytes_downloaded = 0
+        self.waits: dict[str, float] = {}
 
     def __call__(self, batch) -> None:
         if self.stream is not None:

@@ -78,6 +78,7 @@ class RunReport:
     frame_bytes_to_host: int = 0     # bytes of frame data copied device -> host (GPU path: NV12 only)
     gpu_stage_seconds: dict[str, float] | None = None   # CUDA-event stage times (stage_sync off or TALKRT_GPU_EVENTS=1)
     first_batch_seconds: float = 0.0  # from the pipeline's start to the first batch handed to the encoder
+    encode_waits: dict[str, float] = dataclasses.field(default_factory=dict)  # the encode stage's ``waits``
 
     @property
     def fps(self) -> float:
@@ -247,4 +248,4 @@ def run_pipeline(parts: PipelineParts, video_path: Path, info: VideoInfo, audio_
                      compose=parts.compose, stage_table=clock.table(num_out), decode_path=stages.frames.decode_path,
                      encode_path=stages.encode.encode_path, frame_bytes_to_host=stages.encode.bytes_downloaded,
                      gpu_stage_seconds=clock.gpu_seconds() if clock.gpu_events else None,
-                     first_batch_seconds=first_batch)
+                     first_batch_seconds=first_batch, encode_waits=dict(stages.encode.waits))

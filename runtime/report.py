@@ -90,6 +90,7 @@ def report_document(report: RunReport, *, startup_seconds: float, config: str, c
         "fps": report.fps,
         "stages": [{"stage": name, "ms_per_frame": ms, "share": share} for name, ms, share in report.stage_table],
         "frame_bytes_to_host": report.frame_bytes_to_host,
+        "encoder_thread_seconds": report.encode_waits,
         "versions": versions(),
     }
 

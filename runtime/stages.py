@@ -116,6 +116,7 @@ class EncodeStage(Stage, Protocol):
 
     encode_path: str                # what encodes, for the log and the report
     bytes_downloaded: int           # frame bytes copied device -> host so far
+    waits: dict[str, float]         # seconds by kind, for an encoder on its own thread (else empty)
 
     def finish(self) -> None: ...
 
@@ -279,6 +280,7 @@ class CpuEncodeStage:
 
     def __init__(self, writer: Any):
         self.writer = writer
+        self.waits: dict[str, float] = {}
 
     def __call__(self, batch: FrameBatch) -> None:
         for frame in batch.frames:

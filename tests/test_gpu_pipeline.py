@@ -139,6 +139,11 @@ def test_overlapped_stages_with_gpu_events_run_on_the_gpu_path(tmp_path):
     report = run_pipeline(parts, SAMPLE, probe_video(SAMPLE), SPEECH, load_audio(SPEECH), out)
     assert report.gpu_stage_seconds and report.gpu_stage_seconds.get("3.unet", 0) > 0
     assert probe_output(out).num_frames == report.frames
+    # the encoder thread's time splits into encode, idle and download wait, within the run's wall time
+    waits = report.encode_waits
+    assert set(waits) == {"producer_wait", "encoder_idle", "download_wait", "encode"}
+    assert waits["encode"] > 0 and min(waits.values()) >= 0
+    assert waits["encode"] + waits["encoder_idle"] + waits["download_wait"] <= report.seconds + 0.05
 
 
 def test_gpu_sharpen_matches_the_host_path(tmp_path):
