@@ -286,6 +286,7 @@ def load_config(name_or_path: str | Path = "musetalk", overrides: list[str] | No
     path, data = read_config_data(name_or_path, overrides)
     family = data.get("family", "musetalk") if isinstance(data, dict) else "musetalk"
     if family != "musetalk":
-        raise ConfigError(f"config '{name_or_path}' is a '{family}' model config, which the pipeline does not run; "
-                          f"it loads with talkrt.models.latentsync.load_latentsync_config")
+        raise ConfigError(f"config '{name_or_path}' is a '{family}' model config; this command runs MuseTalk "
+                          f"configs only (musetalk, tiny or a YAML of that family); run_pipeline runs it "
+                          f"(python -m talkrt.cli --config {name_or_path} ...)")
     return validate(_typed(TalkrtConfig, path, data, name_or_path))

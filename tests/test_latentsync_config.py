@@ -42,8 +42,8 @@ def test_invalid_values_are_rejected_by_name(override, phrase):
         load_latentsync_config("latentsync16-tiny", [override])
 
 
-def test_the_musetalk_loader_points_to_the_latentsync_one():
-    with pytest.raises(ConfigError, match="load_latentsync_config"):
+def test_the_musetalk_loader_says_what_runs_a_latentsync_config():
+    with pytest.raises(ConfigError, match=r"MuseTalk configs only .*python -m talkrt.cli --config latentsync16"):
         load_config("latentsync16")
     with pytest.raises(ConfigError, match="missing key 'family'|unknown key"):
         load_latentsync_config("tiny")

@@ -162,6 +162,8 @@ def test_bad_requests_get_json_errors(server, media, tmp_path):
         (dict(options=json.dumps({"model.crop_size": 64})), 422, "bad_options"),
         (dict(options=json.dumps({"pipeline.encoder.crf": 99})), 422, "bad_options"),
         (dict(options="{not json"), 422, "bad_options"),
+        (dict(options="[" * 5000 + "]" * 5000), 422, "bad_options"),          # nested too deeply
+        (dict(options=json.dumps({"pipeline.encoder.workers": 100000})), 422, "bad_options"),   # one job, all cores
         (dict(avatar="f" * 24), 422, "bad_job"),                 # a video and an avatar
     ]
     for data, status, code in cases:
@@ -169,6 +171,10 @@ def test_bad_requests_get_json_errors(server, media, tmp_path):
         assert _error(r)[:2] == (status, code), (data, r.text)
     r = httpx.post(base + "/v1/jobs", files=files(None, media["speech"]), data={"avatar": "f" * 24}, headers=AUTH)
     assert _error(r)[:2] == (422, "unknown_avatar")
+    # options sent as a file part (curl -F options=@opts.json) are read as the JSON they hold
+    as_file = ("options", ("opts.json", json.dumps({"pipeline.encoder.crf": 99}).encode(), "application/json"))
+    r = httpx.post(base + "/v1/jobs", files=files(media["a"], media["speech"]) + [as_file], headers=AUTH)
+    assert _error(r)[:2] == (422, "bad_options") and "crf" in _error(r)[2]
     r = httpx.post(base + "/v1/jobs", files=files(None, media["speech"]), headers=AUTH)
     assert _error(r)[:2] == (422, "missing_part")
     assert _error(httpx.post(base + "/v1/jobs", json={"video": "x"}, headers=AUTH))[:2] == (400, "bad_form")
@@ -197,7 +203,7 @@ def test_upload_over_the_limit_is_413_before_it_is_stored(server, media):
     assert _error(r)[:2] == (413, "too_large")
     avatars = sorted((server["data"] / "avatars").rglob("*"))
     r = httpx.post(base + "/v1/avatars", files={"video": ("big.mp4", big, "video/mp4")}, headers=AUTH)
-    assert r.status_code == 413                      # the same --max-upload-mb limit as jobs
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"   # the same --max-upload-mb limit as jobs
     assert sorted((server["data"] / "avatars").rglob("*")) == avatars
     assert _state(server) == before
 

@@ -179,3 +179,7 @@ def test_overlapped_steps_deliver_a_batch_one_step_later_and_the_same_frames(par
     assert overlapped.step(t0 + 0.25, overlap=True)      # nothing new: slot 8 finished
     assert [f.index for f in sink.take()] == [8] and recorder.batches == [(8, []), (1, [])]
     assert not overlapped.step(t0 + 0.25, overlap=True)
+    # the renderer's host time goes to its phases, not to "schedule", whichever step it fell in
+    phase = {p: overlapped.metrics.registry.get_sample_value("talkrt_step_phase_seconds_total", {"phase": p})
+             for p in ("schedule", "model", "audio")}
+    assert phase["model"] > 0 and phase["audio"] > 0 and phase["schedule"] < 0.5 * phase["model"]

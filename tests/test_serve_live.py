@@ -71,8 +71,15 @@ def test_avatar_ready_listed_and_not_prepared_twice(server, clips, avatars):
 def test_bad_upload_is_refused_and_nothing_stored(server, tmp_path, avatars):
     before = sorted(p.name for p in (server["data"] / "avatars").iterdir())
     r = upload(server["base"], make_not_media(tmp_path / "notes.mp4"))
-    assert r.status_code == 422
-    assert r.json()["detail"].startswith("notes.mp4: not a readable media file")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "bad_media"
+    assert r.json()["error"]["message"].startswith("notes.mp4: not a readable media file")
+    r = httpx.post(server["base"] + "/v1/avatars", json={})               # not multipart
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_form"
+    r = httpx.post(server["base"] + "/v1/avatars", files={"clip": ("a.mp4", b"x", "video/mp4")})   # no 'video'
+    assert r.status_code == 422 and r.json()["error"] == {"code": "missing_part",
+                                                          "message": "missing or invalid form field(s): video"}
+    r = httpx.get(f"{server['base']}/v1/avatars/{'0' * 24}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     assert sorted(p.name for p in (server["data"] / "avatars").iterdir()) == before
     assert list((server["data"] / "tmp").iterdir()) == []
 

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, UploadFile, WebSocket
+from fastapi import FastAPI, File, UploadFile, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -127,7 +127,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     def store() -> AvatarStore:
         if not server.ready:
-            raise HTTPException(503, "models are loading" if server.error is None else server.error)
+            raise ApiError(503, "loading", "models are loading" if server.error is None else server.error)
         return server.avatars
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -155,9 +155,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             status, new = store().add(video.file, name)
         except InputError as exc:
-            raise HTTPException(422, f"{name}: {exc.problem}") from exc
+            raise ApiError(422, "bad_media", f"{name}: {exc.problem}") from exc
         except UploadTooLarge as exc:
-            raise HTTPException(413, str(exc)) from exc
+            raise ApiError(413, "too_large", str(exc)) from exc
         return JSONResponse(status, status_code=202 if new or status["status"] == "preparing" else 200)
 
     @app.get("/v1/avatars")
@@ -168,13 +168,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def get_avatar(avatar_id: str) -> dict:
         status = store().get(avatar_id) if ID_PATTERN.match(avatar_id) else None
         if status is None:
-            raise HTTPException(404, f"no avatar with id {avatar_id!r}")
+            raise ApiError(404, "not_found", f"no avatar with id {avatar_id!r}")
         return status
 
     @app.delete("/v1/avatars/{avatar_id}", status_code=204)
     def delete_avatar(avatar_id: str) -> Response:
         if not ID_PATTERN.match(avatar_id) or not store().delete(avatar_id):
-            raise HTTPException(404, f"no avatar with id {avatar_id!r}")
+            raise ApiError(404, "not_found", f"no avatar with id {avatar_id!r}")
         return Response(status_code=204)
 
     def job_service() -> JobService:

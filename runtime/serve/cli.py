@@ -17,6 +17,7 @@ from pathlib import Path
 
 from talkrt import __version__
 from talkrt.cli import positive_int
+from talkrt.config import BACKENDS
 from talkrt.serve.auth import ENV_VAR
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve live avatars (docs/protocol.md) and offline jobs (docs/jobs.md)")
     s.add_argument("--config", help="musetalk or tiny or a YAML path (default: musetalk on CUDA, tiny on the CPU)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every "
+                                                          "interface, then set --api-key)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--max-sessions", type=positive_int, default=16, help="live sessions at once (default 16)")
     s.add_argument("--data-dir", type=Path, default=None,
                    help="avatars and their prepared data (default: $TALKRT_DATA_DIR or ~/.cache/talkrt/serve)")
-    s.add_argument("--backend", help="engine backend (default: the config's)")
+    s.add_argument("--backend", choices=BACKENDS,
+                   help="engine backend (default: the config's; tensorrt and compiled need `make engines`)")
     s.add_argument("--weights", help="folder with the MuseTalk v1.5 checkpoints (default: synthetic weights)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     s.add_argument("--overlap-steps", action="store_true",
@@ -50,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
                         "sessions, later frames at few; see BENCHMARKS.md)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--api-key", default=os.environ.get(ENV_VAR),
-                   help=f"bearer token every /v1 route then requires (default: ${ENV_VAR}; unset: none)")
+                   help=f"bearer token every /v1 route then requires (default: ${ENV_VAR}, preferred: a key on "
+                        f"the command line shows in ps; unset: none)")
     j = s.add_argument_group("jobs")
     j.add_argument("--jobs-db", type=Path, help="the job queue's SQLite file (default: DATA_DIR/jobs.db)")
     j.add_argument("--job-workers", type=positive_int, default=2, help="jobs running at once (default 2)")

@@ -53,7 +53,13 @@ class JobClient:
         except httpx.TransportError as exc:
             raise ClientError(0, "unreachable", f"{self.base}: {exc}") from exc
         if response.status_code >= 400:
-            raise error_of(response)
+            error = error_of(response)
+            if response.status_code == 401:
+                error.message += " (talkrt submit: --api-key KEY or $TALKRT_API_KEY)"
+            elif response.status_code in (404, 405) and error.code == "error":    # not a talkrt route
+                error.message = (f"{method} {self.base}{path}: {response.status_code} {response.reason_phrase}; "
+                                 f"is --server the base URL of a talkrt server (e.g. http://127.0.0.1:8000)?")
+            raise error
         return response
 
     def submit(self, videos: list[Path], avatars: list[str], audios: list[Path], options: dict[str, Any],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +19,11 @@ from talkrt.config import TalkrtConfig, validate
 from talkrt.errors import ConfigError, InputError, TalkrtError
 from talkrt.media.audio import AudioClip
 from talkrt.media.probe import VideoInfo
+
+#: the longest ``options`` text accepted (characters)
+MAX_OPTIONS_CHARS = 16_384
+#: the shortest per-job encoder segment (seconds): shorter ones only multiply processes and files
+MIN_SEGMENT_SECONDS = 0.5
 
 #: config keys a job may set (``--set`` overrides that change neither the models nor the batch
 #: shape the shared engines were built for)
@@ -60,10 +66,14 @@ def parse_options(text: str | None) -> JobOptions:
     """
     if not text:
         return JobOptions()
+    if len(text) > MAX_OPTIONS_CHARS:
+        raise ApiError(422, "bad_options", f"options has {len(text)} characters, at most {MAX_OPTIONS_CHARS}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(422, "bad_options", f"options is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ApiError(422, "bad_options", "options is nested too deeply (a flat JSON object is expected)") from None
     if not isinstance(data, dict):
         raise ApiError(422, "bad_options", "options must be a JSON object of KEY: value")
     fps = data.pop("fps", None)
@@ -89,9 +99,19 @@ def job_config(server_cfg: TalkrtConfig, values: tuple[tuple[str, Any], ...]) ->
     for key, value in values:
         cfg = _set(cfg, key.split("."), value, key)
     try:
-        return validate(cfg)
+        cfg = validate(cfg)
     except ConfigError as exc:
         raise ApiError(422, "bad_options", str(exc)) from None
+    # one job must not take the host: each encoder worker is a process of its own
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    enc = cfg.pipeline.encoder
+    if enc.workers > max(cores, server_cfg.pipeline.encoder.workers):
+        raise ApiError(422, "bad_options", f"options.pipeline.encoder.workers: {enc.workers} encoder processes, at "
+                                           f"most {max(cores, server_cfg.pipeline.encoder.workers)} on this server")
+    if enc.workers > 1 and enc.segment_seconds < min(MIN_SEGMENT_SECONDS, server_cfg.pipeline.encoder.segment_seconds):
+        raise ApiError(422, "bad_options", f"options.pipeline.encoder.segment_seconds: {enc.segment_seconds} s, at "
+                                           f"least {MIN_SEGMENT_SECONDS} s per segment")
+    return cfg
 
 
 def _set(node: Any, keys: list[str], value: Any, key: str) -> Any:

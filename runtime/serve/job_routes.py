@@ -15,18 +15,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
-from talkrt.serve.job_inputs import ApiError
+from talkrt.serve.job_inputs import MAX_OPTIONS_CHARS, ApiError
 from talkrt.serve.job_store import FINAL
 from talkrt.serve.jobs import MAX_BATCH_JOBS, JobService, Media
 
 EVENT_POLL_S = 0.1          # how often an event stream looks for a change
-JOB_PATHS = ("/v1/jobs", "/v1/batches")
+API_PATHS = "/v1/"             # every route here answers errors as {"error": {"code", "message"}}
 KEEPALIVE_S = 15.0          # a comment line this often keeps idle proxies from closing the stream
 
 
@@ -49,18 +50,48 @@ def _limited(receive: Receive, limit: int) -> Receive:
     return counted
 
 
+async def _text_part(value, key: str) -> str:
+    """A form field's text, whether sent as a field or as a (UTF-8, bounded) file part.
+
+    Raises:
+        ApiError: 422 ``bad_part`` when the file is too long or not UTF-8.
+    """
+    if not isinstance(value, UploadFile):
+        return str(value)
+    data = await value.read(MAX_OPTIONS_CHARS * 4 + 1)
+    if len(data) > MAX_OPTIONS_CHARS * 4:
+        raise ApiError(422, "bad_part", f"'{key}' is over {MAX_OPTIONS_CHARS} characters")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(422, "bad_part", f"'{key}' is not UTF-8 text") from None
+
+
 def install_job_routes(app: FastAPI, service: Callable[[], JobService]) -> None:
-    """Add the job routes and the ``ApiError`` handler to ``app``; ``service()`` returns the job
-    service or raises ``ApiError(503)`` while the models load."""
+    """Add the job routes and the API's error handlers to ``app`` (every ``/v1`` error as
+    ``{"error": {"code", "message"}}``); ``service()`` returns the job service or raises
+    ``ApiError(503)`` while the models load."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        """FastAPI's checks of a route's declared fields (the avatar upload's ``video``)."""
+        if not request.url.path.startswith(API_PATHS):
+            return await request_validation_exception_handler(request, exc)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            error = ApiError(400, "bad_form", "the body must be multipart/form-data (curl -F video=@avatar.mp4)")
+        else:
+            fields = sorted({str(e.get("loc", ("", "?"))[-1]) for e in exc.errors()})
+            error = ApiError(422, "missing_part", f"missing or invalid form field(s): {', '.join(fields)}")
+        return JSONResponse(error.body(), status_code=error.status)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        """Starlette's own errors (no such route, wrong method) in the job API's format on its paths."""
-        if not request.url.path.startswith(JOB_PATHS):
+        """Starlette's own errors (no such route, wrong method) in the API's format on its paths."""
+        if not request.url.path.startswith(API_PATHS):
             return await http_exception_handler(request, exc)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
@@ -94,8 +125,8 @@ def install_job_routes(app: FastAPI, service: Callable[[], JobService]) -> None:
                     (videos if key == "video" else audios).append(Media(source=value.file, filename=value.filename))
                 elif key == "avatar":
                     videos.append(Media(avatar=str(value)))
-                elif key == "options":
-                    options = str(value)
+                elif key == "options":        # a text field, or a file holding the JSON (-F options=@opts.json)
+                    options = await _text_part(value, key)
                 else:
                     raise ApiError(422, "bad_part", f"unknown form field '{key}' (video, avatar, audio, options)")
             result = await asyncio.to_thread(jobs.submit, videos, audios, options, batch)

@@ -114,7 +114,8 @@ class Scheduler:
         self.overlap = overlap
         self.job_rows_with_live = max_batch if job_rows_with_live is None else job_rows_with_live
         self.stats = SchedulerStats()
-        self._phases: dict[str, float] = {}     # the renderer's phases in the current step
+        self._phases: dict[str, float] = {}     # the renderer's phases of the batches finished in this step
+        self._in_render = 0.0                   # host seconds inside the renderer in this step
         self._in_flight: _InFlight | None = None  # launched by the last step, finished by the next
         self.sessions: dict[str, LiveSession] = {}
         self.pending: list[WorkItem] = []
@@ -187,8 +188,8 @@ class Scheduler:
         prepares batch k+1 while the device runs batch k. Without, the step finishes its own."""
         start = time.perf_counter()
         made = self._step(now, overlap)
+        render, self._in_render = self._in_render, 0.0
         if made:
-            render = sum(self._phases.values())
             for phase, seconds in self._phases.items():
                 self.metrics.step_phase_seconds.labels(phase).inc(seconds)
             self.metrics.step_phase_seconds.labels("schedule").inc(max(0.0, time.perf_counter() - start - render))
@@ -248,10 +249,18 @@ class Scheduler:
         jpeg = session.avatar.idle_jpeg(session.avatar.source_index(item.slot))
         self._deliver(item, jpeg)
 
+    def _rendering(self, call, *args):
+        """``call(*args)``, its host time counted as the renderer's (not the ``schedule`` phase)."""
+        start = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self._in_render += time.perf_counter() - start
+
     def _launch(self, batch: list[WorkItem], jobs: list[JobRows]) -> _InFlight | None:
         """The batch's work queued on the device (None: it failed, and its frames with it)."""
         try:
-            return _InFlight(batch, jobs, self.render.launch(batch, jobs))
+            return _InFlight(batch, jobs, self._rendering(self.render.launch, batch, jobs))
         except Exception as exc:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
             self._failed(batch, jobs, exc)
             return None
@@ -262,7 +271,7 @@ class Scheduler:
         if flight is None:
             return False
         try:
-            jpegs, faces = flight.launched.finish()
+            jpegs, faces = self._rendering(flight.launched.finish)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
             self._failed(flight.batch, flight.jobs, exc)
             return True
@@ -293,14 +302,14 @@ class Scheduler:
         """After a failed mixed batch: the live part, then each job part, as batches of their own."""
         if batch:
             try:
-                jpegs, _ = self.render.launch(batch, []).finish()
+                jpegs, _ = self._rendering(lambda: self.render.launch(batch, []).finish())
             except Exception as exc:  # noqa: BLE001 - the live part fails on its own
                 self._fail_live(batch, exc)
             else:
                 self._done(batch, [], jpegs, [])
         for rows in jobs:
             try:
-                _, faces = self.render.launch([], [rows]).finish()
+                _, faces = self._rendering(lambda: self.render.launch([], [rows]).finish())
             except Exception as exc:  # noqa: BLE001 - this job's rows fail, nothing else
                 log.warning("job %s: %d frames failed: %s", rows.work.owner, len(rows), exc)
                 self.stats.job_failures += 1

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--options", help='per-job options as JSON, e.g. \'{"pipeline.encoder.crf": 23, "fps": "25"}\'')
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="one per-job option (repeatable; wins over --options)")
-    p.add_argument("--api-key", default=os.environ.get(ENV_VAR), help=f"bearer token (default: ${ENV_VAR})")
+    p.add_argument("--api-key", default=os.environ.get(ENV_VAR), help=f"bearer token (default: ${ENV_VAR}, preferred: a key on the command line "
+                                                            f"shows in ps)")
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up waiting after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -53,7 +54,10 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         ValueError: bad JSON or a ``--set`` without ``=``.
     """
-    options = json.loads(args.options) if args.options else {}
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--options is not valid JSON: {exc}") from None
     if not isinstance(options, dict):
         raise ValueError("--options must be a JSON object")
     for text in args.set:

@@ -64,7 +64,7 @@ async function upload(file) {
   status.textContent = `uploading ${file.name}...`;
   const r = await fetch("/v1/avatars", { method: "POST", body: form, headers: AUTH });
   const body = await r.json();
-  if (!r.ok) { status.textContent = `upload failed: ${body.detail || r.status}`; return; }
+  if (!r.ok) { status.textContent = `upload failed: ${(body.error && body.error.message) || r.status}`; return; }
   let info = body;
   while (info.status === "preparing") {
     status.textContent = `preparing ${info.id}...`;
