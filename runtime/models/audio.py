@@ -75,13 +75,18 @@ class LogMel:
     def __call__(self, clips: list[np.ndarray]) -> torch.Tensor:
         """``clips``: 1-D float arrays of 16 kHz samples in [-1, 1) (any length; past 30 s ignored)."""
         clips = [np.asarray(c, np.float32)[:SEGMENT_SAMPLES] for c in clips]
-        wave = torch.zeros(len(clips), SEGMENT_SAMPLES, device=self.device)
-        if sum(map(len, clips)):
-            flat = to_device(np.concatenate(clips), self.device)
-            first = 0
-            for row, clip in zip(wave, clips):
-                row[:len(clip)] = flat[first:first + len(clip)]
-                first += len(clip)
+        flat = to_device(np.concatenate(clips) if clips else np.zeros(0, np.float32), self.device)
+        return self.from_flat(flat, [len(c) for c in clips])
+
+    def from_flat(self, flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The clips laid end to end in ``flat`` (1-D float32 on ``device``), ``lengths[i]``
+        samples each (each at most 30 s)."""
+        wave = torch.zeros(len(lengths), SEGMENT_SAMPLES, device=self.device)
+        first = 0
+        for row, n in zip(wave, lengths):
+            if n:
+                row[:n] = flat[first:first + n]
+            first += n
         stft = torch.stft(wave, self.n_fft, self.hop, window=self.window, return_complex=True)
         power = stft[..., :-1].abs() ** 2                                   # [B, 201, 3000]
         log = torch.clamp(self.filters @ power, min=1e-10).log10()         # [B, mels, 3000]

@@ -17,6 +17,7 @@ features of the newest steps see zeros where the whole-clip encoder would see fu
 
 from __future__ import annotations
 
+import threading
 import time
 from fractions import Fraction
 
@@ -83,13 +84,15 @@ class Utterance:
 
     ``feed`` takes s16le mono bytes at ``rate`` Hz (8-48 kHz; other rates are resampled to
     16 kHz for Whisper with FFmpeg's resampler, which delays its output by a few ms).
-    Not thread-safe: the session's lock guards it.
+    The session's lock guards it, except the 16 kHz samples that the scheduler thread reads for
+    Whisper (:meth:`recent_span`, :meth:`take_speech`) outside that lock: a lock of their own.
     """
 
     def __init__(self, rate: int, fps: Fraction, audio: AudioConfig):
         self.rate, self.fps, self.cfg = rate, Fraction(fps), audio
         self.pcm = _Samples(np.int16)              # client-rate samples
         self.speech = _Samples(np.float32)         # 16 kHz samples in [-1, 1)
+        self._speech_lock = threading.Lock()       # feed (event loop) vs Whisper input (scheduler thread)
         self.resampler = None if rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono",
                                                                               rate=SAMPLE_RATE)
         self.ended = False
@@ -104,7 +107,8 @@ class Utterance:
         self.pcm.append(pcm)
         self.last_audio = time.monotonic()
         if self.resampler is None:
-            self.speech.append(pcm.astype(np.float32) / 32768.0)
+            with self._speech_lock:
+                self.speech.append(pcm.astype(np.float32) / 32768.0)
             return
         frame = av.AudioFrame.from_ndarray(pcm[None, :].astype(np.int16), format="s16", layout="mono")
         frame.sample_rate = self.rate
@@ -112,7 +116,9 @@ class Utterance:
 
     def _take(self, frames: list) -> None:
         for f in frames:
-            self.speech.append(f.to_ndarray().reshape(-1).astype(np.float32))
+            samples = f.to_ndarray().reshape(-1).astype(np.float32)
+            with self._speech_lock:
+                self.speech.append(samples)
 
     def finish(self) -> None:
         """End of utterance: flush the resampler; the remaining frames no longer wait for audio."""
@@ -164,18 +170,44 @@ class Utterance:
         self.pcm.release(self._pcm_bound(self.next_frame))
         return k, pcm
 
-    def recent_speech(self, frames: np.ndarray) -> tuple[np.ndarray, int]:
-        """(16 kHz samples, first step) for one Whisper call covering ``frames``: the latest
-        <= 30 s of audio, step aligned, starting no later than the first step the frames read."""
+    def recent_span(self, frames: np.ndarray) -> tuple[int, int]:
+        """``[start, stop)``, absolute 16 kHz sample numbers, of one Whisper call covering
+        ``frames``: the latest <= 30 s of audio, step aligned, starting no later than the first
+        step the frames read. The call's first step is ``start // 320``."""
         first_needed = max(0, int(window_start(int(frames.min()), self.fps)) - self.cfg.pad_left_steps)
-        start = max(self.speech.base, self.speech.end - WINDOW_SAMPLES)
-        start = min(-(-start // SAMPLES_PER_STEP) * SAMPLES_PER_STEP, first_needed * SAMPLES_PER_STEP)
-        stop = min(self.speech.end, start + WINDOW_SAMPLES)
-        # keep what later frames may read: their window start, or the last 30 s for context
-        keep = min(first_needed * SAMPLES_PER_STEP, self.speech.end - WINDOW_SAMPLES)
-        samples = self.speech.view(start, stop).copy()
-        self.speech.release(keep)
-        return samples, start // SAMPLES_PER_STEP
+        with self._speech_lock:
+            start = max(self.speech.base, self.speech.end - WINDOW_SAMPLES)
+            start = min(-(-start // SAMPLES_PER_STEP) * SAMPLES_PER_STEP, first_needed * SAMPLES_PER_STEP)
+            return start, min(self.speech.end, start + WINDOW_SAMPLES)
+
+    def take_speech(self, start: int, stop: int, out: np.ndarray, frames: np.ndarray) -> None:
+        """Copy samples ``[start, stop)`` (a :meth:`recent_span`) into ``out`` (float32), then
+        release what no later call reads: before ``frames``' first window, or older than 30 s."""
+        first_needed = max(0, int(window_start(int(frames.min()), self.fps)) - self.cfg.pad_left_steps)
+        with self._speech_lock:
+            out[:] = self.speech.view(start, stop)
+            self.speech.release(min(first_needed * SAMPLES_PER_STEP, self.speech.end - WINDOW_SAMPLES))
+
+
+def window_rows(first_step: int, held_steps: int, total_steps: int | None, frames: np.ndarray, fps: Fraction,
+                audio: AudioConfig, base: int = 0, zero_row: int | None = None) -> np.ndarray:
+    """``[B, window_steps]`` int64 rows of a state table for the frames' windows: step
+    ``first_step + i`` is row ``base + i`` (``held_steps`` steps held); steps before 0 or from
+    ``total_steps`` on (None: no end yet) are the zero padding, row ``zero_row`` (default
+    ``base + held_steps``).
+
+    Raises:
+        RuntimeError: a frame reads a step the table does not hold.
+    """
+    starts = np.asarray(window_start(np.asarray(frames), fps), dtype=np.int64) - audio.pad_left_steps
+    steps = starts[:, None] + np.arange(audio.window_steps)[None]
+    real = (steps >= 0) & (steps < (total_steps if total_steps is not None else np.iinfo(np.int64).max))
+    local = steps - first_step
+    missing = real & ((local < 0) | (local >= held_steps))
+    if missing.any():
+        raise RuntimeError(f"a frame needs Whisper step {int(steps[missing][0])}, the window holds steps "
+                           f"{first_step}..{first_step + held_steps - 1}")
+    return np.where(real, base + local, base + held_steps if zero_row is None else zero_row)
 
 
 def gather_windows(states: torch.Tensor, first_step: int, total_steps: int | None, frames: np.ndarray,
@@ -187,24 +219,16 @@ def gather_windows(states: torch.Tensor, first_step: int, total_steps: int | Non
     Raises:
         RuntimeError: a frame reads a step the states do not hold.
     """
-    starts = np.asarray(window_start(np.asarray(frames), fps), dtype=np.int64) - audio.pad_left_steps
-    steps = starts[:, None] + np.arange(audio.window_steps)[None]
-    real = (steps >= 0) & (steps < (total_steps if total_steps is not None else np.iinfo(np.int64).max))
-    local = steps - first_step
-    missing = real & ((local < 0) | (local >= states.shape[0]))
-    if missing.any():
-        raise RuntimeError(f"a frame needs Whisper step {int(steps[missing][0])}, the window holds steps "
-                           f"{first_step}..{first_step + states.shape[0] - 1}")
+    rows = window_rows(first_step, states.shape[0], total_steps, frames, fps, audio)
     # padding steps read an appended zero row: one gather, no data-dependent shape (no host sync)
     table = torch.cat([states, states.new_zeros(1, *states.shape[1:])])
-    rows = np.where(real, local, states.shape[0])
     out = table[to_device(rows, states.device)]                      # [B, window_steps, L+1, D]
     return out.reshape(out.shape[0], -1, out.shape[-1])
 
 
 class WindowEncoder:
     """Whisper windows for the frames of one scheduler step: ONE encoder call for all the
-    utterances in it (batch = utterances), whatever their sessions."""
+    utterances in it (batch = utterances), whatever their sessions, and one gather."""
 
     def __init__(self, features: AudioFeatures):
         self.features = features
@@ -216,13 +240,25 @@ class WindowEncoder:
         if not requests:
             return []
         f = self.features
-        recent = [utt.recent_speech(frames) for utt, frames in requests]
-        # log-mel on the model's device, only the real samples uploaded (the extractor's padded
-        # 30-s windows and its copy back to the host cost the H200 host 35 ms per step of 16)
-        states = f.stack(f.log_mel([samples for samples, _ in recent]).to(f.dtype))   # [B, 1500, L+1, D]
+        spans = [utt.recent_span(frames) for utt, frames in requests]
+        lengths = [stop - start for start, stop in spans]
+        # the real samples only, copied once into (pinned) staging memory; the log-mel runs on
+        # the model's device (the extractor's padded 30-s windows, and its copy of the log-mel
+        # back to the host, cost the H200 host 35 ms per step of 15 frames)
+        flat = torch.empty(sum(lengths), dtype=torch.float32, pin_memory=f.device.type == "cuda")
+        host, first = flat.numpy(), 0
+        for (utt, frames), (start, stop), n in zip(requests, spans, lengths):
+            utt.take_speech(start, stop, host[first:first + n], frames)
+            first += n
+        mel = f.log_mel.from_flat(flat.to(f.device, non_blocking=True), lengths)
+        states = f.stack(mel.to(f.dtype))                              # [B, 1500, L+1, D]
         self.calls += 1
-        out = []
-        for (utt, frames), (samples, first), s in zip(requests, recent, states):
-            steps = len(samples) * STEPS_PER_SECOND // SAMPLE_RATE
-            out.append(gather_windows(s[:steps], first, utt.total_steps, frames, utt.fps, f.cfg))
-        return out
+        held = states.shape[1]
+        table = torch.cat([states.reshape(-1, *states.shape[2:]), states.new_zeros(1, *states.shape[2:])])
+        rows = np.concatenate([
+            window_rows(start // SAMPLES_PER_STEP, n * STEPS_PER_SECOND // SAMPLE_RATE, utt.total_steps, frames,
+                        utt.fps, f.cfg, base=b * held, zero_row=len(requests) * held)
+            for b, ((utt, frames), (start, _), n) in enumerate(zip(requests, spans, lengths))])
+        out = table[to_device(rows, table.device)]                     # [sum k, window_steps, L+1, D]
+        out = out.reshape(out.shape[0], -1, out.shape[-1])
+        return list(torch.split(out, [len(frames) for _, frames in requests]))
