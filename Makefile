@@ -9,10 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 ENGINES_DIR ?= engines
 
-.PHONY: help venv demo test test-gpu test-latency engines bench bench-kernels bench-launch bench-engines bench-startup bench-realtime bench-live bench-jobs profile sample serve clean
+.PHONY: help venv demo test test-gpu test-latency engines bench bench-latentsync bench-kernels bench-launch bench-engines bench-startup bench-realtime bench-live bench-jobs profile sample serve clean
 
 help:
-	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-kernels | bench-launch | bench-engines | bench-startup | bench-realtime | bench-live | bench-jobs | profile | sample | serve | clean"
+	@echo "make demo | test | test-gpu | test-latency | engines | bench | bench-latentsync | bench-kernels | bench-launch | bench-engines | bench-startup | bench-realtime | bench-live | bench-jobs | profile | sample | serve | clean"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(if $(TORCH_SPEC),,--system-site-packages) $(VENV)
@@ -54,9 +54,20 @@ bench-launch: venv
 bench-engines: venv
 	$(PY) -m benchmarks.engines --json $(OUT)/bench_engines.json
 
+# MuseTalk baseline vs talkrt; `make bench CONFIG=latentsync16` (any latentsync* config) runs bench-latentsync instead.
 bench: venv
+ifneq ($(filter latentsync%,$(CONFIG)),)
+	$(PY) -m benchmarks.latentsync --config $(CONFIG) --json $(OUT)/bench_latentsync.json $(BENCH_LATENTSYNC_ARGS)
+else
 	$(PY) -m benchmarks.pipeline --json $(OUT)/bench_pipeline.json
+endif
 	$(PY) -m benchmarks.report --inputs '$(OUT)/bench_*.json' --out $(OUT)/report
+
+# LatentSync 1.6 (issue 17): DeepCache on/off, the upstream-style baseline and MuseTalk, 720p and 1080p, 20 steps;
+# e.g. make bench-latentsync BENCH_LATENTSYNC_ARGS="--resolutions 360p --seconds 1 --speech-seconds 1 --steps 2" on a CPU.
+bench-latentsync: venv
+	$(PY) -m benchmarks.latentsync $(if $(CONFIG),--config $(CONFIG)) --json $(OUT)/bench_latentsync.json \
+	  $(BENCH_LATENTSYNC_ARGS)
 
 bench-startup: venv
 	$(PY) -m benchmarks.startup --json $(OUT)/bench_startup.json $(if $(ENGINES_DIR),--engines-dir $(ENGINES_DIR))
