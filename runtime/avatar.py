@@ -36,6 +36,8 @@ from talkrt.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
 
+MISSING_FRAMES_TOLERATED = 2    # frames that may fail to decode before a video counts as damaged
+
 PREP_VERSION = 2  # bump when the preparation output changes for the same inputs (2: small faces, bridged gaps)
 
 
@@ -107,7 +109,10 @@ def track_video(video_path, info: VideoInfo, tracker: FaceTracker, p: PipelineCo
     (margin, smoothing, crop expansion); ``progress`` gets the phase "tracking".
 
     Raises:
-        InputError: no face in any frame (or a decode failure).
+        InputError: no face in any frame, a decode failure, or more than
+            :data:`MISSING_FRAMES_TOLERATED` frames (or 1%) fewer decoded than the file holds
+            (a truncated or damaged file; a couple may legitimately not decode, e.g. the
+            open-GOP leading frames of a clip cut without re-encoding).
     """
     log.info("preparing avatar from %s (%d frames): face tracking", video_path, info.num_frames)
     progress.phase("tracking", info.num_frames)
@@ -118,8 +123,12 @@ def track_video(video_path, info: VideoInfo, tracker: FaceTracker, p: PipelineCo
             progress.advance()
     track = track_frames(counted(iter_video_frames(video_path, fps=info.fps)), tracker, extra_margin=p.extra_margin,
                          smooth_window=p.smooth_window, expand=p.crop_expand)
-    if len(track.found) != info.num_frames:
-        log.warning("%s: decoded %d frames, container said %d", video_path, len(track.found), info.num_frames)
+    decoded, expected = len(track.found), info.num_frames
+    if expected - decoded > max(MISSING_FRAMES_TOLERATED, expected // 100):
+        raise InputError(video_path, f"only {decoded} of its {expected} frames could be decoded: the file is "
+                                     f"truncated or damaged (re-export or re-download it)")
+    if decoded != expected:
+        log.warning("%s: decoded %d frames, container said %d", video_path, decoded, expected)
     if not track.found.any():
         raise InputError(video_path, "no face found in any frame")
     return track

@@ -224,3 +224,18 @@ def test_process_age_counts_from_process_start():
     code = "import time; time.sleep(0.5); from talkrt.cli import seconds_since_process_start as s; print(s())"
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0.45 <= age < 10.0          # /proc's clock ticks are 10 ms; the interpreter start adds a little
+
+
+@pytest.mark.slow
+def test_a_truncated_video_is_refused_not_cycled_over_what_decodes(tmp_path, caplog):
+    """The first half of the bundled sample: its index lists 37 frames, 31 decode. Running on
+    those 31 would silently loop a shorter face video; the run says the file is damaged."""
+    sample = Path(__file__).parent / "data" / "sample_avatar.mp4"
+    data = sample.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[:len(data) // 2])
+    media = {"cache": tmp_path / "cache"}
+    out = tmp_path / "o.mp4"
+    refused(main(args(media, out, cut, Path(__file__).parent / "data" / "sample_speech.wav")), tmp_path, caplog,
+            "cut.mp4", "only 31 of its 37 frames could be decoded", "truncated or damaged")
+    assert not out.exists() and cut.read_bytes() == data[:len(data) // 2]
