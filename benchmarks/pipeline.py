@@ -1,7 +1,7 @@
 """End-to-end benchmark: MuseTalk-style baseline vs talkrt, same process, same inputs.
 
     python -m benchmarks.pipeline [--resolutions 720p,1080p,4k] [--speech-seconds 20]
-        [--extra NAME=KEY=VALUE[,KEY=VALUE...]] [--long-minutes 10] [--json PATH]
+        [--extra NAME=KEY=VALUE[,KEY=VALUE...]] [--long-minutes 10] [--switch-interval-ms MS] [--json PATH]
 
 For each resolution a real-face clip (the bundled astronaut photo with head motion, 4 s at
 25 fps) is driven by the bundled speech tiled to ``--speech-seconds``, so the avatar cycles
@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -250,8 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="one more talkrt row with config overrides, e.g. ultrafast=pipeline.encoder.preset=ultrafast")
     p.add_argument("--long-minutes", type=float, default=0.0, help="also run talkrt on 10 s and on this many minutes")
     p.add_argument("--long-resolution", default="720p")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="Python's GIL switch interval for the whole run (default: Python's, 5 ms): the encoder "
+                        "thread waits up to this long for the GIL after each libx264 call while the thread "
+                        "that drives the GPU runs Python")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = args.config or ("musetalk" if torch.cuda.is_available() else "tiny")
     work = args.work or Path(tempfile.mkdtemp(prefix="talkrt-bench-"))
@@ -265,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         results["length_rows"] = bench_length(config, args.device, args.backend, args.long_resolution,
                                               args.long_minutes, work, args.audio)
     results["wall_s"] = time.time() - started
+    results["switch_interval_ms"] = 1000.0 * sys.getswitchinterval()
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
     if results["rows"]:
