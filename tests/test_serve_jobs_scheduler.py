@@ -42,9 +42,12 @@ class Recorder:
     def last_phases(self) -> dict:
         return self.render.last_phases
 
-    def launch(self, items, jobs=()):
+    def prepare(self, items, jobs=()):
         self.batches.append((len(items), [len(j) for j in jobs]))
-        return self.render.launch(items, jobs)
+        return self.render.prepare(items, jobs)
+
+    def launch(self, prepared):
+        return self.render.launch(prepared)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 
 from talkrt.config import AudioConfig
-from talkrt.models.audio import SAMPLE_RATE, SEGMENT_SECONDS, STEPS_PER_SECOND, AudioFeatures, window_start
+from talkrt.models.audio import (SAMPLE_RATE, SEGMENT_SECONDS, SEGMENT_STEPS, STEPS_PER_SECOND, AudioFeatures,
+                                 window_start)
 from talkrt.streams import to_device
 
 SAMPLES_PER_STEP = SAMPLE_RATE // STEPS_PER_SECOND
@@ -226,39 +228,62 @@ def gather_windows(states: torch.Tensor, first_step: int, total_steps: int | Non
     return out.reshape(out.shape[0], -1, out.shape[-1])
 
 
+@dataclass
+class StagedWindows:
+    """The host half of a :class:`WindowEncoder` call: every utterance's samples end to end in
+    (pinned) host memory, ``lengths[b]`` each, and the ``[sum k, window_steps]`` table rows of
+    the frames' windows; ``counts[b]``: request ``b``'s frames."""
+
+    flat: torch.Tensor
+    lengths: list[int]
+    rows: np.ndarray
+    counts: list[int]
+
+
 class WindowEncoder:
     """Whisper windows for the frames of one scheduler step: ONE encoder call for all the
-    utterances in it (batch = utterances), whatever their sessions, and one gather."""
+    utterances in it (batch = utterances), whatever their sessions, and one gather.
+    :meth:`stage` does the host's part (no device work), :meth:`encode` the device's."""
 
     def __init__(self, features: AudioFeatures):
         self.features = features
         self.calls = 0
 
-    @torch.inference_mode()
     def __call__(self, requests: list[tuple[Utterance, np.ndarray]]) -> list[torch.Tensor]:
         """``[(utterance, [k] frame numbers)]`` -> per request ``[k, window_steps*(L+1), D]``."""
-        if not requests:
-            return []
+        return self.encode(self.stage(requests)) if requests else []
+
+    def stage(self, requests: list[tuple[Utterance, np.ndarray]]) -> StagedWindows:
+        """Copy the requests' recent samples (the real ones only) once, into pinned staging
+        memory on CUDA, release what later calls will not read, and compute the window rows.
+
+        Raises:
+            RuntimeError: a frame reads a step its utterance no longer holds.
+        """
         f = self.features
         spans = [utt.recent_span(frames) for utt, frames in requests]
         lengths = [stop - start for start, stop in spans]
-        # the real samples only, copied once into (pinned) staging memory; the log-mel runs on
-        # the model's device (the extractor's padded 30-s windows, and its copy of the log-mel
-        # back to the host, cost the H200 host 35 ms per step of 15 frames)
         flat = torch.empty(sum(lengths), dtype=torch.float32, pin_memory=f.device.type == "cuda")
         host, first = flat.numpy(), 0
         for (utt, frames), (start, stop), n in zip(requests, spans, lengths):
             utt.take_speech(start, stop, host[first:first + n], frames)
             first += n
-        mel = f.log_mel.from_flat(flat.to(f.device, non_blocking=True), lengths)
+        rows = np.concatenate([                                          # Whisper: 1500 steps per call
+            window_rows(start // SAMPLES_PER_STEP, n * STEPS_PER_SECOND // SAMPLE_RATE, utt.total_steps, frames,
+                        utt.fps, f.cfg, base=b * SEGMENT_STEPS, zero_row=len(requests) * SEGMENT_STEPS)
+            for b, ((utt, frames), (start, _), n) in enumerate(zip(requests, spans, lengths))])
+        return StagedWindows(flat, lengths, rows, [len(frames) for _, frames in requests])
+
+    @torch.inference_mode()
+    def encode(self, staged: StagedWindows) -> list[torch.Tensor]:
+        """Log-mel and Whisper on the model's device (the extractor's padded 30-s windows and its
+        copy of the log-mel back to the host cost the H200 host 35 ms per step of 15 frames),
+        then one gather: per request ``[k, window_steps*(L+1), D]``."""
+        f = self.features
+        mel = f.log_mel.from_flat(staged.flat.to(f.device, non_blocking=True), staged.lengths)
         states = f.stack(mel.to(f.dtype))                              # [B, 1500, L+1, D]
         self.calls += 1
-        held = states.shape[1]
         table = torch.cat([states.reshape(-1, *states.shape[2:]), states.new_zeros(1, *states.shape[2:])])
-        rows = np.concatenate([
-            window_rows(start // SAMPLES_PER_STEP, n * STEPS_PER_SECOND // SAMPLE_RATE, utt.total_steps, frames,
-                        utt.fps, f.cfg, base=b * held, zero_row=len(requests) * held)
-            for b, ((utt, frames), (start, _), n) in enumerate(zip(requests, spans, lengths))])
-        out = table[to_device(rows, table.device)]                     # [sum k, window_steps, L+1, D]
+        out = table[to_device(staged.rows, table.device)]              # [sum k, window_steps, L+1, D]
         out = out.reshape(out.shape[0], -1, out.shape[-1])
-        return list(torch.split(out, [len(frames) for _, frames in requests]))
+        return list(torch.split(out, staged.counts))

@@ -49,8 +49,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", help="folder with the MuseTalk v1.5 checkpoints (default: synthetic weights)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     s.add_argument("--overlap-steps", action="store_true",
-                   help="prepare the next batch while the GPU runs the current one (more frames/s at many "
-                        "sessions, later frames at few; see BENCHMARKS.md)")
+                   help="prepare the next batch on the host while the GPU runs the current one (an earlier "
+                        "form served more frames/s at many sessions and fewer on time at few; this one is "
+                        "not yet measured: BENCHMARKS.md)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--api-key", default=os.environ.get(ENV_VAR),
                    help=f"bearer token every /v1 route then requires (default: ${ENV_VAR}, preferred: a key on "

@@ -26,7 +26,7 @@ from talkrt.avatar import PreparedAvatar
 from talkrt.errors import TalkrtError
 from talkrt.models.audio import SAMPLE_RATE
 from talkrt.pipeline import PipelineParts
-from talkrt.serve.audio import WindowEncoder
+from talkrt.serve.audio import StagedWindows, WindowEncoder
 from talkrt.serve.avatars import LiveAvatar, encode_jpeg_cpu
 from talkrt.serve.gpu_frames import GpuFrames
 from talkrt.serve.jobwork import JobRows
@@ -64,6 +64,17 @@ class PhaseClock:
         now = time.perf_counter()
         self.phases[phase] = self.phases.get(phase, 0.0) + now - self._since
         self._since = now
+
+
+class Prepared:
+    """A batch's host work done (:meth:`FrameRenderer.prepare`): its live frames, their Whisper
+    input staged; nothing queued on the device yet."""
+
+    def __init__(self, items: Sequence[WorkItem], jobs: Sequence[JobRows], live: FrameBatch | None,
+                 live_avatars: list[LiveAvatar], audio: tuple[StagedWindows, np.ndarray] | None, clock: PhaseClock):
+        self.items, self.jobs, self.live, self.live_avatars, self.audio, self.clock = \
+            items, jobs, live, live_avatars, audio, clock
+        self.total = len(items) + sum(len(j) for j in jobs)
 
 
 class Launched:
@@ -133,22 +144,37 @@ class FrameRenderer:
     def __call__(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> tuple[list[bytes], list]:
         """(one JPEG per live item, one [k, S, S, 3] uint8 face array per job part, host or device
         as the compose path needs). ``items`` and ``jobs`` together hold 1..max_batch frames."""
-        return self.launch(items, jobs).finish()
+        return self.launch(self.prepare(items, jobs)).finish()
 
-    def launch(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> Launched:
-        """Queue the batch's device work (Whisper, UNet, VAE decode, compose, RGB for the JPEG
-        encoder) and return without waiting for it; :meth:`Launched.finish` waits and returns
-        what :meth:`__call__` does. The host may prepare and launch the next batch before
-        finishing this one: the stream keeps their device work in order.
+    def prepare(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> Prepared:
+        """The batch's host work, none on the device: its live frames, and the Whisper input of
+        its utterances copied into staging memory (see :meth:`WindowEncoder.stage`).
 
         Raises:
             ValueError: no frame, or more than the engines' max batch.
-            RenderError: out of device memory (cached memory released first).
+            RuntimeError: a frame needs audio its utterance no longer holds.
         """
         total = len(items) + sum(len(j) for j in jobs)
         if not 1 <= total <= self.max_batch:
             raise ValueError(f"batch of {total} frames, engines take 1..{self.max_batch}")
-        return self._guard(total, lambda: self._launch(items, jobs))
+        clock = PhaseClock()
+        self.batches += 1
+        live, live_avatars = self._live_batch(items) if items else (None, [])
+        clock.mark("prepare")
+        audio = self._stage_audio([items[r] for r in live.face_rows]) if live is not None and live.found.any() else None
+        clock.mark("audio")
+        return Prepared(items, jobs, live, live_avatars, audio, clock)
+
+    def launch(self, prepared: Prepared) -> Launched:
+        """Queue the batch's device work (Whisper, UNet, VAE decode, compose, RGB for the JPEG
+        encoder) and return without waiting for it; :meth:`Launched.finish` waits and returns
+        what :meth:`__call__` does. The host may prepare the next batch before finishing this
+        one, and launch it after: the stream keeps their device work in order.
+
+        Raises:
+            RenderError: out of device memory (cached memory released first).
+        """
+        return self._guard(prepared.total, lambda: self._launch(prepared))
 
     def _guard(self, total: int, work):
         """``work()``, with an out-of-memory error turned into :class:`RenderError`."""
@@ -170,19 +196,18 @@ class FrameRenderer:
         elif self.parts.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _launch(self, items: Sequence[WorkItem], jobs: Sequence[JobRows]) -> Launched:
-        self._clock = clock = PhaseClock()
-        live, live_avatars = self._live_batch(items) if items else (None, [])
-        self.batches += 1
-        out = None
+    def _launch(self, p: Prepared) -> Launched:
+        self._clock = clock = p.clock
+        clock.restart()
+        live, out = p.live, None
         with torch.inference_mode(), on_stream(self.parts.stream):
             if live is not None:
                 if self.on_gpu:
-                    live.nv12 = self.gpu.frames(live_avatars, live.avatar_index, live.src_index)
+                    live.nv12 = self.gpu.frames(p.live_avatars, live.avatar_index, live.src_index)
                 else:
-                    live.frames = [live_avatars[a].frames[s].copy() for a, s in zip(live.avatar_index, live.src_index)]
+                    live.frames = [p.live_avatars[a].frames[s].copy() for a, s in zip(live.avatar_index, live.src_index)]
             clock.mark("prepare")
-            job_faces = self._model(live, items, jobs)
+            job_faces = self._model(live, p.audio, p.jobs)
             if live is not None:
                 if live.found.any():
                     (self.gpu.compose if self.on_gpu else self.compose)(live)
@@ -192,7 +217,7 @@ class FrameRenderer:
                 ready = torch.cuda.Event()
                 ready.record(self.parts.stream)
             clock.mark("compose")
-        return Launched(self, len(items) + sum(map(len, jobs)), out, job_faces, ready, clock)
+        return Launched(self, p.total, out, job_faces, ready, clock)
 
     def _finish(self, launched: Launched) -> tuple[list[bytes], list]:
         clock = launched.clock
@@ -225,7 +250,8 @@ class FrameRenderer:
                            avatars=tuple(a.prepared for a in avatars), avatar_index=avatar_index, found=found)
         return batch, avatars
 
-    def _model(self, live: FrameBatch | None, items: Sequence[WorkItem], jobs: Sequence[JobRows]) -> list:
+    def _model(self, live: FrameBatch | None, audio_in: tuple[StagedWindows, np.ndarray] | None,
+               jobs: Sequence[JobRows]) -> list:
         """UNet + VAE decode, in one call, on the live face rows followed by every job part;
         sets ``live.faces`` and returns each job part's faces."""
         avatars: list[PreparedAvatar] = []
@@ -244,7 +270,9 @@ class FrameRenderer:
             f_live = len(rows)
             avatar_index.append(np.array([slot(live.avatars[a]) for a in live.avatar_index[rows]], np.int64))
             src_index.append(live.src_index[rows])
-            audio.append(self._audio([items[r] for r in rows]))
+            staged, order = audio_in
+            windows = self.windows.encode(staged)              # per utterance, back to row order below
+            audio.append(torch.cat(windows)[to_device(order, windows[0].device)])
             self._clock.mark("audio")
         for part in jobs:
             avatar_index.append(np.array([slot(part.work.avatars[a]) for a in part.avatar_index], np.int64))
@@ -268,13 +296,11 @@ class FrameRenderer:
             first += len(part)
         return out
 
-    def _audio(self, rows: list[WorkItem]) -> torch.Tensor:
-        """[f, window_steps*(L+1), D] windows of ``rows`` (in order), one Whisper call for all utterances."""
+    def _stage_audio(self, rows: list[WorkItem]) -> tuple[StagedWindows, np.ndarray]:
+        """The Whisper input of ``rows`` (one request per utterance) staged on the host, and the
+        order that puts the per-utterance windows back in row order."""
         groups: dict[int, list[int]] = {}
         for i, it in enumerate(rows):
             groups.setdefault(id(it.utterance), []).append(i)
         requests = [(rows[g[0]].utterance, np.array([rows[i].frame for i in g], np.int64)) for g in groups.values()]
-        windows = self.windows(requests)
-        order = np.argsort(np.concatenate(list(groups.values())), kind="stable")   # back to row order
-        return torch.cat(windows)[to_device(order, windows[0].device)]
-
+        return self.windows.stage(requests), np.argsort(np.concatenate(list(groups.values())), kind="stable")

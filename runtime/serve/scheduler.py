@@ -5,9 +5,10 @@ answered at once from the avatar's cached JPEGs (no model time). Speech slots jo
 the earliest-due ``max_batch`` of them, from any sessions and avatars, become ONE batch through
 the renderer (one Whisper call, UNet, VAE decode, compose, JPEG), and each frame goes back to
 its session, which hands it to its sink in slot order. Sinks never block, so a slow client
-costs only its own frames. With ``overlap`` the thread keeps one batch in flight: it launches
-step k+1's batch (host work: Whisper input, gathers, kernel launches) while the device still
-runs step k's, then finishes step k's (waits for it, JPEG, delivery).
+costs only its own frames. With ``overlap`` the thread keeps one batch in flight: it prepares
+step k+1's batch (host work: the Whisper input and window rows) while the device runs step
+k's, then finishes step k's (waits for it, JPEG with the device otherwise idle, delivery), then
+launches step k+1's.
 
 An interrupt answers the session's outstanding slots with idle frames at once
 (:meth:`LiveSession.interrupt`); its items still queued or in flight here are stale and their
@@ -68,15 +69,18 @@ class Launched(Protocol):
 class Renderer(Protocol):
     """Makes one step's frames (a :class:`~talkrt.serve.renderer.FrameRenderer`).
 
-    ``launch(items, jobs)`` queues the frames' work and returns a :class:`Launched`, with
-    ``len(items) + sum(len(j) for j in jobs) <= max_batch``; after its ``finish()``,
-    ``last_seconds`` holds that batch's host time and ``last_phases`` the same by phase.
+    ``prepare(items, jobs)`` does the host's part (no device work), with
+    ``len(items) + sum(len(j) for j in jobs) <= max_batch``; ``launch(prepared)`` queues the
+    device work and returns a :class:`Launched`; after its ``finish()``, ``last_seconds`` holds
+    that batch's host time and ``last_phases`` the same by phase.
     """
 
     last_seconds: float
     last_phases: dict[str, float]
 
-    def launch(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> Launched: ...
+    def prepare(self, items: Sequence[WorkItem], jobs: Sequence[JobRows] = ()) -> Any: ...
+
+    def launch(self, prepared: Any) -> Launched: ...
 
 
 @dataclass
@@ -102,10 +106,11 @@ class Scheduler:
         job_rows_with_live: most job rows in a step that holds live speech (None: all the
             capacity left), a knob to keep shared steps short.
         overlap: the thread's steps keep one batch in flight (see :meth:`step`). Off by default:
-            on an H200 (2026-12-01, BENCHMARKS.md) it raised the frames served at 20 sessions
-            from 202 to 293 per second but delivered each batch later (nvJPEG's encode of
-            batch k then waited for batch k+1's model work), so fewer frames were on time at
-            4 and 8 sessions.
+            a first version (2026-12-01 on an H200, BENCHMARKS.md), which launched batch k+1
+            before finishing batch k, raised the frames served at 20 sessions from 202 to 293
+            per second but delivered each batch later (nvJPEG's encode of batch k waited for
+            batch k+1's model work), so fewer frames were on time at 4 and 8 sessions. This
+            version (JPEG before the next launch) has not been measured on a GPU.
     """
 
     def __init__(self, render: Renderer, max_batch: int, metrics: ServeMetrics, lead: float = 0.08,
@@ -183,9 +188,10 @@ class Scheduler:
 
     def step(self, now: float, overlap: bool = False) -> bool:
         """One scheduling step at ``now`` (``time.monotonic()``); True if it made or launched any
-        frame. With ``overlap`` the step's batch is launched and left in flight, and the batch
-        the previous step launched is finished (its frames delivered) after it: the host
-        prepares batch k+1 while the device runs batch k. Without, the step finishes its own."""
+        frame. With ``overlap`` the step prepares its batch (host work), finishes the batch the
+        previous step launched (waits for it, JPEG, delivery), then launches its own and leaves
+        it in flight: the host prepares batch k+1 while the device runs batch k, and nvJPEG
+        encodes batch k with no model work beside it. Without, the step finishes its own."""
         start = time.perf_counter()
         made = self._step(now, overlap)
         render, self._in_render = self._in_render, 0.0
@@ -216,8 +222,9 @@ class Scheduler:
             self._send_idle(item)
         room = self.max_batch - len(batch)
         jobs = self._take_job_rows(min(room, self.job_rows_with_live) if batch else room)
-        launched = self._launch(batch, jobs) if batch or jobs else None
+        prepared = self._prepare(batch, jobs) if batch or jobs else None
         finished = self._finish_in_flight()
+        launched = self._launch(batch, jobs, prepared) if prepared is not None else None
         self._in_flight = launched
         self.metrics.batch_in_flight.set(int(launched is not None))
         if not overlap:
@@ -257,10 +264,18 @@ class Scheduler:
         finally:
             self._in_render += time.perf_counter() - start
 
-    def _launch(self, batch: list[WorkItem], jobs: list[JobRows]) -> _InFlight | None:
+    def _prepare(self, batch: list[WorkItem], jobs: list[JobRows]) -> Any:
+        """The batch's host work (None: it failed, and its frames with it)."""
+        try:
+            return self._rendering(self.render.prepare, batch, jobs)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
+            self._failed(batch, jobs, exc)
+            return None
+
+    def _launch(self, batch: list[WorkItem], jobs: list[JobRows], prepared: Any) -> _InFlight | None:
         """The batch's work queued on the device (None: it failed, and its frames with it)."""
         try:
-            return _InFlight(batch, jobs, self._rendering(self.render.launch, batch, jobs))
+            return _InFlight(batch, jobs, self._rendering(self.render.launch, prepared))
         except Exception as exc:  # noqa: BLE001 - a failed step fails its frames, never the scheduler
             self._failed(batch, jobs, exc)
             return None
@@ -302,14 +317,14 @@ class Scheduler:
         """After a failed mixed batch: the live part, then each job part, as batches of their own."""
         if batch:
             try:
-                jpegs, _ = self._rendering(lambda: self.render.launch(batch, []).finish())
+                jpegs, _ = self._rendering(lambda: self.render.launch(self.render.prepare(batch, [])).finish())
             except Exception as exc:  # noqa: BLE001 - the live part fails on its own
                 self._fail_live(batch, exc)
             else:
                 self._done(batch, [], jpegs, [])
         for rows in jobs:
             try:
-                _, faces = self._rendering(lambda: self.render.launch([], [rows]).finish())
+                _, faces = self._rendering(lambda: self.render.launch(self.render.prepare([], [rows])).finish())
             except Exception as exc:  # noqa: BLE001 - this job's rows fail, nothing else
                 log.warning("job %s: %d frames failed: %s", rows.work.owner, len(rows), exc)
                 self.stats.job_failures += 1
