@@ -190,6 +190,27 @@ def test_malformed_first_message_closes_1008(server, avatars):
     assert (error["code"], code) == ("expected_start", 1008)
 
 
+def test_audio_far_ahead_of_real_time_is_refused(server, avatars):
+    """Queued audio is bounded (60 s ahead of the frames): a client flooding PCM gets
+    ``too_much_audio`` and a 1008 close instead of growing the server's memory."""
+    async def run():
+        ws, _ = await start_session(server["base"], avatars[0])
+        chunk = pcm(30.0, 9)                            # 960,000 bytes: under the 1 MiB message limit
+        for _ in range(3):
+            await ws.send(chunk)
+        error = None
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                msg = await asyncio.wait_for(ws.recv(), 30)       # frames keep coming until the close
+                if isinstance(msg, str):
+                    error = json.loads(msg)
+        return error, closed.value.rcvd.code
+
+    error, code = asyncio.run(run())
+    assert (error["type"], error["code"], code) == ("error", "too_much_audio", 1008)
+    assert "at most 60 s" in error["message"]
+
+
 def test_over_max_sessions_closes_1013(server, avatars):
     async def run():
         first, _ = await start_session(server["base"], avatars[0])

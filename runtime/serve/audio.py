@@ -160,6 +160,11 @@ class Utterance:
         return self.pcm.end >= self._pcm_bound(k + 1) and self.speech.end >= self._speech_needed(k)
 
     @property
+    def queued_samples(self) -> int:
+        """Client samples received and not yet handed out with a frame."""
+        return max(0, self.pcm.end - self._pcm_bound(self.next_frame))
+
+    @property
     def done(self) -> bool:
         """Ended and every frame handed out."""
         return self.ended and self.next_frame >= self.num_frames

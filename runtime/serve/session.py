@@ -22,10 +22,11 @@ from fractions import Fraction
 from talkrt.config import AudioConfig
 from talkrt.serve.audio import Utterance
 from talkrt.serve.avatars import LiveAvatar
-from talkrt.serve.protocol import speech_dropped_event
+from talkrt.serve.protocol import ProtocolError, speech_dropped_event
 from talkrt.serve.sinks import FrameSink, LiveFrame
 
 SILENCE_TIMEOUT_S = 0.5     # an utterance with no new audio for this long and no frame ready is ended
+MAX_QUEUED_AUDIO_S = 60.0   # audio a session may have queued ahead of its frames
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +95,12 @@ class LiveSession:
     # ------------------------------------------------------------------ event loop side
 
     def feed(self, data: bytes) -> None:
-        """Queue client PCM (s16le mono, any length); starts an utterance when none is open."""
+        """Queue client PCM (s16le mono, any length); starts an utterance when none is open.
+
+        Raises:
+            ProtocolError: ``too_much_audio`` once more than :data:`MAX_QUEUED_AUDIO_S` seconds
+                of audio wait for their frames (a client sending far faster than real time).
+        """
         data = self._odd + data
         cut = len(data) - len(data) % 2
         self._odd = data[cut:]
@@ -104,6 +110,11 @@ class LiveSession:
             if not self.utterances or self.utterances[-1].ended:
                 self.utterances.append(Utterance(self.rate, self.fps, self.audio_cfg))
             self.utterances[-1].feed(data[:cut])
+            queued = sum(u.queued_samples for u in self.utterances) / self.rate
+        if queued > MAX_QUEUED_AUDIO_S:
+            raise ProtocolError("too_much_audio", f"{queued:.0f} s of audio queued ahead of the frames (at most "
+                                                  f"{MAX_QUEUED_AUDIO_S:g} s): send audio at about the pace it is "
+                                                  f"spoken")
 
     def end(self) -> None:
         """End of utterance: its remaining frames no longer wait for look-ahead audio."""
