@@ -174,34 +174,43 @@ class AvatarPreparer:
         size, latent = self.cfg.model.crop_size, self.cfg.model.latent_size
         channels = 2 * self.cfg.model.vae.latent_channels
         latents = np.zeros((n, channels, latent, latent), np.float16)
-        masks: list[np.ndarray] = []
-        pending: list[tuple[int, np.ndarray]] = []
-
-        def flush() -> None:
-            if pending:
-                latents[[i for i, _ in pending]] = self._encode([c for _, c in pending])
-                progress.advance(len(pending))
-                pending.clear()
-
+        masks = [track.blend_mask(i, p.upper_boundary_ratio).reshape(-1) if track.found[i] else np.zeros(0, np.uint8)
+                 for i in range(n)]
         log.info("preparing avatar: encoding %d face crops", int(track.found.sum()))
-        progress.phase("encoding", int(track.found.sum()))
-        for i, frame in enumerate(iter_video_frames(video_path, fps=info.fps)):
-            if i >= n:
-                break
-            if not track.found[i]:
-                masks.append(np.zeros(0, np.uint8))
-                continue
-            masks.append(track.blend_mask(i, p.upper_boundary_ratio).reshape(-1))
-            pending.append((i, crop_to_model_input(frame, track.boxes[i], size)))
-            if len(pending) == self.batch_size:
-                flush()
-        flush()
+        encode_face_crops(video_path, info, track.found,
+                          lambda i, frame: crop_to_model_input(frame, track.boxes[i], size),
+                          self._encode, latents, self.batch_size, progress)
         offsets = np.zeros(n + 1, np.int64)
         offsets[1:] = np.cumsum([m.size for m in masks])
         return PreparedAvatar(
             num_frames=n, width=info.width, height=info.height, fps=info.fps, found=track.found.copy(),
             boxes=track.boxes.astype(np.int32), crop_boxes=track.crop_boxes.astype(np.int32), latents=latents,
             mask_data=np.concatenate(masks) if masks else np.zeros(0, np.uint8), mask_offsets=offsets, key=key)
+
+
+def encode_face_crops(video_path, info: VideoInfo, found: np.ndarray, crop: Callable[[int, np.ndarray], np.ndarray],
+                      encode: Callable[[list[np.ndarray]], np.ndarray], out: np.ndarray, batch: int,
+                      progress: Progress) -> None:
+    """Decode ``video_path`` once and set ``out[i]`` for every frame ``i`` with ``found[i]``:
+    ``crop(i, frame)`` (the frame [H, W, 3] uint8 RGB) goes to ``encode`` (a list of crops -> an
+    array of one row per crop) in batches of ``batch``; ``progress`` gets the phase "encoding"."""
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            out[[i for i, _ in pending]] = encode([c for _, c in pending])
+            progress.advance(len(pending))
+            pending.clear()
+
+    progress.phase("encoding", int(found.sum()))
+    for i, frame in enumerate(iter_video_frames(video_path, fps=info.fps)):
+        if i >= len(found):
+            break
+        if found[i]:
+            pending.append((i, crop(i, frame)))
+            if len(pending) == batch:
+                flush()
+    flush()
 
 
 A = TypeVar("A")

@@ -22,13 +22,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from talkrt.avatar import avatar_key, load_or_prepare, track_video
+from talkrt.avatar import avatar_key, encode_face_crops, load_or_prepare, track_video
 from talkrt.face.align import AlignSpec, align_track
 from talkrt.face.align_mask import FaceMask
 from talkrt.face.tracker import FaceTracker
 from talkrt.hashing import sha256_files
 from talkrt.kernels import reference as kernels
-from talkrt.media.frames import iter_video_frames
 from talkrt.media.probe import VideoInfo
 from talkrt.models.latentsync.config import LatentSyncConfig
 from talkrt.models.latentsync.generator import LatentSyncGenerator
@@ -93,25 +92,10 @@ class LatentSyncPreparer:
         channels = 2 * self.cfg.model.vae.latent_channels + 1
         h = self.cfg.model.latent_size
         conditions = np.zeros((n, channels, h, h), np.float16)
-        pending: list[tuple[int, np.ndarray]] = []
-        batch = self.cfg.model.frames_per_chunk
-
-        def flush() -> None:
-            if pending:
-                conditions[[i for i, _ in pending]] = self._encode([c for _, c in pending])
-                progress.advance(len(pending))
-                pending.clear()
-
         log.info("preparing LatentSync avatar: encoding %d aligned faces", int(aligned.found.sum()))
-        progress.phase("encoding", int(aligned.found.sum()))
-        for i, frame in enumerate(iter_video_frames(video_path, fps=info.fps)):
-            if i >= n:
-                break
-            if aligned.found[i]:
-                pending.append((i, kernels.warp_crop_rgb(frame, aligned.to_crop[i:i + 1], size=size)))
-                if len(pending) == batch:
-                    flush()
-        flush()
+        encode_face_crops(video_path, info, aligned.found,
+                          lambda i, frame: kernels.warp_crop_rgb(frame, aligned.to_crop[i:i + 1], size=size),
+                          self._encode, conditions, self.cfg.model.frames_per_chunk, progress)
         return AlignedAvatar(num_frames=n, width=info.width, height=info.height, fps=info.fps,
                              found=aligned.found.copy(), to_crop=aligned.to_crop.astype(np.float64),
                              conditions=conditions, key=key)
