@@ -103,14 +103,28 @@ def build_synthetic(cfg: TalkrtConfig, seed: int | None = None) -> LipSyncModels
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        unet = build_unet(unet_diffusers_config(cfg.model))
-        vae = build_vae(vae_diffusers_config(cfg.model))
-        encoder = WhisperEncoder(whisper_config(cfg.model.audio))
+        networks = _build_networks(cfg)
     finally:
         torch.random.set_rng_state(gen_state)
-    log.warning("SYNTHETIC WEIGHTS (seed %d, config '%s'): the output will NOT be lip-synced. "
-                "Pass --weights DIR with the official MuseTalk v1.5 checkpoints for real results.", seed, cfg.name)
-    return _assemble(cfg, unet, vae, encoder, "synthetic", f"synthetic-{cfg.model_hash()}-{seed}")
+    _warn_synthetic(cfg, seed)
+    return _assemble(cfg, *networks, "synthetic", _synthetic_identity(cfg, seed))
+
+
+def _build_networks(cfg: TalkrtConfig) -> tuple[UNet2DConditionModel, AutoencoderKL, WhisperEncoder]:
+    """The configured UNet, VAE and Whisper encoder, initialised as their constructors do."""
+    return (build_unet(unet_diffusers_config(cfg.model)), build_vae(vae_diffusers_config(cfg.model)),
+            WhisperEncoder(whisper_config(cfg.model.audio)))
+
+
+def _synthetic_identity(cfg: TalkrtConfig, seed: int) -> str:
+    """The identity of synthetic weights (part of the avatar and engine cache keys)."""
+    return f"synthetic-{cfg.model_hash()}-{seed}"
+
+
+def _warn_synthetic(cfg: TalkrtConfig, seed: int, cached: Path | None = None) -> None:
+    log.warning("SYNTHETIC WEIGHTS (seed %d, config '%s'%s): the output will NOT be lip-synced. "
+                "Pass --weights DIR with the official MuseTalk v1.5 checkpoints for real results.", seed, cfg.name,
+                f", cached in {cached}" if cached else "")
 
 
 def load_official(cfg: TalkrtConfig, weights_dir: str | Path) -> LipSyncModels:
@@ -205,9 +219,9 @@ def _load_cached_synthetic(cfg: TalkrtConfig, path: Path, device: torch.device, 
     """The networks built without initialisers (on the meta device), then given the cached tensors."""
     from safetensors.torch import load_file
     with torch.device("meta"):
-        unet, vae = build_unet(unet_diffusers_config(cfg.model)), build_vae(vae_diffusers_config(cfg.model))
-        encoder = WhisperEncoder(whisper_config(cfg.model.audio))
-    models = _assemble(cfg, unet, vae, encoder, "synthetic", f"synthetic-{cfg.model_hash()}-{cfg.pipeline.weights_seed}")
+        networks = _build_networks(cfg)
+    seed = cfg.pipeline.weights_seed
+    models = _assemble(cfg, *networks, "synthetic", _synthetic_identity(cfg, seed))
     state = load_file(str(path), device=str(device))
     for part, net in _networks(models).items():
         prefix = part + "."
@@ -216,9 +230,7 @@ def _load_cached_synthetic(cfg: TalkrtConfig, path: Path, device: torch.device, 
         left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
         if left:
             raise ValueError(f"{part}: {len(left)} tensors not in the file (e.g. {left[0]})")
-    seed = cfg.pipeline.weights_seed
-    log.warning("SYNTHETIC WEIGHTS (seed %d, config '%s', cached in %s): the output will NOT be lip-synced. "
-                "Pass --weights DIR with the official MuseTalk v1.5 checkpoints for real results.", seed, cfg.name, path)
+    _warn_synthetic(cfg, seed, path)
     return models.to(device, dtype)
 
 
