@@ -38,6 +38,7 @@ from talkrt.serve.session import LiveSession, WorkItem
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05      # longest sleep between steps when nothing is due
+SLOW_BATCH_S = 0.1      # a batch whose host time (Whisper to JPEG) exceeds this is logged, by phase
 
 
 @dataclass
@@ -324,7 +325,7 @@ class Scheduler:
                 self._done(batch, [], jpegs, [])
         for rows in jobs:
             try:
-                _, faces = self._rendering(lambda: self.render.launch(self.render.prepare([], [rows])).finish())
+                _, faces = self._rendering(lambda part=rows: self.render.launch(self.render.prepare([], [part])).finish())
             except Exception as exc:  # noqa: BLE001 - this job's rows fail, nothing else
                 log.warning("job %s: %d frames failed: %s", rows.work.owner, len(rows), exc)
                 self.stats.job_failures += 1
@@ -349,6 +350,10 @@ class Scheduler:
         st.batch_sizes[len(batch) + job_frames] += 1
         st.step_seconds = st.step_seconds[-999:] + [seconds]
         self.metrics.step_seconds.observe(seconds)
+        if seconds > SLOW_BATCH_S:
+            phases = getattr(self.render, "last_phases", {})
+            log.warning("slow batch %d: %d live + %d job frames took %.0f ms (%s)", st.batches, len(batch), job_frames,
+                        1e3 * seconds, ", ".join(f"{k} {1e3 * v:.0f}" for k, v in phases.items()))
         if jobs:
             st.job_batches += 1
             st.job_frames += job_frames
