@@ -21,8 +21,10 @@ run (the smoke run checks that every path runs, not speed). The rows, per resolu
 * ``latentsync-no-deepcache``: the same with ``model.denoise.deepcache=false``;
 * ``latentsync-baseline``: the upstream-style path, i.e. what upstream's ``inference.sh`` runs:
   eager PyTorch in float16 (float32 on the CPU), DeepCache on, same steps and guidance, frames
-  decoded, restored and encoded by one libx264 on the CPU. That is today's talkrt path as well,
-  so the ratio column is expected near 1x. The only differences from ``latentsync-talkrt``:
+  decoded, restored and encoded by one libx264 on the CPU (``compose=numpy``). On CUDA
+  ``latentsync-talkrt`` composes with ``auto``, i.e. on talkrt's GPU media path (NVDEC, the
+  restore into device NV12, NV12 download); on the CPU both are the same path, so the ratio
+  column is expected near 1x there. The other differences from ``latentsync-talkrt``:
   the stream is synchronised after every stage (``pipeline.stage_sync=true``; its per-stage
   figures are then exact wall times), one libx264 process (``pipeline.encoder.workers=1``, which
   ``latentsync16.yaml`` uses anyway; ``latentsync16-tiny`` uses 2, which on a CPU of 2 cores

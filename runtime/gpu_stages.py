@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,17 +174,23 @@ class GpuComposeStage:
         rows = batch.face_rows
         masks = self.masks.select(batch, rows)
         boxes = np.ascontiguousarray(batch.boxes(rows))
-        if len(rows) == batch.size:
-            self._compose(batch.nv12, batch.faces, boxes, masks)
-            return
-        index = to_device(rows, batch.nv12.device)
-        subset = batch.nv12.index_select(0, index)
-        self._compose(subset, batch.faces, boxes, masks)
-        batch.nv12.index_copy_(0, index, subset)
+        on_face_rows(batch, lambda nv12: kernels.compose_nv12(
+            nv12, batch.faces, boxes, masks, matrix=OUTPUT_MATRIX, full_range=OUTPUT_FULL_RANGE,
+            sharpen=self.sharpen, stream=self.cupy_stream))
 
-    def _compose(self, nv12: torch.Tensor, faces: torch.Tensor, boxes: np.ndarray, masks) -> None:
-        kernels.compose_nv12(nv12, faces, boxes, masks, matrix=OUTPUT_MATRIX, full_range=OUTPUT_FULL_RANGE,
-                             sharpen=self.sharpen, stream=self.cupy_stream)
+
+def on_face_rows(batch, write: Callable[[torch.Tensor], None]) -> None:
+    """Run ``write(nv12)``, an in-place kernel over the NV12 frames [f, H*3//2, W] uint8 of the
+    batch's rows with a face (``batch.face_rows``, in order), on ``batch.nv12``: the whole batch
+    when every frame has a face, else a gathered copy of those rows, written back after."""
+    rows = batch.face_rows
+    if len(rows) == batch.size:
+        write(batch.nv12)
+        return
+    index = to_device(rows, batch.nv12.device)
+    subset = batch.nv12.index_select(0, index)
+    write(subset)
+    batch.nv12.index_copy_(0, index, subset)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from talkrt.errors import TalkrtError
-from talkrt.families import config_family, get_family
+from talkrt.families import ModelFamily, config_family, get_family
 from talkrt.paths import default_cache_dir
 from talkrt.pipeline import PipelineParts
 
@@ -28,9 +28,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_compose(mode: str, device: torch.device) -> str:
+def resolve_compose(mode: str, device: torch.device, family: ModelFamily | None = None) -> str:
     """``auto`` -> ``gpu`` on CUDA when the CuPy kernels can run, else ``numpy``; an explicit
-    ``gpu`` that cannot run is refused rather than silently replaced."""
+    ``gpu`` that cannot run is refused rather than silently replaced.
+
+    ``family``: refuse a mode outside its ``compose_modes`` (a family that lists ``auto`` lists
+    ``gpu`` and ``numpy`` too).
+    Raises:
+        TalkrtError: a mode the family does not run; ``gpu`` without CUDA or without the CuPy kernels.
+    """
+    if family is not None and mode not in family.compose_modes:
+        raise TalkrtError(f"--compose {mode}: the {family.name} family does not compose that way "
+                          f"(use {', '.join(family.compose_modes)})")
     if mode == "gpu":
         from talkrt.kernels import gpu_available, unavailable_reason
         if device.type != "cuda":

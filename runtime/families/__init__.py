@@ -7,14 +7,18 @@ A family (``family:`` in a config; MuseTalk configs may leave it out) supplies
 * :meth:`ModelFamily.build_parts`: weights, engines or eager modules, the avatar preparer
   (face tracking, crops or alignment, per-frame model conditions, cached by content) and the
   audio features, as :class:`talkrt.pipeline.PipelineParts`,
+* :attr:`ModelFamily.compose_modes`: the ``--compose`` modes it runs
+  (:func:`talkrt.session.resolve_compose` refuses the others); ``gpu`` is the GPU media path
+  (device NV12 frames from stage 1 to stage 6), the others keep host RGB frames,
 * :meth:`ModelFamily.audio_stage` (stage 2) and :meth:`ModelFamily.model_stages` (stages 3-5:
-  the generator, one UNet step or a denoising loop; the decode to faces; the blend into the
-  frames) for the compose mode the parts chose,
+  the generator, one UNet step or a denoising loop; the decode to faces, kept on the device for
+  ``gpu``; the blend into ``batch.frames`` or ``batch.nv12``) for the compose mode the parts chose,
 * :meth:`ModelFamily.chunk_frames`: output frames per batch.
 
 The batch loop, the frame source (stage 1) and the encoder (stage 6) are the same for every
-family (:func:`talkrt.pipeline.build_stages`). A new family is a new module registered in
-:data:`FAMILIES`; nothing else changes.
+family (:func:`talkrt.pipeline.build_stages` picks the CPU or the GPU pair from
+``parts.compose``). A new family is a new module registered in :data:`FAMILIES`; nothing else
+changes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class ModelFamily(Protocol):
     """One model family (see the module docstring)."""
 
     name: str
+    compose_modes: tuple[str, ...]      # values of --compose / pipeline.compose it runs, "auto" included
 
     def build_parts(self, cfg: Any, *, device: torch.device, dtype: torch.dtype, stream: torch.cuda.Stream | None,
                     weights_dir: str | None, backend: str | None, compose: str | None, cache_dir: Path,

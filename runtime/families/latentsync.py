@@ -9,14 +9,19 @@ Stages (numbered as in :mod:`talkrt.pipeline`):
    the audio through :meth:`LatentSyncGenerator.denoise` (a batch is one chunk of at most
    ``model.frames_per_chunk`` frames; the last one runs short, which the temporal layers allow);
 4. :class:`LatentDecodeStage` - the VAE decode to raw ``[f, S, S, 3]`` uint8 faces (the kept
-   region is taken from the frame itself by the restore);
-5. :class:`RestoreStage` - :func:`talkrt.kernels.reference.restore_rgb`: inverse affine warp
-   and blend with ``mask.paste`` into the RGB frames.
+   region is taken from the frame itself by the restore), on the host for ``numpy``, on the
+   device for ``gpu``;
+5. the restore, inverse affine warp and blend with ``mask.paste``: :class:`RestoreStage`
+   (``numpy``: :func:`talkrt.kernels.reference.restore_rgb` into the RGB host frames) or
+   :class:`GpuRestoreStage` (``gpu``: :func:`talkrt.kernels.gpu_warp.restore_nv12` straight
+   into the device NV12 frames).
 
-Runs on the CPU set of stages only (``compose`` ``numpy``): on CUDA the generator runs on the
-GPU and the faces come back to the host for the restore; the NV12 GPU path (compiled UNet per
-step, ``restore_nv12``) is not wired, so ``--compose gpu`` is refused. Models run eager; other
-backends are refused.
+``compose`` is ``auto``, ``gpu`` or ``numpy`` (:attr:`LatentSyncFamily.compose_modes`); ``auto``
+is ``gpu`` on CUDA with the CuPy kernels, as for MuseTalk. With ``gpu`` the frames take
+MuseTalk's GPU media path (:func:`talkrt.pipeline.build_stages`): NVDEC NV12 in device memory,
+the restore in place, NVENC or the NV12 download to libx264; with ``numpy`` on CUDA the generator
+runs on the GPU and the faces come back to the host. Models run eager (no compiled UNet yet);
+other backends are refused.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from talkrt.errors import TalkrtError
 from talkrt.face.align_mask import FaceMask
 from talkrt.face.tracker import create_tracker
 from talkrt.families.latentsync_avatar import LatentSyncPreparer
+from talkrt.gpu_stages import OUTPUT_FULL_RANGE, OUTPUT_MATRIX, on_face_rows
+from talkrt.kernels import cupy_stream, gpu_warp
 from talkrt.kernels import reference as kernels
 from talkrt.media.audio import AudioClip
 from talkrt.models.latentsync.audio import LatentSyncAudio
@@ -41,10 +48,11 @@ from talkrt.models.latentsync.generator import LatentSyncGenerator
 from talkrt.models.latentsync.weights import load_models
 from talkrt.pipeline import PipelineParts
 from talkrt.stages import FrameBatch, Stage
+from talkrt.streams import on_stream, to_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAMILY", "LatentSyncFamily", "LatentSyncParts"]
+__all__ = ["FAMILY", "GpuRestoreStage", "LatentSyncFamily", "LatentSyncParts"]
 
 
 @dataclass
@@ -79,13 +87,15 @@ class DenoiseStage:
 
 
 class LatentDecodeStage:
-    """Stage 4: ``batch.faces`` [f, S, S, 3] uint8 on the host (raw decoded faces)."""
+    """Stage 4: ``batch.faces`` [f, S, S, 3] uint8 raw decoded faces, a contiguous tensor on the
+    generator's device when ``on_device`` (the GPU restore), else a numpy array on the host."""
 
-    def __init__(self, generator: LatentSyncGenerator):
-        self.generator = generator
+    def __init__(self, generator: LatentSyncGenerator, on_device: bool = False):
+        self.generator, self.on_device = generator, on_device
 
     def __call__(self, batch: FrameBatch) -> None:
-        batch.faces = self.generator.decode(batch.latents).cpu().numpy()
+        faces = self.generator.decode(batch.latents).contiguous()
+        batch.faces = faces if self.on_device else faces.cpu().numpy()
 
 
 class RestoreStage:
@@ -101,10 +111,34 @@ class RestoreStage:
             kernels.restore_rgb(batch.frames[row][None], batch.faces[k:k + 1], to_crop[k:k + 1], self.paste)
 
 
+class GpuRestoreStage:
+    """Stage 5 (GPU): :func:`talkrt.kernels.gpu_warp.restore_nv12` warps the batch's device faces
+    [f, S, S, 3] uint8 back into its device NV12 frames [b, H*3//2, W] uint8, in place, on
+    ``stream``.
+
+    The paste mask [S, S] uint8 is uploaded to ``device`` once, here; per batch only the frame ->
+    crop affines [f, 2, 3] float64 travel, in the launch's parameter block. The frames are in the
+    output's BT.709 limited range (stage 1, :class:`talkrt.gpu_stages.GpuFrameSource`, normalises
+    them), so the faces are encoded with that matrix, as MuseTalk's GPU compose does.
+    """
+
+    def __init__(self, mask: FaceMask, device: torch.device, stream: torch.cuda.Stream | None):
+        with on_stream(stream):
+            self.paste = to_device(mask.paste.copy(), device)     # [S, S] uint8 (a copy: paste is read-only)
+        self.cupy_stream = cupy_stream(stream)       # CuPy's view of the parts' stream (no sync)
+
+    def __call__(self, batch: FrameBatch) -> None:
+        to_crop = batch.gather(batch.face_rows, lambda avatar, src: avatar.to_crop[src])
+        on_face_rows(batch, lambda nv12: gpu_warp.restore_nv12(
+            nv12, batch.faces, to_crop, self.paste, matrix=OUTPUT_MATRIX, full_range=OUTPUT_FULL_RANGE,
+            stream=self.cupy_stream))
+
+
 class LatentSyncFamily:
     """LatentSync 1.6 (``family: latentsync16``)."""
 
     name = "latentsync16"
+    compose_modes = ("auto", "gpu", "numpy")
 
     def build_parts(self, cfg: LatentSyncConfig, *, device: torch.device, dtype: torch.dtype,
                     stream: torch.cuda.Stream | None, weights_dir: str | None, backend: str | None,
@@ -113,15 +147,13 @@ class LatentSyncFamily:
         chosen = backend or cfg.pipeline.backend
         if chosen not in ("auto", "eager"):
             raise TalkrtError(f"--backend {chosen}: the LatentSync family runs eager PyTorch only (use eager or auto)")
-        mode = compose or cfg.pipeline.compose
-        if mode not in ("auto", "numpy"):
-            raise TalkrtError(f"--compose {mode}: the LatentSync family composes with the CPU restore only "
-                              "(use numpy or auto); its GPU NV12 path is not built yet")
+        from talkrt.session import resolve_compose
+        mode = resolve_compose(compose or cfg.pipeline.compose, device, self)
         if cfg.pipeline.sharpen.enabled:
             raise TalkrtError("pipeline.sharpen.enabled=true: the LatentSync restore does not sharpen")
-        if device.type == "cuda":
-            log.info("LatentSync on CUDA: the generator runs on the GPU; decode, restore and encode on the CPU "
-                     "(the family's NV12 GPU path is not built)")
+        if device.type == "cuda" and mode != "gpu":
+            log.info("LatentSync on CUDA with compose %s: the generator runs on the GPU; frames, restore and "
+                     "encode on the CPU", mode)
         start = time.perf_counter()
         models = load_models(cfg, weights_dir, device, dtype)
         loaded = time.perf_counter()
@@ -133,7 +165,7 @@ class LatentSyncFamily:
                  device, dtype, models.source, cfg.model.denoise.steps, cfg.model.denoise.guidance_scale,
                  cfg.model.denoise.deepcache)
         return PipelineParts(cfg=cfg, device=device, dtype=dtype, stream=stream, family=self, preparer=preparer,
-                             weights=models.source, backend="eager", compose="numpy",
+                             weights=models.source, backend="eager", compose=mode,
                              models=LatentSyncParts(generator, audio, models.mask),
                              load_seconds={"weights": loaded - start,
                                            "tracker_and_audio": time.perf_counter() - loaded})
@@ -142,8 +174,10 @@ class LatentSyncFamily:
         return LatentSyncAudioStage(parts.models.audio, clip, fps)
 
     def model_stages(self, parts: PipelineParts) -> tuple[Stage, Stage, Stage]:
-        g = parts.models.generator
-        return DenoiseStage(g), LatentDecodeStage(g), RestoreStage(parts.models.mask)
+        g, on_gpu = parts.models.generator, parts.compose == "gpu"
+        restore = (GpuRestoreStage(parts.models.mask, parts.device, parts.stream) if on_gpu
+                   else RestoreStage(parts.models.mask))
+        return DenoiseStage(g), LatentDecodeStage(g, on_device=on_gpu), restore
 
     def chunk_frames(self, cfg: LatentSyncConfig) -> int:
         return cfg.model.frames_per_chunk

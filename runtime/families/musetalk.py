@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from talkrt.avatar import AvatarPreparer
-from talkrt.config import TalkrtConfig
+from talkrt.config import COMPOSE_MODES, TalkrtConfig
 from talkrt.engines.select import create_engines
 from talkrt.face.tracker import create_tracker
 from talkrt.media.audio import AudioClip
@@ -39,6 +39,7 @@ class MuseTalkFamily:
     """MuseTalk v1.5 (``family: musetalk``, the default)."""
 
     name = "musetalk"
+    compose_modes = COMPOSE_MODES       # auto, gpu, numpy and MuseTalk's own PIL paste (reference)
 
     def build_parts(self, cfg: TalkrtConfig, *, device: torch.device, dtype: torch.dtype,
                     stream: torch.cuda.Stream | None, weights_dir: str | None, backend: str | None,
@@ -60,7 +61,7 @@ class MuseTalkFamily:
         return PipelineParts(cfg=cfg, device=device, dtype=dtype, stream=stream, family=self, unet=engines["unet"],
                              vae_decoder=engines["vae_decoder"], audio_features=audio, preparer=preparer,
                              weights=models.source, backend=chosen,
-                             compose=resolve_compose(compose or cfg.pipeline.compose, device),
+                             compose=resolve_compose(compose or cfg.pipeline.compose, device, self),
                              load_seconds={"weights": weights_done - start, "engines": engines_done - weights_done,
                                            "tracker_and_audio": time.perf_counter() - engines_done})
 
