@@ -137,6 +137,8 @@ def track_video(video_path, info: VideoInfo, tracker: FaceTracker, p: PipelineCo
 class AvatarPreparer:
     """Stage object: video -> :class:`PreparedAvatar`, cached under ``cache_dir/<key>``."""
 
+    prep_version: ClassVar[int] = PREP_VERSION     # the cache key's preparation version (avatar_key)
+
     def __init__(self, cfg: TalkrtConfig, tracker: FaceTracker, tracker_name: str, vae_encoder,
                  weights_identity: str, device: torch.device, dtype: torch.dtype, cache_dir: Path,
                  batch_size: int = 16):

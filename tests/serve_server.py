@@ -18,7 +18,7 @@ import uvicorn
 import websockets
 
 from media_factory import write_frames
-from talkrt.config import load_config
+from talkrt.families import load_family_config
 from talkrt.media.frames import read_video_frames
 from talkrt.serve.app import ServeSettings, create_app
 from talkrt.serve.protocol import unpack_frame
@@ -36,7 +36,7 @@ def running_server(data_dir: Path, max_sessions: int = 2, config: str = "tiny", 
         TimeoutError: the models did not load within ``timeout`` seconds.
         RuntimeError: loading failed (``/healthz`` answered 500; its error in the message).
     """
-    app = create_app(ServeSettings(cfg=load_config(config, list(overrides)), device=device, data_dir=data_dir,
+    app = create_app(ServeSettings(cfg=load_family_config(config, list(overrides)), device=device, data_dir=data_dir,
                                    max_sessions=max_sessions, **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

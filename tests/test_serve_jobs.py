@@ -117,6 +117,7 @@ def test_one_failing_job_fails_alone(server, media, tmp_path):
     assert not (server["data"] / "jobs" / "results" / f"{jobs[0]['id']}.mp4").exists()
     health = httpx.get(base + "/healthz").json()
     assert health["jobs"]["failed"] >= 1 and health["jobs"]["done"] >= 1
+    assert (health["family"], health["live"]) == ("musetalk", True)       # a MuseTalk server serves live too
 
 
 def test_cancel_a_running_job_leaves_no_file(server, media):

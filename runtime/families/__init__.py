@@ -13,7 +13,9 @@ A family (``family:`` in a config; MuseTalk configs may leave it out) supplies
 * :meth:`ModelFamily.audio_stage` (stage 2) and :meth:`ModelFamily.model_stages` (stages 3-5:
   the generator, one UNet step or a denoising loop; the decode to faces, kept on the device for
   ``gpu``; the blend into ``batch.frames`` or ``batch.nv12``) for the compose mode the parts chose,
-* :meth:`ModelFamily.chunk_frames`: output frames per batch.
+* :meth:`ModelFamily.chunk_frames`: output frames per batch,
+* :attr:`ModelFamily.live`: whether ``talkrt serve`` runs live sessions on it (its shared
+  scheduler batches frames under real-time deadlines) or jobs only (:mod:`talkrt.serve.app`).
 
 The batch loop, the frame source (stage 1) and the encoder (stage 6) are the same for every
 family (:func:`talkrt.pipeline.build_stages` picks the CPU or the GPU pair from
@@ -49,6 +51,7 @@ class ModelFamily(Protocol):
     """One model family (see the module docstring)."""
 
     name: str
+    live: bool      # True: the server runs live sessions on it (its renderer and scheduler); False: jobs only
     compose_modes: tuple[str, ...]      # values of --compose / pipeline.compose it runs, "auto" included
 
     def build_parts(self, cfg: Any, *, device: torch.device, dtype: torch.dtype, stream: torch.cuda.Stream | None,

@@ -138,6 +138,7 @@ class LatentSyncFamily:
     """LatentSync 1.6 (``family: latentsync16``)."""
 
     name = "latentsync16"
+    live = False    # a denoising loop per 16-frame chunk is not real time: the server runs its jobs only
     compose_modes = ("auto", "gpu", "numpy")
 
     def build_parts(self, cfg: LatentSyncConfig, *, device: torch.device, dtype: torch.dtype,

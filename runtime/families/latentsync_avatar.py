@@ -61,6 +61,8 @@ class AlignedAvatar:
 class LatentSyncPreparer:
     """Stage object: video -> :class:`AlignedAvatar`, cached under ``cache_dir/<key>``."""
 
+    prep_version: ClassVar[str] = AlignedAvatar.PREP_VERSION     # the cache key's (avatar_key)
+
     def __init__(self, cfg: LatentSyncConfig, tracker: FaceTracker, tracker_name: str,
                  generator: LatentSyncGenerator, mask: FaceMask, weights_identity: str, cache_dir: Path):
         self.cfg, self.tracker, self.tracker_name = cfg, tracker, tracker_name

@@ -39,6 +39,7 @@ class MuseTalkFamily:
     """MuseTalk v1.5 (``family: musetalk``, the default)."""
 
     name = "musetalk"
+    live = True     # the server's live sessions: one UNet step per frame batch, real time on a GPU
     compose_modes = COMPOSE_MODES       # auto, gpu, numpy and MuseTalk's own PIL paste (reference)
 
     def build_parts(self, cfg: TalkrtConfig, *, device: torch.device, dtype: torch.dtype,

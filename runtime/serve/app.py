@@ -4,6 +4,14 @@ job service (:mod:`~talkrt.serve.job_routes`).
 Models load once, in a background thread started by the lifespan, so ``/healthz`` can answer
 503 while they load and 200 once they are ready; the scheduler thread and the job workers start
 with them. With an API key every ``/v1`` route needs it (:mod:`~talkrt.serve.auth`).
+
+The config may be of any model family (:mod:`talkrt.families`). The family's ``live`` attribute
+is the one thing that decides what the server runs: a live family (MuseTalk) gets the renderer
+and the scheduler, which serve the WebSocket sessions and share their batches with the jobs; a
+family without live sessions (LatentSync: a denoising loop is not real time) runs jobs only,
+each chunk on the device under one lock (:class:`~talkrt.serve.jobwork.ExclusiveModelStages`),
+and its WebSocket sessions are refused (``live_unavailable``). ``/healthz`` says which
+(``family``, ``live``).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from talkrt.serve.job_inputs import ApiError
 from talkrt.serve.job_routes import install_job_routes
 from talkrt.serve.job_runner import RunnerContext
 from talkrt.serve.jobs import JobService, JobSettings, SerialPreparer
+from talkrt.serve.jobwork import ExclusiveModelStages, JobModelStages, ScheduledModelStages
 from talkrt.serve.live import live_session
 from talkrt.serve.metrics import ServeMetrics
 from talkrt.serve.renderer import FrameRenderer
@@ -42,7 +51,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 class ServeSettings:
     """What ``talkrt serve`` was asked for."""
 
-    cfg: TalkrtConfig
+    cfg: TalkrtConfig                    # a config of any model family (talkrt.families.load_family_config)
     device: str = "auto"                 # cpu, cuda, cuda:N or auto
     data_dir: Path = Path("talkrt-data")
     max_sessions: int = 16
@@ -56,25 +65,32 @@ class ServeSettings:
 
 @dataclass
 class ServerState:
-    """Everything the routes share; ``ready`` once models, store and scheduler exist."""
+    """Everything the routes share; ``ready`` once the models, the avatar store, the job service
+    and (for a live family) the scheduler exist. ``live``: None while loading, then whether the
+    loaded family serves WebSocket sessions."""
 
     settings: ServeSettings
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
     avatars: AvatarStore | None = None
-    scheduler: Scheduler | None = None
-    renderer: FrameRenderer | None = None
+    scheduler: Scheduler | None = None          # live families only
+    renderer: FrameRenderer | None = None       # live families only
     jobs: JobService | None = None
+    model_stages: JobModelStages | None = None  # what a job's run_pipeline gets as stages 3-4
     audio_config: AudioConfig | None = None
+    live: bool | None = None
     info: dict = field(default_factory=dict)
     error: str | None = None
     open_sessions: int = 0
+    loaded: bool = False
 
     @property
     def ready(self) -> bool:
-        return self.scheduler is not None
+        return self.loaded
 
     def load(self) -> None:
-        """Build engines, avatar store and scheduler (blocking; sets ``error`` on failure)."""
+        """Build the config family's parts, the avatar store, the job service and, when the family
+        runs live (``parts.family.live``), the renderer and the scheduler (blocking; sets ``error``
+        on failure)."""
         from talkrt.session import build_session
         s = self.settings
         try:
@@ -83,19 +99,29 @@ class ServerState:
             parts = dataclasses.replace(parts, preparer=SerialPreparer(parts.preparer))   # avatars and jobs share it
             self.avatars = AvatarStore(Path(s.data_dir), parts.preparer, self.metrics,
                                        max_upload_bytes=s.jobs.max_upload_bytes)    # --max-upload-mb, as for jobs
-            self.renderer = FrameRenderer(parts)
-            self.renderer.warm_up()
-            self.audio_config = s.cfg.model.audio
-            scheduler = Scheduler(self.renderer, self.renderer.max_batch, self.metrics,
-                                  job_rows_with_live=s.job_rows_with_live, overlap=s.overlap_steps)
-            scheduler.start()
-            ctx = RunnerContext(cfg=s.cfg, device=s.device, parts=parts, queue=scheduler,
+            live = bool(parts.family.live)          # the one place the family's capability decides
+            if live:
+                self.renderer = FrameRenderer(parts)
+                self.renderer.warm_up()
+                self.audio_config = s.cfg.model.audio
+                scheduler = Scheduler(self.renderer, self.renderer.max_batch, self.metrics,
+                                      job_rows_with_live=s.job_rows_with_live, overlap=s.overlap_steps)
+                scheduler.start()
+                self.scheduler, model_stages = scheduler, ScheduledModelStages(scheduler)
+                max_batch = self.renderer.max_batch
+            else:
+                model_stages, max_batch = ExclusiveModelStages(), parts.family.chunk_frames(s.cfg)
+                log.info("talkrt serve: the %s family runs jobs only (no live sessions); one chunk of %d frames "
+                         "on the device at a time", parts.family.name, max_batch)
+            ctx = RunnerContext(cfg=s.cfg, device=s.device, parts=parts, model_stages=model_stages,
                                 cache_dir=Path(s.data_dir) / "prepared", avatar_source=self.avatars.source)
             self.jobs = JobService(Path(s.data_dir), s.jobs, ctx, self.avatars.get, self.metrics.registry)
             self.jobs.start()
-            self.info = {"config": s.cfg.name, "device": str(parts.device), "backend": parts.backend,
-                         "weights": parts.weights, "compose": parts.compose, "max_batch": self.renderer.max_batch}
-            self.scheduler = scheduler
+            self.model_stages, self.live = model_stages, live
+            self.info = {"config": s.cfg.name, "family": parts.family.name, "live": live, "device": str(parts.device),
+                         "backend": parts.backend, "weights": parts.weights, "compose": parts.compose,
+                         "max_batch": max_batch}
+            self.loaded = True
             log.info("talkrt serve ready: %s", self.info)
         except Exception as exc:  # noqa: BLE001 - reported by /healthz and the log
             log.exception("talkrt serve: loading failed")

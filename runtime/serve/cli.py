@@ -1,7 +1,7 @@
 """``talkrt serve``: the live avatar and job server (FastAPI on uvicorn, one process per GPU), and
 ``talkrt submit``, its job client.
 
-    talkrt serve --config tiny|musetalk --device cpu|cuda --host 127.0.0.1 --port 8000
+    talkrt serve --config tiny|musetalk|latentsync16|latentsync16-tiny --device cpu|cuda --host 127.0.0.1 --port 8000
                  [--max-sessions N] [--data-dir DIR] [--api-key KEY] [--set KEY=VALUE ...]
     talkrt submit --server URL --video X --audio Y --out Z [--wait]
     talkrt submit --server URL --batch --audio Y --video A --video B --out-dir D [--wait]
@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"talkrt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve live avatars (docs/protocol.md) and offline jobs (docs/jobs.md)")
-    s.add_argument("--config", help="musetalk or tiny or a YAML path (default: musetalk on CUDA, tiny on the CPU)")
+    s.add_argument("--config", help="musetalk, tiny, latentsync16, latentsync16-tiny or a YAML path (default: musetalk "
+                                    "on CUDA, tiny on the CPU); a LatentSync config runs jobs only, no live sessions")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every "
                                                           "interface, then set --api-key)")
@@ -46,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                    help="avatars and their prepared data (default: $TALKRT_DATA_DIR or ~/.cache/talkrt/serve)")
     s.add_argument("--backend", choices=BACKENDS,
                    help="engine backend (default: the config's; tensorrt and compiled need `make engines`)")
-    s.add_argument("--weights", help="folder with the MuseTalk v1.5 checkpoints (default: synthetic weights)")
+    s.add_argument("--weights", help="folder with the config family's official checkpoints (default: synthetic "
+                                     "weights)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     s.add_argument("--overlap-steps", action="store_true",
                    help="prepare the next batch on the host while the GPU runs the current one (an earlier "
@@ -87,15 +89,15 @@ def serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from talkrt.config import load_config
     from talkrt.errors import TalkrtError
+    from talkrt.families import load_family_config
     from talkrt.serve.app import ServeSettings, create_app
     from talkrt.serve.jobs import JobSettings
 
     on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     config = args.config or ("musetalk" if on_gpu else "tiny")
     try:
-        cfg = load_config(config, args.set)
+        cfg = load_family_config(config, args.set)       # any model family (its own loader and checks)
     except TalkrtError as exc:
         log.error("%s", exc)
         return 2

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from talkrt.cli import check_inputs, frame_rate
-from talkrt.config import TalkrtConfig, validate
-from talkrt.errors import ConfigError, InputError, TalkrtError
+from talkrt.config import TalkrtConfig, pipeline_checks
+from talkrt.errors import InputError, TalkrtError
 from talkrt.media.audio import AudioClip
 from talkrt.media.probe import VideoInfo
 
@@ -90,7 +90,8 @@ def parse_options(text: str | None) -> JobOptions:
 
 
 def job_config(server_cfg: TalkrtConfig, values: tuple[tuple[str, Any], ...]) -> TalkrtConfig:
-    """The server's config with a job's values set (each of the field's own type) and validated.
+    """The server's config (of any model family) with a job's values set (each of the field's own
+    type) and the pipeline's rules checked.
 
     Raises:
         ApiError: 422 ``bad_options`` naming the key, or the rule the config breaks.
@@ -98,10 +99,11 @@ def job_config(server_cfg: TalkrtConfig, values: tuple[tuple[str, Any], ...]) ->
     cfg = server_cfg
     for key, value in values:
         cfg = _set(cfg, key.split("."), value, key)
-    try:
-        cfg = validate(cfg)
-    except ConfigError as exc:
-        raise ApiError(422, "bad_options", str(exc)) from None
+    # a job sets pipeline keys only (SAFE_OPTIONS): the model section is the server's, validated at
+    # load, and the pipeline's rules are every family's (a family's own refusals: check_job)
+    for ok, message in pipeline_checks(cfg.pipeline):
+        if not ok:
+            raise ApiError(422, "bad_options", f"config '{cfg.source or cfg.name}': {message}")
     # one job must not take the host: each encoder worker is a process of its own
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     enc = cfg.pipeline.encoder

@@ -1,7 +1,8 @@
-"""Job workers: each takes the oldest queued job and runs ``run_pipeline`` on it with its model
-stages handed to the shared scheduler (:mod:`talkrt.serve.jobwork`), so jobs and live sessions
-share one set of engines. Several workers let one job decode, compose and encode while another
-job's rows are in a batch.
+"""Job workers: each takes the oldest queued job and runs ``run_pipeline`` on it with the model
+stages the server chose (:mod:`talkrt.serve.jobwork`): on a live server they are handed to the
+shared scheduler, so jobs and live sessions share one set of engines; on a server of a family
+without live sessions (LatentSync) they are the family's own, one chunk on the device at a time.
+Several workers let one job decode, compose and encode while another job's frames are in the model.
 
 A job's progress raises in ``advance`` when it was cancelled (it ends ``cancelled``) or when
 the server stops (it goes back to the queue); ``run_pipeline`` then aborts and leaves no file.
@@ -24,7 +25,7 @@ from talkrt.report import report_document, summary_line
 from talkrt.serve.job_files import JobFiles
 from talkrt.serve.job_inputs import ApiError, JobOptions, check_job, display_error, job_config
 from talkrt.serve.job_store import JobRecord, JobStore
-from talkrt.serve.jobwork import FacesReady, JobQueue, SharedModelStage
+from talkrt.serve.jobwork import JobModelStages
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,15 @@ class JobProgress:
 
 @dataclasses.dataclass(frozen=True)
 class RunnerContext:
-    """What every job run shares: the server's config, device, built parts, the scheduler,
-    where the avatar cache lives, and a lookup of avatar sources by id."""
+    """What every job run shares: the server's config (of any model family), device, built parts,
+    the model stages a job runs (:class:`~talkrt.serve.jobwork.ScheduledModelStages` or
+    :class:`~talkrt.serve.jobwork.ExclusiveModelStages`), where the avatar cache lives, and a
+    lookup of avatar sources by id."""
 
     cfg: TalkrtConfig
     device: str
     parts: PipelineParts
-    queue: JobQueue
+    model_stages: JobModelStages
     cache_dir: Path
     avatar_source: Callable[[str], Path | None]
 
@@ -178,7 +181,7 @@ class JobRunner:
                            cache_dir=ctx.cache_dir)
         stream = torch.cuda.Stream(ctx.parts.device) if ctx.parts.stream is not None else None
         parts = dataclasses.replace(ctx.parts, cfg=cfg, stream=stream)
-        stages = {"unet": SharedModelStage(ctx.queue, record.id, stream, progress.check), "vae_decode": FacesReady()}
+        stages = ctx.model_stages(parts, record.id, stream, progress.check)
         started = time.time()
         report = run_pipeline(parts, inputs.video, inputs.info, inputs.audio, inputs.clip, out, progress=progress,
                               overrides=stages)

@@ -29,10 +29,11 @@ MAX_BATCH_JOBS = 256
 
 
 class SerialPreparer:
-    """The server's one :class:`~talkrt.avatar.AvatarPreparer`, shared by the avatar store and the
-    job workers: preparations run one at a time (the face tracker's TFLite interpreter and the
-    VAE encoder engine each take one call at a time), loading a prepared avatar from the cache
-    never waits for one. Other attributes are the preparer's."""
+    """The server's one avatar preparer (its family's: MuseTalk's
+    :class:`~talkrt.avatar.AvatarPreparer`, LatentSync's aligned crops and conditions), shared by
+    the avatar store and the job workers: preparations run one at a time (the face tracker's
+    TFLite interpreter and the VAE encoder each take one call at a time), loading a prepared
+    avatar from the cache never waits for one. Other attributes are the preparer's."""
 
     def __init__(self, preparer):
         self.preparer = preparer
@@ -48,9 +49,11 @@ class SerialPreparer:
             return self.preparer(video_path, info, progress)
 
     def cached(self, video_path, info) -> bool:
-        """The avatar of ``video_path`` is in the preparer's cache (its own key rule)."""
+        """The avatar of ``video_path`` is in the preparer's cache (its own key rule: any family's
+        preparer has ``cfg``, ``weights_identity``, ``tracker_name``, ``prep_version`` and ``cache_dir``)."""
         p = self.preparer
-        key = avatar_key(sha256_files([video_path]), p.cfg, p.weights_identity, p.tracker_name, info)
+        key = avatar_key(sha256_files([video_path]), p.cfg, p.weights_identity, p.tracker_name, info,
+                         prep_version=p.prep_version)
         return (p.cache_dir / key / "meta.json").is_file()
 
 

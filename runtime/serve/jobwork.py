@@ -6,6 +6,11 @@ by :class:`SharedModelStage`, which hands the batch's face rows (avatar, source 
 window) to the :class:`~talkrt.serve.scheduler.Scheduler` as one :class:`JobFrames` and waits
 for the decoded faces, and :class:`FacesReady`. The scheduler puts those rows into whatever
 capacity its live frames leave in a batch, possibly over several steps (:class:`JobRows`).
+
+That is the server of a family that runs live (``ModelFamily.live``, MuseTalk). A family that
+does not (LatentSync: a denoising loop per chunk) has no scheduler; its jobs run the family's
+own stages 3 and 4 one chunk at a time under a lock (:class:`ExclusiveModelStages`). Either way
+the job runner asks a :class:`JobModelStages` for the stages it hands to ``run_pipeline``.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from talkrt.avatar import PreparedAvatar
-from talkrt.stages import FrameBatch
+from talkrt.stages import FrameBatch, Stage
+
+if TYPE_CHECKING:
+    from talkrt.pipeline import PipelineParts
 
 WAIT_POLL_S = 0.2       # how often a waiting job looks at its cancel / stop check
 
@@ -165,8 +173,95 @@ class SharedModelStage:
 
 
 class FacesReady:
-    """Stage 4 of a job: nothing left to do, :class:`SharedModelStage` brought the decoded faces."""
+    """Stage 4 of a job: nothing left to do, stage 3 (:class:`SharedModelStage`, or
+    :class:`ExclusiveModelStages`' generate-and-decode) brought the decoded faces."""
 
     def __call__(self, batch: FrameBatch) -> None:
         if batch.faces is None:
-            raise RuntimeError("no faces: the job's stage 3 must be SharedModelStage")
+            raise RuntimeError("no faces: the job's stage 3 must decode them (SharedModelStage or "
+                               "ExclusiveModelStages)")
+
+
+class JobModelStages(Protocol):
+    """What a job's ``run_pipeline`` gets as stage overrides (``run_pipeline(overrides=...)``)."""
+
+    def __call__(self, parts: PipelineParts, owner: str, stream: torch.cuda.Stream | None,
+                 check: Callable[[], None]) -> dict[str, Stage]:
+        """Stages by :class:`~talkrt.stages.StageSet` field name for one job: ``parts`` are the job's
+        (its config and stream), ``owner`` its id, ``check`` raises to stop it (cancel, stop)."""
+
+
+class ScheduledModelStages:
+    """Jobs of a live server: stages 3-4 are :class:`SharedModelStage` on ``queue`` (the scheduler)
+    and :class:`FacesReady`, so job rows share the UNet batches of the live frames."""
+
+    def __init__(self, queue: JobQueue):
+        self.queue = queue
+
+    def __call__(self, parts: PipelineParts, owner: str, stream: torch.cuda.Stream | None,
+                 check: Callable[[], None]) -> dict[str, Stage]:
+        return {"unet": SharedModelStage(self.queue, owner, stream, check), "vae_decode": FacesReady()}
+
+
+class ExclusiveModelStages:
+    """Jobs of a server without the live scheduler (a family with ``live = False``): each job runs
+    its family's own stage 3 (the generator, e.g. LatentSync's 20-step DDIM loop over one
+    16-frame chunk) and stage 4 (the VAE decode to faces) back to back while holding one lock
+    shared by every job worker; stage 4 of the pipeline is then :class:`FacesReady`.
+
+    Why a lock: one chunk of 16 frames through a diffusion UNet (doubled by guidance) and the
+    VAE decoder at 512 x 512 takes GB of activations; two workers' chunks on the device at once
+    can run the GPU out of memory, and a chunk's batch already keeps the GPU busy, so
+    overlapping two would gain little (not measured). The lock is the simplest rule that bounds
+    the device memory of jobs to one chunk, and it also keeps the one generator every job
+    shares (with its noise scheduler object) to one chunk at a time. Everything else a job does,
+    decoding, Whisper windows, the restore into the frames and the encoder, runs outside the
+    lock, so with two or more workers one job's chunk is on the device while another job
+    decodes, restores or encodes. The job's stream is synchronised before the lock is
+    released, so the next chunk never overlaps this one's device work. Waiting for the lock
+    polls ``check`` every :data:`WAIT_POLL_S` s, so a cancel or a stopping server does not
+    wait for other jobs' chunks.
+
+    A device out-of-memory error releases the cached device memory and fails the job with
+    code ``out_of_memory`` (:class:`~talkrt.serve.renderer.RenderError`).
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.chunks = 0             # chunks run (all jobs), for tests and logs
+
+    def __call__(self, parts: PipelineParts, owner: str, stream: torch.cuda.Stream | None,
+                 check: Callable[[], None]) -> dict[str, Stage]:
+        generate, decode, _ = parts.family.model_stages(parts)
+        return {"unet": _ExclusiveStage(self, generate, decode, stream, check), "vae_decode": FacesReady()}
+
+
+class _ExclusiveStage:
+    """Stage 3 of a job under :class:`ExclusiveModelStages`: generate and decode under the lock."""
+
+    def __init__(self, owner: ExclusiveModelStages, generate: Stage, decode: Stage,
+                 stream: torch.cuda.Stream | None, check: Callable[[], None]):
+        self.owner, self.generate, self.decode, self.stream, self.check = owner, generate, decode, stream, check
+
+    def __call__(self, batch: FrameBatch) -> None:
+        lock = self.owner.lock
+        while not lock.acquire(timeout=WAIT_POLL_S):
+            self.check()
+        try:
+            self.generate(batch)
+            self.decode(batch)
+            batch.latents = None
+            if self.stream is not None:
+                self.stream.synchronize()
+            self.owner.chunks += 1
+        except Exception as exc:
+            # imported here: the renderer imports this module
+            from talkrt.serve.renderer import RenderError, out_of_memory
+            if not out_of_memory(exc):
+                raise
+            batch.latents = batch.faces = None
+            torch.cuda.empty_cache()
+            raise RenderError("out_of_memory", f"the device ran out of memory on a chunk of "
+                                               f"{batch.face_rows.size} frames: {exc}") from exc
+        finally:
+            lock.release()

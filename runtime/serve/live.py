@@ -42,10 +42,21 @@ async def _refuse(ws: WebSocket, exc: ProtocolError) -> None:
 
 
 async def live_session(ws: WebSocket, server: ServerState) -> None:
-    """Serve one connection until the client stops or disconnects, or sends a bad message."""
+    """Serve one connection until the client stops or disconnects, or sends a bad message.
+
+    Refused at once (an ``error`` message, then a close): ``loading`` (1013) while the models
+    load, ``live_unavailable`` (1008) on a server whose model family has no live sessions
+    (``ServerState.live`` false, e.g. LatentSync), ``server_full`` (1013) at ``max_sessions``.
+    """
     await ws.accept()
     if not server.ready:
         await _refuse(ws, ProtocolError("loading", "the server is still loading its models", CLOSE_TRY_AGAIN))
+        return
+    if not server.live:
+        family = server.info.get("family", "its model family")
+        await _refuse(ws, ProtocolError("live_unavailable", f"this server runs {family} ({server.info.get('config')}), "
+                                        "which makes offline jobs only (POST /v1/jobs, docs/jobs.md), not live "
+                                        "sessions; live sessions need a server of a live model family (MuseTalk)"))
         return
     if server.open_sessions >= server.settings.max_sessions:
         server.metrics.sessions_refused.inc()

@@ -151,7 +151,9 @@ def _model_checks(m: LatentSyncModelConfig) -> list[tuple[bool, str]]:
 def validate_latentsync(cfg: LatentSyncConfig) -> LatentSyncConfig:
     """Check every cross-field constraint once; raise ConfigError naming the field."""
     checks = [(cfg.family == FAMILY, f"family must be '{FAMILY}'"), *_model_checks(cfg.model),
-              *pipeline_checks(cfg.pipeline)]
+              *pipeline_checks(cfg.pipeline),
+              (not cfg.pipeline.sharpen.enabled,
+               "pipeline.sharpen.enabled must be false: the LatentSync restore does not sharpen")]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"config '{cfg.source or cfg.name}': {message}")

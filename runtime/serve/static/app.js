@@ -18,6 +18,7 @@ const stats = (window.talkrtStats = {
 
 let ctx = null;        // one AudioContext: capture, decoding and playback
 let session = null;    // the open session, see startSession
+let liveOff = null;    // why this server has no live sessions (its /healthz says live: false), else null
 
 function setState(state) {
   stats.state = state;
@@ -25,8 +26,25 @@ function setState(state) {
   const live = state === "live";
   $("interrupt").disabled = !live;
   $("stop").disabled = !live;
-  $("mic").disabled = state !== "idle";
-  $("wav").disabled = state !== "idle";
+  $("mic").disabled = state !== "idle" || liveOff !== null;
+  $("wav").disabled = state !== "idle" || liveOff !== null;
+}
+
+// A server whose model family makes jobs only (LatentSync) answers /healthz with live: false;
+// the session buttons then stay off and the page says why. Polled until the models are loaded.
+async function checkLive() {
+  const r = await fetch("/healthz");
+  if (r.status === 503) { setTimeout(checkLive, 2000); return; }
+  if (!r.ok) return;
+  const health = await r.json();
+  if (health.live === false) {
+    liveOff = `This server runs ${health.family} (${health.config}), which makes offline jobs only ` +
+      "(POST /v1/jobs, docs/jobs.md): no live sessions.";
+    $("live-off").textContent = liveOff;
+    $("live-off").hidden = false;
+    setState(stats.state);
+  }
+  stats.live = health.live;
 }
 
 async function audioContext() {
@@ -265,3 +283,4 @@ $("stop").onclick = () => {
 };
 setState("idle");
 loadAvatars();
+checkLive();
