@@ -181,3 +181,24 @@ def test_live_windows_match_whole_clip_features(features):
     # stated tolerance: mean error under 1% of the mean feature magnitude (measured 0.1% with the
     # tiny synthetic Whisper; the newest steps see zeros where the whole clip has future audio)
     assert float(diff.mean()) < 0.01 * float(scale), (float(diff.mean()), float(scale))
+
+
+def test_window_encoder_warm_up_runs_every_batch_size_and_leaves_results_unchanged(features):
+    """The warm-up sweeps Whisper batch sizes 1..n (one encoder call each) and does not change
+    what a later call returns (no state carried over)."""
+    pcm = np.round(_speechlike(1.0) * 32768).clip(-32768, 32767).astype("<i2")
+    fps = Fraction(25)
+    utt = Utterance(16000, fps, AUDIO)
+    utt.feed(pcm.tobytes())
+    utt.finish()
+    cold = WindowEncoder(features)([(utt, np.arange(10))])[0]
+    encoder = WindowEncoder(features)
+    calls = []
+    original = encoder.encode
+    encoder.encode = lambda staged: calls.append(len(staged.lengths)) or original(staged)
+    encoder.warm_up(3)
+    assert calls == [1, 2, 3] and encoder.calls == 0
+    utt2 = Utterance(16000, fps, AUDIO)
+    utt2.feed(pcm.tobytes())
+    utt2.finish()
+    assert torch.equal(encoder([(utt2, np.arange(10))])[0], cold)

@@ -254,6 +254,20 @@ class WindowEncoder:
         self.features = features
         self.calls = 0
 
+    def warm_up(self, max_requests: int) -> None:
+        """One call per batch size ``1..max_requests`` of full 30-s windows, so that a step's
+        first call at a new batch size does not pay for its lazy set-up (on an H200 with today's
+        code, steps took about 90 ms more in the audio phase a few times per run, 2026-12-01,
+        BENCHMARKS.md; FFT plans, allocator growth and pinned staging blocks are made per size).
+        Takes about ``max_requests`` encoder calls; meant for CUDA (on the CPU it only costs time)."""
+        f = self.features
+        window_steps = f.cfg.window_steps
+        for b in range(1, max_requests + 1):
+            flat = torch.zeros(b * WINDOW_SAMPLES, dtype=torch.float32, pin_memory=f.device.type == "cuda")
+            rows = np.zeros((b, window_steps), np.int64)
+            self.encode(StagedWindows(flat, [WINDOW_SAMPLES] * b, rows, [1] * b))
+        self.calls = 0
+
     def __call__(self, requests: list[tuple[Utterance, np.ndarray]]) -> list[torch.Tensor]:
         """``[(utterance, [k] frame numbers)]`` -> per request ``[k, window_steps*(L+1), D]``."""
         return self.encode(self.stage(requests)) if requests else []

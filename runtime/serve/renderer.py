@@ -127,7 +127,8 @@ class FrameRenderer:
 
     def warm_up(self) -> None:
         """One Whisper, UNet and VAE decode call at batch 1, so that the first live frame does not
-        pay for lazy initialisation (seconds on the CPU)."""
+        pay for lazy initialisation (seconds on the CPU); on CUDA also the live Whisper path at
+        every batch size a step can hold (:meth:`WindowEncoder.warm_up`)."""
         f, m, stream = self.parts.audio_features, self.parts.cfg.model, self.parts.stream
         with torch.inference_mode(), on_stream(stream):
             states = f.stack(f.log_mel([np.zeros(SAMPLE_RATE, np.float32)]).to(f.dtype))   # [1, 1500, L+1, D]
@@ -136,6 +137,8 @@ class FrameRenderer:
                                   device=self.parts.device, dtype=self.parts.dtype)
             out = self.parts.unet.run({"latent_input": latents, "audio_features": audio}, stream)["pred_latents"]
             self.parts.vae_decoder.run({"latents": out}, stream)
+            if self.parts.device.type == "cuda":
+                self.windows.warm_up(self.max_batch)
             if stream is not None:
                 stream.synchronize()
             if self.on_gpu:
