@@ -165,7 +165,8 @@ def bench(resolutions: list[str], config: str, device: str, seconds: float, work
                 encoder = encoder_alone(parts, video, speech, row["frames"], work / f"encoder_{label}_{name}.mp4")
                 bound = min(encoder["fps"], engines_fps[label])
                 row.update(encoder_alone_fps=encoder["fps"], engines_alone_fps=engines_fps[label],
-                           share_of_bound=row["fps"] / bound, encoder_alone_cores=encoder["host_cores"])
+                           share_of_bound=row["fps"] / bound, encoder_alone_cores=encoder["host_cores"],
+                           **encoder_loop(row, encoder["seconds"]))
             results["rows"].append(row)
             log.info("%s %s: %.1f frames/s", name, label, row["fps"])
     for name in resolutions:
@@ -206,11 +207,25 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def encoder_loop(row: dict, alone_seconds: float) -> dict:
+    """Where an encoder-bound run's wall goes (GPU path; {} elsewhere): ``encoder_loop_share``,
+    the encoder alone's time over the time the run's encoder thread spent in its writer (1.0:
+    inside the run libx264 encodes as fast as alone), and ``outside_encoder_loop_s``, the run's
+    wall outside the encoder thread's loop (set-up before its first batch is queued, the writer's
+    close: libx264's flush and the audio mux), a fixed cost per run."""
+    waits = row.get("encoder_thread_seconds") or {}
+    if not waits.get("encode"):
+        return {}
+    loop = waits["encode"] + waits["encoder_idle"] + waits["download_wait"]
+    return {"encoder_loop_share": alone_seconds / waits["encode"], "outside_encoder_loop_s": row["seconds"] - loop}
+
+
 def overlap_table(results: dict) -> str:
     """End to end against the slower of (encoder alone, engines alone), per talkrt row."""
     lines = ["| resolution | path | end to end f/s | encoder alone f/s | engines alone f/s | share of the slower "
              "| host cores end to end | host cores encoder alone | encoder thread: encode / idle / download wait "
-             "| pipeline thread waits for a buffer |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| pipeline thread waits for a buffer | encoder loop vs alone | outside the loop s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in results["rows"]:
         if "share_of_bound" in r:
             waits = {k: 100 * v / r["seconds"] for k, v in r.get("encoder_thread_seconds", {}).items()}
@@ -220,12 +235,24 @@ def overlap_table(results: dict) -> str:
             lines.append(f"| {r['resolution']} | {r['path']} | {r['fps']:.1f} | {r['encoder_alone_fps']:.1f} "
                          f"| {r['engines_alone_fps']:.1f} | {100 * r['share_of_bound']:.0f}% "
                          f"| {r.get('host_cores', float('nan')):.1f} | {r.get('encoder_alone_cores', float('nan')):.1f} "
-                         f"| {thread} | {producer} |")
+                         f"| {thread} | {producer} | {_pct(r.get('encoder_loop_share'))} "
+                         f"| {_num(r.get('outside_encoder_loop_s'))} |")
     cores = next((r["cores_available"] for r in results["rows"] if "cores_available" in r), None)
+    lines.append("\nencoder loop vs alone: the encoder alone's seconds over the seconds the run's encoder thread "
+                 "spent writing frames; outside the loop: the run's wall before its encoder thread got work and "
+                 "after it finished (set-up, libx264's flush and the audio mux at close), a fixed cost per run")
     lines.append(f"\nhost cores: CPU seconds of the process over wall seconds (of {cores} available); "
                  "libx264 runs in-process. Encoder thread and pipeline thread waits: shares of the run's wall "
                  "time (GPU path only)")
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def length_table(rows: list[dict]) -> str:

@@ -42,3 +42,19 @@ def test_peak_rss_sees_a_transient_allocation():
             time.sleep(0.01)
         del block
     assert rss.peak_mb >= before + 48
+
+
+def test_encoder_loop_splits_the_wall_of_an_encoder_bound_run():
+    """The run's wall = the encoder thread's loop + a fixed part outside it; the loop's writing
+    time against the encoder alone says whether libx264 is slowed inside the run."""
+    from benchmarks.pipeline import encoder_loop, overlap_table
+    row = {"seconds": 3.0, "fps": 250 / 3.0, "encoder_thread_seconds": {
+        "encode": 2.5, "encoder_idle": 0.1, "download_wait": 0.1, "producer_wait": 2.0}}
+    loop = encoder_loop(row, alone_seconds=2.25)
+    assert loop["encoder_loop_share"] == pytest.approx(0.9)
+    assert loop["outside_encoder_loop_s"] == pytest.approx(0.3)
+    assert encoder_loop({"seconds": 1.0, "encoder_thread_seconds": {}}, 1.0) == {}
+    row.update(loop, resolution="720p", path="talkrt", encoder_alone_fps=250 / 2.25, engines_alone_fps=500.0,
+               share_of_bound=0.75, host_cores=4.0, encoder_alone_cores=4.5)
+    table = overlap_table({"rows": [row]})
+    assert "| 90% | 0.30 |" in table and "| 75% |" in table
