@@ -222,10 +222,10 @@ def encoder_loop(row: dict, alone_seconds: float) -> dict:
 
 def overlap_table(results: dict) -> str:
     """End to end against the slower of (encoder alone, engines alone), per talkrt row."""
-    lines = ["| resolution | path | end to end f/s | encoder alone f/s | engines alone f/s | share of the slower "
-             "| host cores end to end | host cores encoder alone | encoder thread: encode / idle / download wait "
-             "| pipeline thread waits for a buffer | encoder loop vs alone | outside the loop s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    head = ("| resolution | path | end to end f/s | encoder alone f/s | engines alone f/s | share of the slower "
+            "| host cores end to end | host cores encoder alone | encoder thread: encode / idle / download wait "
+            "| pipeline thread waits for a buffer | encoder loop vs alone | outside the loop s |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in results["rows"]:
         if "share_of_bound" in r:
             waits = {k: 100 * v / r["seconds"] for k, v in r.get("encoder_thread_seconds", {}).items()}
