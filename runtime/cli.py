@@ -203,13 +203,14 @@ def run(args: argparse.Namespace, progress: ProgressBar, started: float, before_
         summary_line,
         write_json,
     )
-    from talkrt.session import build_session, resolve_device
+    from talkrt.session import build_session, freeze_gc, resolve_device
     imported = time.perf_counter()
 
     device = resolve_device(args.device)
     config_name, cfg = choose_config(args, overrides, on_gpu=device.type == "cuda")
     parts = build_session(cfg, device=str(device), weights_dir=args.weights, backend=args.backend,
                           compose=args.compose, cache_dir=args.cache_dir, engines_dir=args.engines_dir)
+    freeze_gc()
     startup = time.perf_counter() - started
     report = run_pipeline(parts, video, info, audio, clip, out, progress=progress)
     progress.close()

@@ -18,6 +18,19 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKER = "blazeface-mesh"
 
 
+def freeze_gc() -> int:
+    """Move every object alive now out of the cyclic garbage collector's reach (``gc.freeze``)
+    and return how many: call once the models are loaded, from an application (the CLI, the
+    server), never from library code. A full collection walks every tracked object: with the
+    modules and models of a loaded session (about 470,000 objects) it took 370-400 ms on a
+    2-core CPU host (2026-12-01), and the live server on an H200 had steps 90-120 ms longer a
+    few times a minute; after the freeze a collection walks only objects made since. No
+    collection first (it would cost that same pass at start-up): garbage alive now stays."""
+    import gc
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

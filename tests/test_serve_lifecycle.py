@@ -127,3 +127,13 @@ def test_memory_does_not_grow_over_200_connect_disconnect_cycles(restarted):
     assert not state.scheduler.pending
     assert after - before < MAX_GROWTH_BYTES, f"heap grew {(after - before) / 1024:.0f} KiB over {CYCLES} cycles"
     assert httpx.get(base + "/healthz").json()["sessions"] == 0
+
+
+def test_the_loaded_server_freezes_its_start_up_objects_out_of_gc_passes(tmp_path):
+    """Once the models are loaded the server calls ``gc.freeze()``: a full collection then walks
+    only objects made since (it walked ~470,000 objects, ~400 ms on a 2-core CPU, before)."""
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    with running_server(tmp_path):
+        frozen = gc.get_freeze_count()
+    assert frozen > 10_000, frozen

@@ -91,7 +91,7 @@ class ServerState:
         """Build the config family's parts, the avatar store, the job service and, when the family
         runs live (``parts.family.live``), the renderer and the scheduler (blocking; sets ``error``
         on failure)."""
-        from talkrt.session import build_session
+        from talkrt.session import build_session, freeze_gc
         s = self.settings
         try:
             parts = build_session(s.cfg, device=s.device, weights_dir=s.weights_dir, backend=s.backend,
@@ -121,6 +121,7 @@ class ServerState:
             self.info = {"config": s.cfg.name, "family": parts.family.name, "live": live, "device": str(parts.device),
                          "backend": parts.backend, "weights": parts.weights, "compose": parts.compose,
                          "max_batch": max_batch}
+            log.info("talkrt serve: %d objects loaded, frozen out of the garbage collector's passes", freeze_gc())
             self.loaded = True
             log.info("talkrt serve ready: %s", self.info)
         except Exception as exc:  # noqa: BLE001 - reported by /healthz and the log
