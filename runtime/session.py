@@ -23,8 +23,9 @@ def freeze_gc() -> int:
     and return how many: call once the models are loaded, from an application (the CLI, the
     server), never from library code. A full collection walks every tracked object: with the
     modules and models of a loaded session (about 470,000 objects) it took 370-400 ms on a
-    2-core CPU host (2026-12-01), and the live server on an H200 had steps 90-120 ms longer a
-    few times a minute; after the freeze a collection walks only objects made since. No
+    2-core CPU host (2026-12-01; the live server on an H200 had steps 90-120 ms longer a few
+    times a minute, suspected to be these passes, not shown); after the freeze a collection
+    walks only objects made since. No
     collection first (it would cost that same pass at start-up): garbage alive now stays."""
     import gc
     gc.freeze()

@@ -256,10 +256,10 @@ class WindowEncoder:
 
     def warm_up(self, max_requests: int) -> None:
         """One call per batch size ``1..max_requests`` of full 30-s windows, so that a step's
-        first call at a new batch size does not pay for its lazy set-up (on an H200 with today's
-        code, steps took about 90 ms more in the audio phase a few times per run, 2026-12-01,
-        BENCHMARKS.md; FFT plans, allocator growth and pinned staging blocks are made per size).
-        Takes about ``max_requests`` encoder calls; meant for CUDA (on the CPU it only costs time)."""
+        first call at a new batch size does not pay for its lazy set-up (FFT plans, allocator
+        growth and pinned staging blocks are made per size; one suspect, not shown, for the
+        steps 90-120 ms longer in the audio phase on an H200, 2026-12-01, BENCHMARKS.md).
+        Takes ``max_requests`` encoder calls; meant for CUDA (on the CPU it only costs time)."""
         f = self.features
         window_steps = f.cfg.window_steps
         for b in range(1, max_requests + 1):
