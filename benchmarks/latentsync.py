@@ -17,8 +17,13 @@ its own path's. On a small or shared CPU the figures of one row vary several-fol
 run (the smoke run checks that every path runs, not speed). The rows, per resolution:
 
 * ``latentsync-talkrt``: talkrt's LatentSync with the config's denoising (``--steps`` DDIM steps,
-  classifier-free guidance, DeepCache on: the default);
-* ``latentsync-no-deepcache``: the same with ``model.denoise.deepcache=false``;
+  classifier-free guidance, DeepCache on: the default) on ``--backend`` (default: the config's,
+  ``auto`` in ``latentsync16.yaml``: the compiled UNet / VAE engines with CUDA graphs when
+  ``make engines CONFIG=latentsync16`` built them for the row's settings, else eager with a
+  warning; the ``backend`` column says which ran). Steps, guidance and DeepCache are part of the
+  config hash, so a build serves ``--steps 20`` (the default) with DeepCache on;
+* ``latentsync-no-deepcache``: the same with ``model.denoise.deepcache=false`` (its compiled engines
+  are a build of their own: ``make engines CONFIG=latentsync16`` with ``--set model.denoise.deepcache=false``);
 * ``latentsync-baseline``: the upstream-style path, i.e. what upstream's ``inference.sh`` runs:
   eager PyTorch in float16 (float32 on the CPU), DeepCache on, same steps and guidance, frames
   decoded, restored and encoded by one libx264 on the CPU (``compose=numpy``). On CUDA
@@ -80,13 +85,15 @@ class RowSpec:
     cuda_graphs: bool = True
 
 
-def row_specs(config: str, musetalk_config: str | None, steps: int, musetalk_backend: str = "auto") -> list[RowSpec]:
+def row_specs(config: str, musetalk_config: str | None, steps: int, musetalk_backend: str = "auto",
+              backend: str | None = None) -> list[RowSpec]:
     """The benchmark's paths: LatentSync with and without DeepCache, the upstream-style baseline, MuseTalk
-    (left out when ``musetalk_config`` is empty). ``steps``: DDIM steps of every LatentSync row."""
+    (left out when ``musetalk_config`` is empty). ``steps``: DDIM steps of every LatentSync row;
+    ``backend``: the two talkrt LatentSync rows' engine backend (None: the config's)."""
     ls = (f"model.denoise.steps={steps}",)
     specs = [
-        RowSpec(TALKRT, config, (*ls, "model.denoise.deepcache=true")),
-        RowSpec(NO_DEEPCACHE, config, (*ls, "model.denoise.deepcache=false")),
+        RowSpec(TALKRT, config, (*ls, "model.denoise.deepcache=true"), backend=backend),
+        RowSpec(NO_DEEPCACHE, config, (*ls, "model.denoise.deepcache=false"), backend=backend),
         RowSpec(BASELINE, config, (*ls, "model.denoise.deepcache=true", "pipeline.stage_sync=true",
                                    "pipeline.encoder.workers=1", "pipeline.precision=float16"),
                 backend="eager", compose="numpy", cuda_graphs=False),
@@ -216,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--musetalk-config", default=None,
                    help="the MuseTalk row's config (default: musetalk on CUDA, tiny on the CPU; '' leaves it out)")
     p.add_argument("--musetalk-backend", default="auto", help="the MuseTalk row's engine backend")
+    p.add_argument("--backend", default=None, help="the talkrt LatentSync rows' engine backend (default: the "
+                                                   "config's; auto uses compiled engines when they are built)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--resolutions", default="720p,1080p", help=f"comma list of {', '.join(RESOLUTIONS)}")
     p.add_argument("--steps", type=int, default=TARGET_STEPS, help="DDIM steps of every LatentSync row")
@@ -242,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     speech = tiled_speech(args.audio, args.speech_seconds, work)
     log.info("LatentSync %s and MuseTalk %s on %s: %s, %d steps, %g s of speech", config, musetalk_config, device,
              ",".join(resolutions), args.steps, args.speech_seconds)
-    rows = bench(row_specs(config, musetalk_config, args.steps, args.musetalk_backend), resolutions, device,
-                 args.seconds, speech, work)
+    rows = bench(row_specs(config, musetalk_config, args.steps, args.musetalk_backend, args.backend), resolutions,
+                 device, args.seconds, speech, work)
     targets, differences = check_targets(rows, config, device, args.steps), baseline_differences(rows)
     results = {"family": "latentsync16", "config": config, "musetalk_config": musetalk_config, "device": device,
                "steps": args.steps, "speech": str(speech), "speech_seconds": args.speech_seconds,

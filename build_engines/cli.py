@@ -1,7 +1,9 @@
 """``talkrt-build-engines`` / ``python -m talkrt.build_engines`` (what ``make engines`` runs).
 
 Exports ONNX (fp32 and fp16), builds TensorRT plans when TensorRT and a GPU are present, and
-precompiles the ``compiled`` backend on CUDA (on the CPU only with ``--device cpu``).
+precompiles the ``compiled`` backend on CUDA (on the CPU only with ``--device cpu``), for the
+networks of the config's model family (``ModelFamily.engine_specs``); a backend the family does
+not build (LatentSync: ONNX and TensorRT) is skipped with a warning.
 Everything lands in ``<engines-dir>/<config name>-<model hash>/`` and is skipped when an
 up-to-date manifest is already there (``--force`` rebuilds).  Exit status: 0 when every
 requested backend was built or is up to date, 1 on any failure, 2 on bad arguments.
@@ -19,13 +21,13 @@ import torch
 from talkrt.build_engines.compiled_build import build_compiled
 from talkrt.build_engines.onnx_export import DEFAULT_OPSET, export_onnx
 from talkrt.build_engines.tensorrt_build import DEFAULT_WORKSPACE_GIB, build_plan
-from talkrt.config import PRECISIONS, TalkrtConfig, load_config
+from talkrt.config import PRECISIONS
+from talkrt.families import config_family, get_family, load_family_config
 from talkrt.engines.compiled import add_compile_arguments, settings_from_args
 from talkrt.engines.manifest import config_dir, dtype_name
-from talkrt.engines.specs import ENGINE_MODELS, MODEL_NAMES, batch_buckets, default_max_batch, export_specs
+from talkrt.engines.specs import MODEL_NAMES, default_max_batch, engine_backends, engine_models, export_specs
 from talkrt.engines.tensorrt import import_tensorrt
 from talkrt.errors import EngineError, TalkrtError
-from talkrt.models.weights import load_models
 
 log = logging.getLogger("talkrt.build_engines")
 
@@ -35,16 +37,21 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talkrt-build-engines", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="musetalk", help="config name (musetalk, tiny) or YAML path")
+    p.add_argument("--config", default="musetalk",
+                   help="config name (musetalk, tiny, latentsync16, latentsync16-tiny) or YAML path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set pipeline.batch_size=16 (repeatable)")
-    p.add_argument("--weights", metavar="DIR", help="official MuseTalk v1.5 weights (default: SYNTHETIC weights)")
+    p.add_argument("--weights", metavar="DIR",
+                   help="official weights of the config's family (default: SYNTHETIC weights)")
     p.add_argument("--backends", help=f"comma list of {','.join(ALL_BACKENDS)} (default: all that can run here)")
     p.add_argument("--precision", choices=PRECISIONS, help="engine precision (default: the config's; CPU: float32)")
     p.add_argument("--onnx-precisions", default="float32,float16", help="ONNX variants to export")
-    p.add_argument("--max-batch", type=int, help="largest batch engines accept (default: max(batch_size, 32))")
-    p.add_argument("--models", help=f"comma subset of {','.join(MODEL_NAMES)} (default: all; whisper is ONNX only)")
-    p.add_argument("--buckets", help="compiled backend batch buckets, e.g. 1,4,16 (default: 1,2,4,... max batch)")
+    p.add_argument("--max-batch", type=int, help="largest batch engines accept (default: max(batch_size, 32); "
+                                                 "LatentSync's sizes are fixed by its config)")
+    p.add_argument("--models", help=f"comma subset of the family's networks, e.g. {','.join(MODEL_NAMES)} "
+                                    f"(default: all; whisper is ONNX only)")
+    p.add_argument("--buckets", help="compiled backend batch buckets, e.g. 1,4,16 (default: each model's own: "
+                                     "1,2,4,... max batch for MuseTalk)")
     p.add_argument("--engines-dir", help="output root (default: $TALKRT_ENGINES_DIR or ./engines)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     add_compile_arguments(p)
@@ -56,13 +63,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _choose_backends(requested: str | None, device: torch.device, device_forced: bool,
-                     parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, str]]:
-    """Backends to build, and the reason each skipped one cannot run here."""
+                     parser: argparse.ArgumentParser, supported: tuple[str, ...] = ALL_BACKENDS,
+                     family: str = "musetalk") -> tuple[list[str], dict[str, str]]:
+    """Backends to build, and the reason each skipped one cannot run here (or for this family)."""
     names = [b.strip() for b in requested.split(",") if b.strip()] if requested else list(ALL_BACKENDS)
     unknown = sorted(set(names) - set(ALL_BACKENDS))
     if unknown or not names:
         parser.error(f"--backends: unknown {unknown}; choose from {','.join(ALL_BACKENDS)}")
-    skipped = {}
+    skipped = {b: f"the {family} family builds {', '.join(supported)} engines only (no {b} export for it)"
+               for b in names if b not in supported}
+    names = [b for b in names if b in supported]
     if "tensorrt" in names:
         try:
             import_tensorrt()
@@ -101,24 +111,25 @@ def _export_all(cfg, models, specs, names, dtypes, device, args) -> dict:
 class BuildRequest:
     """Validated command line: what to build, where, how."""
 
-    cfg: TalkrtConfig
+    cfg: object                        # the family's config (TalkrtConfig, LatentSyncConfig)
     device: torch.device
     dtype: torch.dtype
     backends: tuple[str, ...]
     names: tuple[str, ...]             # models for ONNX
     engine_names: tuple[str, ...]      # models for TensorRT / compiled
     max_batch: int
-    buckets: tuple[int, ...]           # compiled buckets
+    buckets: tuple[int, ...] | None    # compiled buckets (None: each model's own)
     onnx_dtypes: tuple[torch.dtype, ...]
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BuildRequest | None:
     """Check the arguments (``parser.error`` on bad ones); None when nothing can be built here."""
-    cfg = load_config(args.config, args.set)
+    cfg = load_family_config(args.config, args.set)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda requested but no CUDA GPU is visible")
-    backends, skipped = _choose_backends(args.backends, device, args.device is not None, parser)
+    backends, skipped = _choose_backends(args.backends, device, args.device is not None, parser,
+                                         engine_backends(cfg), config_family(cfg))
     for name, reason in skipped.items():
         log.warning("skipping backend %s: %s", name, reason)
     if not backends:
@@ -131,20 +142,22 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BuildR
     max_batch = args.max_batch or default_max_batch(cfg)
     if max_batch < 1:
         parser.error("--max-batch must be >= 1")
-    names = _csv(args.models, MODEL_NAMES, "--models", parser)
-    try:
-        buckets = sorted({int(b) for b in args.buckets.split(",")}) if args.buckets else list(batch_buckets(max_batch))
-    except ValueError:
-        parser.error(f"--buckets: expected comma-separated integers, got {args.buckets!r}")
-    if buckets[0] < 1 or buckets[-1] > max_batch:
-        parser.error(f"--buckets must lie in 1..{max_batch} (--max-batch)")
+    names = _csv(args.models, tuple(export_specs(cfg, max_batch)), "--models", parser)
+    buckets = None
+    if args.buckets:
+        try:
+            buckets = tuple(sorted({int(b) for b in args.buckets.split(",")}))
+        except ValueError:
+            parser.error(f"--buckets: expected comma-separated integers, got {args.buckets!r}")
+        if buckets[0] < 1 or buckets[-1] > max_batch:
+            parser.error(f"--buckets must lie in 1..{max_batch} (--max-batch)")
     onnx_dtypes = _onnx_dtypes(args.onnx_precisions, parser) if "onnx" in backends else []
     if "tensorrt" in backends and torch.float32 not in onnx_dtypes:
         onnx_dtypes.append(torch.float32)                  # TensorRT plans are built from the fp32 graph
-    engine_names = tuple(n for n in names if n in ENGINE_MODELS)
+    engine_names = tuple(n for n in names if n in engine_models(cfg))
     return BuildRequest(cfg, device, DTYPES[precision], tuple(backends),
                         tuple(names) if "onnx" in backends else engine_names, engine_names, max_batch,
-                        tuple(buckets), tuple(onnx_dtypes))
+                        buckets, tuple(onnx_dtypes))
 
 
 def build(req: BuildRequest, args: argparse.Namespace) -> int:
@@ -156,7 +169,7 @@ def build(req: BuildRequest, args: argparse.Namespace) -> int:
         log.warning("NO --weights GIVEN: building engines from SYNTHETIC random weights (seed %d). They run at "
                     "full speed but produce no lip sync; rebuild with --weights DIR for real output.",
                     cfg.pipeline.weights_seed)
-    models = load_models(cfg, args.weights, torch.device("cpu"), torch.float32)
+    models = get_family(config_family(cfg)).load_models(cfg, args.weights, torch.device("cpu"), torch.float32)
     failures, exported = [], {}
     if req.onnx_dtypes:
         try:
@@ -178,7 +191,8 @@ def build(req: BuildRequest, args: argparse.Namespace) -> int:
     if "compiled" in req.backends:
         try:
             build_compiled(cfg, models.to(req.device, req.dtype), device=req.device, dtype=req.dtype,
-                           engines_dir=args.engines_dir, buckets=req.buckets, settings=settings_from_args(args),
+                           engines_dir=args.engines_dir, max_batch=req.max_batch, buckets=req.buckets,
+                           settings=settings_from_args(args),
                            model_names=req.engine_names, force=args.force)
         except TalkrtError as exc:
             log.error("compiled build failed: %s", exc)

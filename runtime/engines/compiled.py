@@ -180,17 +180,32 @@ def usable_buckets(built: Sequence[int], max_batch: int | None) -> tuple[int, ..
     return None if cover is None else tuple(b for b in built if b <= cover)
 
 
+def _other_model_hashes(cfg: TalkrtConfig, folder: Path) -> str:
+    """A sentence naming builds of the same config name for another model hash (a changed config), or ''."""
+    sub, root = folder.relative_to(folder.parents[1]), folder.parents[2]    # compiled/<device>-<dtype>, engines root
+    others = sorted(p.parents[2].name for p in root.glob(f"{cfg.name}-*/{sub}/{MANIFEST_FILE}") if p.parent != folder)
+    if not others:
+        return ""
+    return (f" (found builds of config '{cfg.name}' for other model hashes: {', '.join(others)}; this config's "
+            f"model section hashes to {cfg.model_hash()}, so a field of it changed since they were built)")
+
+
 def open_compiled_build(cfg: TalkrtConfig, *, device: torch.device | str, dtype: torch.dtype,
-                        models: Sequence[str], max_batch: int | None,
+                        models: Sequence[str], max_batch: int | Mapping[str, int] | None,
                         engines_dir: str | Path | None = None) -> CompiledBuild:
     """Check the saved manifest and files for ``models``; return what to run (nothing is loaded yet).
 
-    Raises ``EngineError`` (saying to run ``make engines``) if the build is missing, was made
-    for another format / torch / GPU / dtype / config, has no bucket holding ``max_batch``, or a
-    file it lists is missing or of the wrong size.  Contents (sha256) are checked as each
-    file is loaded.
+    ``max_batch``: the largest batch each model must run (one int for all, or per model name;
+    None: every built bucket).  Raises ``EngineError`` (saying to run ``make engines``) if the
+    build is missing (naming builds for another model hash of the same config name: a changed
+    config), was made for another format / torch / GPU / dtype / config, has no bucket holding
+    ``max_batch``, or a file it lists is missing or of the wrong size.  Contents (sha256) are
+    checked as each file is loaded.
     """
     folder = compiled_dir(cfg, device, dtype, engines_dir)
+    if not (folder / MANIFEST_FILE).is_file():
+        raise EngineError(f"compiled engines: no manifest at {folder / MANIFEST_FILE}"
+                          f"{_other_model_hashes(cfg, folder)}; {rebuild_hint(cfg.source)}")
     manifest = read_manifest(folder / MANIFEST_FILE, "compiled engines", cfg.source)
     check_manifest(manifest, expected_manifest(cfg, device, dtype), what="compiled engines",
                    path=folder, cfg_name=cfg.source)
@@ -202,10 +217,12 @@ def open_compiled_build(cfg: TalkrtConfig, *, device: torch.device | str, dtype:
     build = CompiledBuild(folder, settings, {}, manifest, cfg.source)
     for name in models:
         built = [int(b) for b in manifest.get("entries", {}).get(name, {})]
-        usable = usable_buckets(built, max_batch)
+        need = max_batch.get(name) if isinstance(max_batch, Mapping) else max_batch
+        usable = usable_buckets(built, need)
         if usable is None:
-            raise EngineError(f"compiled engines at {folder}: '{name}' has no build for batch {max_batch} "
-                              f"(built: {sorted(built)}); {rebuild_hint(cfg.source)} with --max-batch {max_batch}")
+            raise EngineError(f"compiled engines at {folder}: '{name}' has no build for batch {need} "
+                              f"(built: {sorted(built)}); {rebuild_hint(cfg.source)}"
+                              f"{'' if isinstance(max_batch, Mapping) else f' with --max-batch {need}'}")
         build.buckets[name] = usable
         for bucket in usable:
             entry = build.entry(name, bucket)

@@ -1,5 +1,9 @@
 """Pick and build the engines for a run: TensorRT > compiled > eager.
 
+:func:`prebuilt_engines` is the choice every family shares (it takes the family's engine
+models and the backends it builds); :func:`create_engines` is MuseTalk's, with its eager
+fallback, and :mod:`talkrt.families.latentsync_engines` LatentSync's.
+
 ``create_engines(cfg, models, backend="auto")`` tries each prebuilt backend in order and
 takes the first whose artifacts exist and whose manifests match this machine and config.
 An explicit ``backend="tensorrt"`` or ``"compiled"`` that cannot be used raises
@@ -52,8 +56,9 @@ def eager_engines(specs: dict[str, ModelSpec], models, *, device: torch.device, 
     return engines
 
 
-def tensorrt_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, device: torch.device,
-                     dtype: torch.dtype, engines_dir, cuda_graphs: bool, warmup: str) -> dict[str, Engine]:
+def tensorrt_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, names=ENGINE_MODELS,
+                     device: torch.device, dtype: torch.dtype, engines_dir, cuda_graphs: bool,
+                     warmup: str) -> dict[str, Engine]:
     if device.type != "cuda":
         raise EngineError(f"TensorRT engines need a CUDA device, this run uses {device}")
     import_tensorrt()
@@ -61,15 +66,16 @@ def tensorrt_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, 
                                  weights_identity=models.identity, max_batch=specs[name].profile.max,
                                  buckets=specs[name].buckets, engines_dir=engines_dir, device=device,
                                  cuda_graphs=cuda_graphs, warmup=warmup)
-            for name in ENGINE_MODELS}
+            for name in names}
 
 
-def compiled_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, device: torch.device,
+def compiled_engines(cfg, specs: dict[str, ModelSpec], models, *, names=ENGINE_MODELS, device: torch.device,
                      dtype: torch.dtype, engines_dir, cuda_graphs: bool, warmup: str) -> dict[str, Engine]:
-    build = open_compiled_build(cfg, device=device, dtype=dtype, models=ENGINE_MODELS,
-                                max_batch=specs["unet"].profile.max, engines_dir=engines_dir)
+    """A ``CompiledEngine`` per model of ``names``, each at its built buckets up to its spec's max batch."""
+    build = open_compiled_build(cfg, device=device, dtype=dtype, models=names,
+                                max_batch={n: specs[n].profile.max for n in names}, engines_dir=engines_dir)
     engines: dict[str, Engine] = {}
-    for name in ENGINE_MODELS:
+    for name in names:
         spec = specs[name]
         engines[name] = CompiledEngine(name, spec.make_module(models), spec.inputs, spec.outputs,
                                        build.buckets[name], device=device, dtype=dtype, build=build,
@@ -77,31 +83,27 @@ def compiled_engines(cfg: TalkrtConfig, specs: dict[str, ModelSpec], models, *, 
     return engines
 
 
-def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None, engines_dir: str | Path | None = None,
-                   max_batch: int | None = None, cuda_graphs: bool = True,
-                   warmup: str = "max") -> tuple[dict[str, Engine], str]:
-    """Engines for unet, vae_decoder, vae_encoder (and eager whisper), plus the backend chosen.
+PREBUILT = {"tensorrt": tensorrt_engines, "compiled": compiled_engines}     # best first
 
-    ``models`` (``LipSyncModels``) must be on ``device`` in ``dtype`` (both default to the
-    UNet's).  ``engines_dir`` defaults to ``$TALKRT_ENGINES_DIR`` or ``./engines``.
-    ``warmup``: which batch buckets are prepared before returning (``"max"``, ``"all"``,
-    ``"none"``; see the module docstring).  Raises ``EngineError`` for an unknown backend or
-    policy, or an explicit backend that cannot be used.
-    """
-    if backend not in BACKENDS:
-        raise EngineError(f"unknown engine backend '{backend}'; choose one of {BACKENDS}")
-    check_warmup_policy(warmup)                       # an unknown policy fails before any loading
-    device, dtype = _placement(models, device, dtype)
-    specs = export_specs(cfg, max_batch or default_max_batch(cfg))
-    graphs = cuda_graphs and device.type == "cuda"
-    builders = {"tensorrt": tensorrt_engines, "compiled": compiled_engines}
-    order = ["tensorrt", "compiled"] if backend == "auto" else [b for b in (backend,) if b in builders]
+
+def prebuilt_engines(cfg, specs: dict[str, ModelSpec], models, *, backend: str, names: tuple[str, ...],
+                     supported: tuple[str, ...], device: torch.device, dtype: torch.dtype, engines_dir,
+                     cuda_graphs: bool, warmup: str) -> tuple[dict[str, Engine] | None, str | None, list[str]]:
+    """Prebuilt engines for ``names``: ``(engines, backend, [])``, or ``(None, None, reasons)`` when
+    ``backend`` is ``"auto"`` (try each of ``PREBUILT`` in ``supported``, best first) and none is usable,
+    or ``"eager"``.
+
+    Raises ``EngineError`` for an explicit backend that is not in ``supported`` (the config's family
+    builds no such engines) or cannot be used (missing, stale, failing to load)."""
+    if backend in PREBUILT and backend not in supported:
+        raise EngineError(f"--backend {backend}: config '{cfg.name}' has no {backend} engines (its model family "
+                          f"builds {', '.join(b for b in supported if b in PREBUILT) or 'none'}; or use eager or auto)")
+    order = [b for b in PREBUILT if b in supported] if backend == "auto" else [b for b in (backend,) if b in PREBUILT]
     reasons = []
     for candidate in order:
         try:
-            engines = builders[candidate](cfg, specs, models, device=device, dtype=dtype, engines_dir=engines_dir,
-                                          cuda_graphs=graphs, warmup=warmup)
+            engines = PREBUILT[candidate](cfg, specs, models, names=names, device=device, dtype=dtype,
+                                         engines_dir=engines_dir, cuda_graphs=cuda_graphs, warmup=warmup)
         except EngineError as exc:
             if backend != "auto":
                 raise
@@ -115,12 +117,43 @@ def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: 
             log.warning("backend %s failed to load: %s: %s", candidate, type(exc).__name__, exc)
             reasons.append(f"{candidate}: {type(exc).__name__}: {exc}")
             continue
-        return _finish(engines, specs, models, cfg, candidate, graphs, engines_dir)
+        return engines, candidate, []
+    return None, None, reasons
+
+
+def warn_eager_fallback(cfg, engines_dir, graphs: bool, reasons: list[str]) -> None:
+    """The warning of ``--backend auto`` when no prebuilt engine is usable (``reasons``: why each was not)."""
+    folder = config_dir(cfg, engines_dir)
+    log.warning("no usable prebuilt engines for config '%s' in %s%s; falling back to eager%s; to use them, "
+                "%s [%s]", cfg.name, folder, "" if folder.is_dir() else " (no such folder)",
+                " with CUDA graphs" if graphs else "", rebuild_hint(cfg.source), " | ".join(reasons))
+
+
+def create_engines(cfg: TalkrtConfig, models, *, backend: str = "auto", device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, engines_dir: str | Path | None = None,
+                   max_batch: int | None = None, cuda_graphs: bool = True,
+                   warmup: str = "max") -> tuple[dict[str, Engine], str]:
+    """MuseTalk's engines: unet, vae_decoder, vae_encoder (and eager whisper), plus the backend chosen.
+
+    ``models`` (``LipSyncModels``) must be on ``device`` in ``dtype`` (both default to the
+    UNet's).  ``engines_dir`` defaults to ``$TALKRT_ENGINES_DIR`` or ``./engines``.
+    ``warmup``: which batch buckets are prepared before returning (``"max"``, ``"all"``,
+    ``"none"``; see the module docstring).  Raises ``EngineError`` for an unknown backend or
+    policy, or an explicit backend that cannot be used.
+    """
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown engine backend '{backend}'; choose one of {BACKENDS}")
+    check_warmup_policy(warmup)                       # an unknown policy fails before any loading
+    device, dtype = _placement(models, device, dtype)
+    specs = export_specs(cfg, max_batch or default_max_batch(cfg))
+    graphs = cuda_graphs and device.type == "cuda"
+    engines, chosen, reasons = prebuilt_engines(cfg, specs, models, backend=backend, names=ENGINE_MODELS,
+                                                supported=tuple(PREBUILT), device=device, dtype=dtype,
+                                                engines_dir=engines_dir, cuda_graphs=graphs, warmup=warmup)
+    if engines is not None:
+        return _finish(engines, specs, models, cfg, chosen, graphs, engines_dir)
     if backend == "auto":
-        folder = config_dir(cfg, engines_dir)
-        log.warning("no usable prebuilt engines for config '%s' in %s%s; falling back to eager%s; to use them, "
-                    "%s [%s]", cfg.name, folder, "" if folder.is_dir() else " (no such folder)",
-                    " with CUDA graphs" if graphs else "", rebuild_hint(cfg.source), " | ".join(reasons))
+        warn_eager_fallback(cfg, engines_dir, graphs, reasons)
     engines = eager_engines(specs, models, device=device, dtype=dtype, cuda_graphs=graphs, graph_fallback=True,
                             warmup=warmup)
     return _finish(engines, specs, models, cfg, "eager", graphs, engines_dir)

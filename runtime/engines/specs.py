@@ -1,7 +1,10 @@
 """One export spec per network: tensor names and shapes, batch profile, sample inputs, module.
 
 The same specs drive ONNX export, TensorRT profiles, the compiled backend's batch buckets
-and the run-time engines, so names and shapes are defined once::
+and the run-time engines, so names and shapes are defined once.  Each model family supplies
+its own set (``ModelFamily.engine_specs``; MuseTalk's is :func:`musetalk_specs`, LatentSync's
+:func:`talkrt.families.latentsync_engines.latentsync_specs`), and :func:`export_specs` asks the
+config's family::
 
     specs = export_specs(cfg)                 # {"unet": ModelSpec, "vae_decoder": ..., ...}
     spec = specs["unet"]
@@ -9,12 +12,13 @@ and the run-time engines, so names and shapes are defined once::
     feeds = spec.sample_inputs(4, device=dev, dtype=torch.float16)
 
 Batch buckets are powers of two up to the max batch (plus the max batch itself when it is
-not a power of two).  The default max batch is ``max(pipeline.batch_size, 32)`` capped at
+not a power of two), from the profile's ``min`` on.  The default max batch is ``max(pipeline.batch_size, 32)`` capped at
 ``MAX_BATCH_CAP``; Whisper takes 30 s audio segments, at most ``WHISPER_MAX_BATCH`` per call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,11 +76,13 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
     profile: BatchProfile
     make_module: Callable[[object], nn.Module]       # LipSyncModels -> nn.Module
-    input_ranges: tuple[tuple[str, float], ...]      # per input: ("normal", std) or ("uniform", half-width)
+    input_ranges: tuple[tuple[str, float], ...]      # per input: ("normal", std), ("uniform", half-width)
+                                                     # or ("steps", n): integers in [0, n) (diffusion timesteps)
 
     @property
     def buckets(self) -> tuple[int, ...]:
-        return batch_buckets(self.profile.max)
+        """``batch_buckets(profile.max)`` from ``profile.min`` on (a network run at fixed sizes has min = max)."""
+        return tuple(b for b in batch_buckets(self.profile.max) if b >= self.profile.min)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -89,8 +95,7 @@ class ModelSpec:
     def with_max_batch(self, max_batch: int) -> "ModelSpec":
         """The same spec with its profile clipped or extended to ``max_batch``."""
         opt = min(self.profile.opt, max_batch)
-        return ModelSpec(self.name, self.inputs, self.outputs, BatchProfile(1, opt, max_batch),
-                         self.make_module, self.input_ranges)
+        return dataclasses.replace(self, profile=BatchProfile(1, opt, max_batch))
 
     def sample_inputs(self, batch: int, *, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32, seed: int = SAMPLE_SEED) -> dict[str, torch.Tensor]:
@@ -101,14 +106,40 @@ class ModelSpec:
             shape = spec.concrete_shape(batch)
             if kind == "normal":
                 x = torch.randn(shape, generator=gen) * scale
+            elif kind == "steps":
+                x = torch.randint(0, int(scale), shape, generator=gen).float()
             else:
                 x = (torch.rand(shape, generator=gen) * 2 - 1) * scale
             feeds[spec.name] = x.to(device=device, dtype=dtype)
         return feeds
 
 
-def export_specs(cfg: TalkrtConfig, max_batch: int | None = None) -> dict[str, ModelSpec]:
-    """Specs of the four networks for ``cfg``, keyed by ``MODEL_NAMES``."""
+def _family(cfg):
+    from talkrt.families import config_family, get_family     # families import the engines: imported late
+    return get_family(config_family(cfg))
+
+
+def export_specs(cfg, max_batch: int | None = None) -> dict[str, ModelSpec]:
+    """The specs of ``cfg``'s model family (``ModelFamily.engine_specs``), keyed by model name.
+
+    ``max_batch``: the largest batch of the networks whose batch the run chooses (MuseTalk's);
+    a family whose networks run at sizes its config fixes (LatentSync) ignores it."""
+    return _family(cfg).engine_specs(cfg, max_batch)
+
+
+def engine_models(cfg) -> tuple[str, ...]:
+    """The models of ``cfg``'s family built as engines, of those its specs hold (MuseTalk: ``ENGINE_MODELS``)."""
+    specs = export_specs(cfg)
+    return tuple(n for n in _family(cfg).engine_models if n in specs)
+
+
+def engine_backends(cfg) -> tuple[str, ...]:
+    """The build backends ``cfg``'s family supports (of ``onnx``, ``tensorrt``, ``compiled``)."""
+    return tuple(_family(cfg).engine_backends)
+
+
+def musetalk_specs(cfg: TalkrtConfig, max_batch: int | None = None) -> dict[str, ModelSpec]:
+    """Specs of MuseTalk's four networks for ``cfg``, keyed by ``MODEL_NAMES``."""
     m = cfg.model
     max_batch = max_batch or default_max_batch(cfg)
     opt = min(cfg.pipeline.batch_size, max_batch)

@@ -14,6 +14,10 @@ A family (``family:`` in a config; MuseTalk configs may leave it out) supplies
   the generator, one UNet step or a denoising loop; the decode to faces, kept on the device for
   ``gpu``; the blend into ``batch.frames`` or ``batch.nv12``) for the compose mode the parts chose,
 * :meth:`ModelFamily.chunk_frames`: output frames per batch,
+* its engines for ``make engines`` and ``--backend``: :meth:`ModelFamily.engine_specs` (one
+  :class:`talkrt.engines.specs.ModelSpec` per network), :attr:`ModelFamily.engine_models` (those
+  built as engines), :attr:`ModelFamily.engine_backends` (the build backends it supports) and
+  :meth:`ModelFamily.load_models` (the weights the build compiles),
 * :attr:`ModelFamily.live`: whether ``talkrt serve`` runs live sessions on it (its shared
   scheduler batches frames under real-time deadlines) or jobs only (:mod:`talkrt.serve.app`).
 
@@ -53,6 +57,8 @@ class ModelFamily(Protocol):
     name: str
     live: bool      # True: the server runs live sessions on it (its renderer and scheduler); False: jobs only
     compose_modes: tuple[str, ...]      # values of --compose / pipeline.compose it runs, "auto" included
+    engine_models: tuple[str, ...]      # engine_specs names built as engines (compiled / TensorRT)
+    engine_backends: tuple[str, ...]    # build backends it supports, of "onnx", "tensorrt", "compiled"
 
     def build_parts(self, cfg: Any, *, device: torch.device, dtype: torch.dtype, stream: torch.cuda.Stream | None,
                     weights_dir: str | None, backend: str | None, compose: str | None, cache_dir: Path,
@@ -69,6 +75,15 @@ class ModelFamily(Protocol):
 
     def chunk_frames(self, cfg: Any) -> int:
         """Output frames per batch."""
+
+    def engine_specs(self, cfg: Any, max_batch: int | None = None) -> dict[str, Any]:
+        """Name -> :class:`talkrt.engines.specs.ModelSpec` of every network the build step knows;
+        ``max_batch`` bounds the networks whose batch the run chooses (None: the config's default)."""
+
+    def load_models(self, cfg: Any, weights_dir: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+        """The family's networks (official weights under ``weights_dir``, else synthetic) on ``device``
+        in ``dtype``, with ``identity`` (a weights hash) and ``to(device, dtype)``: what
+        ``ModelSpec.make_module`` takes."""
 
 
 def _entry(name: str) -> tuple[str, str]:

@@ -20,8 +20,13 @@ Stages (numbered as in :mod:`talkrt.pipeline`):
 is ``gpu`` on CUDA with the CuPy kernels, as for MuseTalk. With ``gpu`` the frames take
 MuseTalk's GPU media path (:func:`talkrt.pipeline.build_stages`): NVDEC NV12 in device memory,
 the restore in place, NVENC or the NV12 download to libx264; with ``numpy`` on CUDA the generator
-runs on the GPU and the faces come back to the host. Models run eager (no compiled UNet yet);
-other backends are refused.
+runs on the GPU and the faces come back to the host.
+
+Engines (:mod:`talkrt.families.latentsync_engines`): ``make engines CONFIG=latentsync16`` compiles
+the UNet's full and DeepCache steps at one 16-frame chunk (batch 2 with guidance), the VAE decoder
+and encoder; ``--backend compiled`` (or ``auto`` when that build matches) runs every denoising step
+through them, CUDA-graph replayed on CUDA, ``eager`` the modules. ONNX / TensorRT are not built for
+this family; ``--backend tensorrt`` is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from talkrt.errors import TalkrtError
 from talkrt.face.align_mask import FaceMask
 from talkrt.face.tracker import create_tracker
 from talkrt.families.latentsync_avatar import LatentSyncPreparer
+from talkrt.families.latentsync_engines import ENGINE_MODELS, generator_networks, latentsync_specs
 from talkrt.gpu_stages import OUTPUT_FULL_RANGE, OUTPUT_MATRIX, on_face_rows
 from talkrt.kernels import cupy_stream, gpu_warp
 from talkrt.kernels import reference as kernels
@@ -45,7 +51,7 @@ from talkrt.media.audio import AudioClip
 from talkrt.models.latentsync.audio import LatentSyncAudio
 from talkrt.models.latentsync.config import LatentSyncConfig
 from talkrt.models.latentsync.generator import LatentSyncGenerator
-from talkrt.models.latentsync.weights import load_models
+from talkrt.models.latentsync.weights import LatentSyncModels, load_models
 from talkrt.pipeline import PipelineParts
 from talkrt.stages import FrameBatch, Stage
 from talkrt.streams import on_stream, to_device
@@ -140,14 +146,20 @@ class LatentSyncFamily:
     name = "latentsync16"
     live = False    # a denoising loop per 16-frame chunk is not real time: the server runs its jobs only
     compose_modes = ("auto", "gpu", "numpy")
+    engine_models = ENGINE_MODELS       # unet, unet_shallow (with DeepCache), vae_decoder, vae_encoder
+    engine_backends = ("compiled",)
+
+    def engine_specs(self, cfg: LatentSyncConfig, max_batch: int | None = None):
+        return latentsync_specs(cfg, max_batch)
+
+    def load_models(self, cfg: LatentSyncConfig, weights_dir: str | None, device: torch.device,
+                    dtype: torch.dtype) -> LatentSyncModels:
+        return load_models(cfg, weights_dir, device, dtype)
 
     def build_parts(self, cfg: LatentSyncConfig, *, device: torch.device, dtype: torch.dtype,
                     stream: torch.cuda.Stream | None, weights_dir: str | None, backend: str | None,
                     compose: str | None, cache_dir: Path, engines_dir: str | Path | None, tracker: str,
                     cuda_graphs: bool, warmup: str) -> PipelineParts:
-        chosen = backend or cfg.pipeline.backend
-        if chosen not in ("auto", "eager"):
-            raise TalkrtError(f"--backend {chosen}: the LatentSync family runs eager PyTorch only (use eager or auto)")
         from talkrt.session import resolve_compose
         mode = resolve_compose(compose or cfg.pipeline.compose, device, self)
         if cfg.pipeline.sharpen.enabled:
@@ -158,18 +170,21 @@ class LatentSyncFamily:
         start = time.perf_counter()
         models = load_models(cfg, weights_dir, device, dtype)
         loaded = time.perf_counter()
-        generator = LatentSyncGenerator(models.unet, models.vae_encoder, models.vae_decoder, cfg.model, device, dtype)
+        nets = generator_networks(cfg, models, backend=backend or cfg.pipeline.backend, device=device, dtype=dtype,
+                                  engines_dir=engines_dir, cuda_graphs=cuda_graphs, warmup=warmup)
+        engines_done = time.perf_counter()
+        generator = LatentSyncGenerator(nets.unet, nets.vae_encoder, nets.vae_decoder, cfg.model, device, dtype)
         audio = LatentSyncAudio(models.whisper, cfg.model.audio, device, dtype)
         preparer = LatentSyncPreparer(cfg, create_tracker(tracker), tracker, generator, models.mask,
                                       models.identity, cache_dir)
-        log.info("session: family=latentsync16 device=%s dtype=%s weights=%s steps=%d guidance=%g deepcache=%s",
-                 device, dtype, models.source, cfg.model.denoise.steps, cfg.model.denoise.guidance_scale,
-                 cfg.model.denoise.deepcache)
+        log.info("session: family=latentsync16 device=%s dtype=%s backend=%s weights=%s steps=%d guidance=%g "
+                 "deepcache=%s", device, dtype, nets.backend, models.source, cfg.model.denoise.steps,
+                 cfg.model.denoise.guidance_scale, cfg.model.denoise.deepcache)
         return PipelineParts(cfg=cfg, device=device, dtype=dtype, stream=stream, family=self, preparer=preparer,
-                             weights=models.source, backend="eager", compose=mode,
+                             weights=models.source, backend=nets.backend, compose=mode,
                              models=LatentSyncParts(generator, audio, models.mask),
-                             load_seconds={"weights": loaded - start,
-                                           "tracker_and_audio": time.perf_counter() - loaded})
+                             load_seconds={"weights": loaded - start, "engines": engines_done - loaded,
+                                           "tracker_and_audio": time.perf_counter() - engines_done})
 
     def audio_stage(self, parts: PipelineParts, clip: AudioClip, fps: Fraction) -> Stage:
         return LatentSyncAudioStage(parts.models.audio, clip, fps)

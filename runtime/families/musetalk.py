@@ -17,6 +17,7 @@ import torch
 from talkrt.avatar import AvatarPreparer
 from talkrt.config import COMPOSE_MODES, TalkrtConfig
 from talkrt.engines.select import create_engines
+from talkrt.engines.specs import ENGINE_MODELS, musetalk_specs
 from talkrt.face.tracker import create_tracker
 from talkrt.media.audio import AudioClip
 from talkrt.models.audio import AudioFeatures
@@ -41,6 +42,14 @@ class MuseTalkFamily:
     name = "musetalk"
     live = True     # the server's live sessions: one UNet step per frame batch, real time on a GPU
     compose_modes = COMPOSE_MODES       # auto, gpu, numpy and MuseTalk's own PIL paste (reference)
+    engine_models = ENGINE_MODELS       # unet, vae_decoder, vae_encoder (Whisper is exported to ONNX only)
+    engine_backends = ("onnx", "tensorrt", "compiled")
+
+    def engine_specs(self, cfg: TalkrtConfig, max_batch: int | None = None):
+        return musetalk_specs(cfg, max_batch)
+
+    def load_models(self, cfg: TalkrtConfig, weights_dir: str | None, device: torch.device, dtype: torch.dtype):
+        return load_models(cfg, weights_dir, device, dtype)
 
     def build_parts(self, cfg: TalkrtConfig, *, device: torch.device, dtype: torch.dtype,
                     stream: torch.cuda.Stream | None, weights_dir: str | None, backend: str | None,

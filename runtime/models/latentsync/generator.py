@@ -24,8 +24,11 @@ Per chunk of ``f`` frames (16; upstream ``LipsyncPipeline.__call__``):
    in-crop paste), else the raw decoded faces are returned for a blend that takes the kept region
    from the frame; rounded to uint8 (upstream truncates; rounding removes its -0.5 bias).
 
-``full`` and ``shallow`` are attributes (the UNet's bound methods by default), so a compiled
-or graph-captured version of each call can be swapped in without touching the loop.
+``full`` and ``shallow`` are the ``forward_full`` / ``forward_shallow`` of the ``unet`` given, chosen
+once at construction: the module itself (eager) or
+:class:`talkrt.families.latentsync_engines.CompiledUNetSteps` (compiled engines, same signatures),
+so the loop never branches on the backend. ``vae_encoder`` / ``vae_decoder`` are likewise the
+modules or engine calls of the same signature.
 """
 
 from __future__ import annotations

@@ -205,3 +205,32 @@ class LatentSyncUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.forward_full(sample, timestep, encoder_hidden_states)[0]
+
+
+class UNetFullStep(nn.Module):
+    """:meth:`LatentSyncUNet.forward_full` as a tensor-only step with per-sample deep features:
+    ``(sample [b, 13, f, h, w], timestep [b], audio [b, f, T, D]) -> (noise prediction
+    [b, 4, f, h, w], deep [b, f, c0, h, w])``. Every tensor has the batch first, so it runs as an
+    engine (:mod:`talkrt.families.latentsync_engines`); batch rows (the guidance branches) are
+    independent, frames are not (temporal layers)."""
+
+    def __init__(self, unet: LatentSyncUNet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor):
+        eps, deep = self.unet.forward_full(sample, timestep, audio)
+        return eps, deep.reshape(sample.shape[0], sample.shape[2], *deep.shape[1:])
+
+
+class UNetShallowStep(nn.Module):
+    """:meth:`LatentSyncUNet.forward_shallow` on :class:`UNetFullStep`'s deep features:
+    ``(sample, timestep [b], audio [b, f, T, D], deep [b, f, c0, h, w]) -> noise prediction``."""
+
+    def __init__(self, unet: LatentSyncUNet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor,
+                deep: torch.Tensor) -> torch.Tensor:
+        return self.unet.forward_shallow(sample, timestep, audio, deep.flatten(0, 1))
