@@ -109,12 +109,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(data_dir: Path, port: int, *extra: str, timeout: float = 120.0) -> Iterator[subprocess.Popen]:
-    """``talkrt serve`` (tiny, CPU) as a child process on ``port``, once ``/healthz`` answers 200;
-    killed (SIGKILL) on exit if it still runs. Its log goes to ``data_dir/../server-<port>.log``."""
-    args = [sys.executable, "-m", "talkrt.serve.cli", "serve", "--config", "tiny", "--device", "cpu",
+def server_process(data_dir: Path, port: int, *extra: str, config: str = "tiny",
+                   overrides: tuple[str, ...] = JOB_OVERRIDES, timeout: float = 120.0) -> Iterator[subprocess.Popen]:
+    """``talkrt serve`` (``config``, default tiny, on the CPU, with ``overrides``) as a child process
+    on ``port``, once ``/healthz`` answers 200; killed (SIGKILL) on exit if it still runs. Its log
+    goes to ``data_dir/../server-<port>.log``."""
+    args = [sys.executable, "-m", "talkrt.serve.cli", "serve", "--config", config, "--device", "cpu",
             "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning", *extra]
-    for override in JOB_OVERRIDES:
+    for override in overrides:
         args += ["--set", override]
     log = open(Path(data_dir).parent / f"server-{port}.log", "ab")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

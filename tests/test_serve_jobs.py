@@ -172,6 +172,11 @@ def test_bad_requests_get_json_errors(server, media, tmp_path):
         assert _error(r)[:2] == (status, code), (data, r.text)
     r = httpx.post(base + "/v1/jobs", files=files(None, media["speech"]), data={"avatar": "f" * 24}, headers=AUTH)
     assert _error(r)[:2] == (422, "unknown_avatar")
+    r = submit(base, media["a"], media["speech"], AUTH, options=json.dumps({"fps": "1000"}))
+    assert _error(r) == (422, "bad_options", "options.fps: frame rate 1000 is out of range (0 < fps <= 240)")
+    r = submit(base, media["a"], media["speech"], AUTH, options=json.dumps({"model.crop_size": 64}))
+    assert _error(r)[2].startswith("options.model.crop_size: not settable per job; allowed: fps, ")
+    assert "pipeline.sharpen.amount" in _error(r)[2]                    # MuseTalk sharpens
     # options sent as a file part (curl -F options=@opts.json) are read as the JSON they hold
     as_file = ("options", ("opts.json", json.dumps({"pipeline.encoder.crf": 99}).encode(), "application/json"))
     r = httpx.post(base + "/v1/jobs", files=files(media["a"], media["speech"]) + [as_file], headers=AUTH)

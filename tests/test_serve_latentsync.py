@@ -129,10 +129,19 @@ def test_job_on_a_prepared_avatar_uses_its_cache(server, media, tmp_path):
 
 
 def test_options_the_family_cannot_run_are_refused(server, media):
+    """Every pipeline.sharpen.* key is refused by name (even a value that would change nothing
+    here), and the allowed list a refusal gives does not offer them."""
     before = httpx.get(server["base"] + "/v1/jobs").json()["jobs"]
-    r = submit(server["base"], media["a"], media["short"], options=json.dumps({"pipeline.sharpen.enabled": True}))
-    assert r.status_code == 422, r.text
-    assert r.json()["error"]["code"] == "bad_options" and "does not sharpen" in r.json()["error"]["message"]
+    for key, value in (("pipeline.sharpen.enabled", True), ("pipeline.sharpen.amount", 2.0),
+                       ("pipeline.sharpen.threshold", 5)):
+        r = submit(server["base"], media["a"], media["short"], options=json.dumps({key: value}))
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "bad_options" and error["message"].startswith(f"options.{key}: "), error
+        assert "does not sharpen" in error["message"]
+    r = submit(server["base"], media["a"], media["short"], options=json.dumps({"model.crop_size": 64}))
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422 and "allowed: fps, pipeline.encoder." in message and "sharpen" not in message
     assert httpx.get(server["base"] + "/v1/jobs").json()["jobs"] == before
 
 

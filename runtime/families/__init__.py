@@ -18,6 +18,9 @@ A family (``family:`` in a config; MuseTalk configs may leave it out) supplies
   :class:`talkrt.engines.specs.ModelSpec` per network), :attr:`ModelFamily.engine_models` (those
   built as engines), :attr:`ModelFamily.engine_backends` (the build backends it supports) and
   :meth:`ModelFamily.load_models` (the weights the build compiles),
+* :attr:`ModelFamily.unsupported_options`: config keys (prefixes) of the shared ``pipeline``
+  section it does not run, with why; a server refuses them as per-job options
+  (:func:`talkrt.serve.job_inputs.allowed_options`),
 * :attr:`ModelFamily.live`: whether ``talkrt serve`` runs live sessions on it (its shared
   scheduler batches frames under real-time deadlines) or jobs only (:mod:`talkrt.serve.app`).
 
@@ -59,6 +62,7 @@ class ModelFamily(Protocol):
     compose_modes: tuple[str, ...]      # values of --compose / pipeline.compose it runs, "auto" included
     engine_models: tuple[str, ...]      # engine_specs names built as engines (compiled / TensorRT)
     engine_backends: tuple[str, ...]    # build backends it supports, of "onnx", "tensorrt", "compiled"
+    unsupported_options: tuple[tuple[str, str], ...]  # (config key prefix it does not run, why): refused per job
 
     def build_parts(self, cfg: Any, *, device: torch.device, dtype: torch.dtype, stream: torch.cuda.Stream | None,
                     weights_dir: str | None, backend: str | None, compose: str | None, cache_dir: Path,

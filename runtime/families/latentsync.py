@@ -148,6 +148,7 @@ class LatentSyncFamily:
     compose_modes = ("auto", "gpu", "numpy")
     engine_models = ENGINE_MODELS       # unet, unet_shallow (with DeepCache), vae_decoder, vae_encoder
     engine_backends = ("compiled",)
+    unsupported_options = (("pipeline.sharpen", "the LatentSync restore does not sharpen"),)
 
     def engine_specs(self, cfg: LatentSyncConfig, max_batch: int | None = None):
         return latentsync_specs(cfg, max_batch)

@@ -44,6 +44,7 @@ class MuseTalkFamily:
     compose_modes = COMPOSE_MODES       # auto, gpu, numpy and MuseTalk's own PIL paste (reference)
     engine_models = ENGINE_MODELS       # unet, vae_decoder, vae_encoder (Whisper is exported to ONNX only)
     engine_backends = ("onnx", "tensorrt", "compiled")
+    unsupported_options = ()        # it runs every pipeline option, sharpening included
 
     def engine_specs(self, cfg: TalkrtConfig, max_batch: int | None = None):
         return musetalk_specs(cfg, max_batch)

@@ -18,7 +18,7 @@ from talkrt.cli import check_inputs, frame_rate
 from talkrt.config import TalkrtConfig, pipeline_checks
 from talkrt.errors import InputError, TalkrtError
 from talkrt.media.audio import AudioClip
-from talkrt.media.probe import VideoInfo
+from talkrt.media.probe import MAX_FPS, VideoInfo
 
 #: the longest ``options`` text accepted (characters)
 MAX_OPTIONS_CHARS = 16_384
@@ -26,7 +26,8 @@ MAX_OPTIONS_CHARS = 16_384
 MIN_SEGMENT_SECONDS = 0.5
 
 #: config keys a job may set (``--set`` overrides that change neither the models nor the batch
-#: shape the shared engines were built for)
+#: shape the shared engines were built for), less those the server's family does not run
+#: (:func:`allowed_options`)
 SAFE_OPTIONS = (
     "pipeline.encoder.preset", "pipeline.encoder.crf", "pipeline.encoder.workers", "pipeline.encoder.segment_seconds",
     "pipeline.sharpen.enabled", "pipeline.sharpen.amount", "pipeline.sharpen.sigma", "pipeline.sharpen.threshold",
@@ -46,8 +47,8 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class JobOptions:
-    """A job's options: config values (``(key, value)``, keys from :data:`SAFE_OPTIONS`) and the
-    output frame rate (None: the video's)."""
+    """A job's options: config values (``(key, value)``; :func:`job_config` checks the keys) and
+    the output frame rate (None: the video's)."""
 
     values: tuple[tuple[str, Any], ...] = ()
     fps: str | None = None
@@ -79,23 +80,44 @@ def parse_options(text: str | None) -> JobOptions:
     fps = data.pop("fps", None)
     if fps is not None:
         try:
-            frame_rate(str(fps))
+            rate = frame_rate(str(fps))
         except argparse.ArgumentTypeError as exc:
             raise ApiError(422, "bad_options", f"options.fps: {exc}") from None
-    for key in data:
-        if key not in SAFE_OPTIONS:
-            raise ApiError(422, "bad_options", f"options.{key}: not settable per job; allowed: fps, "
-                                               f"{', '.join(SAFE_OPTIONS)}")
+        if rate > MAX_FPS:
+            raise ApiError(422, "bad_options", f"options.fps: frame rate {fps} is out of range "
+                                               f"(0 < fps <= {MAX_FPS})")
     return JobOptions(tuple(data.items()), None if fps is None else str(fps))
+
+
+def allowed_options(server_cfg: Any) -> tuple[str, ...]:
+    """The keys of :data:`SAFE_OPTIONS` a job may set on a server of this config's family: all but
+    those under a prefix of the family's ``unsupported_options``
+    (:class:`~talkrt.families.ModelFamily`; LatentSync: ``pipeline.sharpen``)."""
+    return tuple(key for key in SAFE_OPTIONS if _unsupported(server_cfg, key) is None)
+
+
+def _unsupported(server_cfg: Any, key: str) -> str | None:
+    """Why the config's family does not take ``key`` (None: it does)."""
+    from talkrt.families import config_family, get_family
+    family = get_family(config_family(server_cfg))
+    for prefix, reason in family.unsupported_options:
+        if key == prefix or key.startswith(prefix + "."):
+            return f"not settable on a {family.name} server ({reason})"
+    return None
 
 
 def job_config(server_cfg: TalkrtConfig, values: tuple[tuple[str, Any], ...]) -> TalkrtConfig:
     """The server's config (of any model family) with a job's values set (each of the field's own
-    type) and the pipeline's rules checked.
+    type; the keys those :func:`allowed_options` allows) and the pipeline's rules checked.
 
     Raises:
         ApiError: 422 ``bad_options`` naming the key, or the rule the config breaks.
     """
+    for key, _ in values:
+        if key not in SAFE_OPTIONS or (why := _unsupported(server_cfg, key)) is not None:
+            problem = "not settable per job" if key not in SAFE_OPTIONS else why
+            raise ApiError(422, "bad_options", f"options.{key}: {problem}; allowed: fps, "
+                                               f"{', '.join(allowed_options(server_cfg))}")
     cfg = server_cfg
     for key, value in values:
         cfg = _set(cfg, key.split("."), value, key)

@@ -4,6 +4,10 @@ shared scheduler, so jobs and live sessions share one set of engines; on a serve
 without live sessions (LatentSync) they are the family's own, one chunk on the device at a time.
 Several workers let one job decode, compose and encode while another job's frames are in the model.
 
+A job accepted by a server of another model (its :class:`~talkrt.serve.job_store.ModelIdentity`)
+is never run: it ends ``failed`` with ``config_mismatch`` (the service fails those at start-up;
+a worker checks again when it takes one).
+
 A job's progress raises in ``advance`` when it was cancelled (it ends ``cancelled``) or when
 the server stops (it goes back to the queue); ``run_pipeline`` then aborts and leaves no file.
 """
@@ -24,7 +28,7 @@ from talkrt.pipeline import PipelineParts, RunReport, run_pipeline
 from talkrt.report import report_document, summary_line
 from talkrt.serve.job_files import JobFiles
 from talkrt.serve.job_inputs import ApiError, JobOptions, check_job, display_error, job_config
-from talkrt.serve.job_store import JobRecord, JobStore
+from talkrt.serve.job_store import JobRecord, JobStore, ModelIdentity
 from talkrt.serve.jobwork import JobModelStages
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,11 @@ class RunnerContext:
     model_stages: JobModelStages
     cache_dir: Path
     avatar_source: Callable[[str], Path | None]
+
+    @property
+    def model(self) -> ModelIdentity:
+        """What this server runs, as jobs record it."""
+        return ModelIdentity.of(self.cfg)
 
 
 class JobRunner:
@@ -167,6 +176,9 @@ class JobRunner:
     def _pipeline(self, record: JobRecord, out: Path, progress: JobProgress, names: dict[str, str]) -> dict:
         ctx = self.ctx
         spec = record.spec
+        mismatch = ctx.model.mismatch(spec.model)
+        if mismatch is not None:
+            raise ApiError(409, "config_mismatch", mismatch)
         cfg = job_config(ctx.cfg, spec.options)
         if spec.avatar is not None:
             video = ctx.avatar_source(spec.avatar)

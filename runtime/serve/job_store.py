@@ -6,6 +6,12 @@ the last state it reached: :meth:`JobStore.recover` puts the jobs that were runn
 queue (or ends them ``cancelled`` when a cancel had been asked for). A job becomes ``done`` in
 one transaction, after its MP4 is in place, so a job is never done twice.
 
+Every job records the model identity of the server that accepted it (:class:`ModelIdentity`:
+the config it was given and the config's model hash); a job is only ever run by a server whose
+model hash is the same (:meth:`JobStore.fail_other_models`, :class:`~talkrt.serve.job_runner.JobRunner`).
+Jobs of a schema-1 database (before the identity was recorded) have none and run on any model,
+as they did.
+
 Progress is kept in memory for every running job (what ``GET /v1/jobs/{id}`` and the event
 stream show) and written to the file at phase changes and at most every
 :data:`PROGRESS_WRITE_S` seconds.
@@ -24,7 +30,7 @@ from typing import Any
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = frozenset({"done", "failed", "cancelled"})
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2           # 2: jobs.config and jobs.model_hash (added to a schema-1 file on open)
 PROGRESS_WRITE_S = 0.5
 
 _SCHEMA = """
@@ -51,7 +57,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,                 -- JSON {"code", "message"}
     summary TEXT,               -- JSON run report
     result_bytes INTEGER,
-    expired INTEGER NOT NULL DEFAULT 0
+    expired INTEGER NOT NULL DEFAULT 0,
+    config TEXT,                -- the accepting server's --config (NULL: accepted before schema 2)
+    model_hash TEXT             -- its config's model_hash(): the job runs only on a server with the same
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch, seq);
@@ -59,9 +67,41 @@ CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, created REAL NOT NULL);
 """
 
 
+# columns added since schema 1, with their declarations (ALTER TABLE on an older file)
+_ADDED_COLUMNS = (("config", "TEXT"), ("model_hash", "TEXT"))
+
+
 def new_id() -> str:
     """A job or batch id: 32 lowercase hex digits (random)."""
     return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a server runs, as far as a job's result depends on it: ``config`` (what ``--config``
+    was given, for messages and the hint) and ``model_hash`` (the config's ``model_hash()``: its
+    model section, the family's included; what decides whether two servers run the same model)."""
+
+    config: str
+    model_hash: str
+
+    @classmethod
+    def of(cls, cfg: Any) -> ModelIdentity:
+        """The identity of a loaded config of any family."""
+        return cls(cfg.source or cfg.name, cfg.model_hash())
+
+    def mismatch(self, job: ModelIdentity | None) -> str | None:
+        """Why a job accepted under ``job`` must not run here (None: it may; a job without an
+        identity, from a schema-1 database, may)."""
+        if job is None or job.model_hash == self.model_hash:
+            return None
+        if job.config == self.config:           # the same config, other model values (--set model.*)
+            return (f"submitted to a server running config '{job.config}' with other model settings (model hash "
+                    f"{job.model_hash}; this server's: {self.model_hash}): resubmit it here or restart the server "
+                    f"with the model settings it had")
+        return (f"submitted to a server running config '{job.config}' (model hash {job.model_hash}); this server "
+                f"runs '{self.config}' (model hash {self.model_hash}): resubmit it here or restart the server "
+                f"with --config {job.config}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +116,7 @@ class JobSpec:
     options: tuple[tuple[str, Any], ...]
     fps: str | None
     frames_total: int
+    model: ModelIdentity | None = None      # the accepting server's (None: a job of a schema-1 database)
 
 
 @dataclass(frozen=True)
@@ -104,9 +145,14 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise RuntimeError(f"{self.path}: jobs database schema {version}, this talkrt reads {SCHEMA_VERSION}")
+            if version not in (0, 1, SCHEMA_VERSION):        # 1: migrated below
+                raise RuntimeError(f"{self.path}: jobs database schema {version}, this talkrt reads 1 to "
+                                   f"{SCHEMA_VERSION}")
             self._db.executescript(_SCHEMA)
+            have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, decl in _ADDED_COLUMNS:           # a schema-1 file: its jobs keep NULL (no identity)
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -131,6 +177,23 @@ class JobStore:
             self._db.execute("COMMIT")
         return [r["id"] for r in rows if not r["cancel_requested"]]
 
+    def fail_other_models(self, server: ModelIdentity) -> list[str]:
+        """End ``failed`` (code ``config_mismatch``) every queued job accepted by a server of
+        another model hash (call after :meth:`recover`); returns their ids."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, config, model_hash FROM jobs WHERE status='queued' AND model_hash "
+                                    "IS NOT NULL AND model_hash != ? ORDER BY seq", (server.model_hash,)).fetchall()
+            self._db.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            for row in rows:
+                message = server.mismatch(ModelIdentity(row["config"], row["model_hash"]))
+                self._db.execute("UPDATE jobs SET status='failed', finished=?, error=? WHERE id=? AND status='queued'",
+                                 (now, json.dumps({"code": "config_mismatch", "message": message}), row["id"]))
+            self._db.execute("COMMIT")
+            for row in rows:
+                self._bump(row["id"])
+        return [r["id"] for r in rows]
+
     def create(self, specs: list[JobSpec], batch: str | None = None) -> list[str]:
         """Queue ``specs`` (one transaction); returns their ids in order."""
         now = time.time()
@@ -143,9 +206,11 @@ class JobStore:
                 for job_id, s in zip(ids, specs):
                     self._db.execute(
                         "INSERT INTO jobs (id, batch, status, video, avatar, audio, video_name, audio_name, options, "
-                        "fps, created, frames_total) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "fps, created, frames_total, config, model_hash) "
+                        "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (job_id, batch, s.video, s.avatar, s.audio, s.video_name, s.audio_name,
-                         json.dumps(list(s.options)), s.fps, now, s.frames_total))
+                         json.dumps(list(s.options)), s.fps, now, s.frames_total,
+                         s.model.config if s.model else None, s.model.model_hash if s.model else None))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -164,7 +229,8 @@ class JobStore:
             self._bump(row["id"])
         spec = JobSpec(video=row["video"], avatar=row["avatar"], audio=row["audio"], video_name=row["video_name"],
                        audio_name=row["audio_name"], options=tuple((k, v) for k, v in json.loads(row["options"])),
-                       fps=row["fps"], frames_total=row["frames_total"])
+                       fps=row["fps"], frames_total=row["frames_total"],
+                       model=None if row["model_hash"] is None else ModelIdentity(row["config"], row["model_hash"]))
         return JobRecord(id=row["id"], spec=spec, created=row["created"], attempts=row["attempts"] + 1)
 
     def progress(self, job_id: str, phase: str, done: int, total: int, frames_done: int | None = None,

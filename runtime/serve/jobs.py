@@ -100,6 +100,14 @@ class JobService:
         if requeued:
             log.info("jobs: %d interrupted job(s) queued again from the start", len(requeued))
         self.finished = Counter("talkrt_jobs_finished", "jobs that ended", ["status"], registry=registry)
+        mismatched = self.store.fail_other_models(ctx.model)
+        if mismatched:
+            log.warning("jobs: %d queued job(s) were accepted by a server of another model and end failed "
+                        "(config_mismatch; this server: %s): %s", len(mismatched), self._config_name,
+                        ", ".join(mismatched))
+            self.finished.labels("failed").inc(len(mismatched))
+            with self.files.lock:
+                self.files.drop_media(self.store.referenced_media())
         self.submitted = Counter("talkrt_jobs_submitted", "jobs accepted", registry=registry)
         queued = Gauge("talkrt_jobs", "jobs by status", ["status"], registry=registry)
         for status in STATUSES:
@@ -145,7 +153,7 @@ class JobService:
                 kept = {key: self.files.keep(u) for key, u in uploads.items()}
                 specs = [JobSpec(video=kept.get(id(v)), avatar=v.avatar, audio=kept[id(a)],
                                  video_name=_name(v, uploads), audio_name=uploads[id(a)].name,
-                                 options=opts.values, fps=opts.fps, frames_total=frames)
+                                 options=opts.values, fps=opts.fps, frames_total=frames, model=self.ctx.model)
                          for (v, a), frames in zip(pairs, checked)]
                 batch_id = new_id() if batch else None
                 ids = self.store.create(specs, batch_id)
