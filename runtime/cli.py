@@ -147,6 +147,9 @@ def check_settings(args: argparse.Namespace, cfg: TalkrtConfig) -> None:
         raise TalkrtError("pipeline.sharpen.enabled=true needs compose 'numpy' or 'gpu': 'reference' "
                           "reproduces MuseTalk's post-processing, which does not sharpen")
     if (args.backend or cfg.pipeline.backend) == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        from talkrt.engines.select import check_family_backend    # imports torch: on this refusal only
+        from talkrt.engines.specs import engine_backends
+        check_family_backend(cfg, "tensorrt", engine_backends(cfg))   # a family without TensorRT says so first
         raise TalkrtError("--backend tensorrt: the tensorrt package is not installed here "
                           "(pip install 'tensorrt>=10' from NVIDIA's index, then make engines)")
     if args.weights and not Path(args.weights).is_dir():

@@ -95,6 +95,7 @@ def test_a_name_longer_than_the_filesystem_allows_is_refused_before_work(media, 
     (("--compose", "reference", "--set", "pipeline.sharpen.enabled=true"), "'reference' reproduces MuseTalk"),
     (("--weights", "/nonexistent/weights"), "/nonexistent/weights: --weights must be a folder"),
     (("--backend", "tensorrt"), "tensorrt package is not installed"),
+    (("--config", "latentsync16-tiny", "--backend", "tensorrt"), "no tensorrt engines (its model family builds compiled"),
 ])
 def test_settings_that_cannot_run_are_refused_before_the_models(media, tmp_path, caplog, no_models, extra, phrase):
     out = tmp_path / "o.mp4"

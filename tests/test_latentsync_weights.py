@@ -1,5 +1,7 @@
 """LatentSync weights: official layout round trip, clear refusals, synthetic labels, Whisper conversion."""
+import json
 import logging
+import re
 
 import cv2
 import numpy as np
@@ -102,15 +104,68 @@ def test_missing_files_are_named(cfg, layout, victim, phrase):
     assert err.value.path is not None
 
 
-@pytest.mark.parametrize("victim, content, phrase", [
-    (UNET_FILE, b"not a checkpoint", "cannot read the UNet checkpoint"),
-    (WHISPER_FILE, b"garbage", "cannot read the Whisper checkpoint"),
-])
-def test_corrupt_files_are_named(cfg, layout, victim, content, phrase):
-    (layout / victim).write_bytes(content)
-    with pytest.raises(InputError, match=phrase) as err:
+@pytest.mark.parametrize("victim", [UNET_FILE, WHISPER_FILE])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "folder"])
+def test_corrupt_checkpoints_are_named_in_one_line(cfg, layout, victim, damage):
+    """Not a checkpoint, cut short or a folder: one line naming the file, without torch.load's
+    advice to retry with weights_only=False (wrong for a damaged file, unsafe in general)."""
+    path = layout / victim
+    if damage == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    else:
+        path.unlink()
+        path.mkdir()
+    what = "UNet" if victim == UNET_FILE else "Whisper"
+    reason = "Is a directory" if damage == "folder" else "not a PyTorch checkpoint (or truncated)"
+    with pytest.raises(InputError, match=re.escape(f"cannot read the {what} checkpoint: {reason}")) as err:
         load_official(cfg, layout)
     assert err.value.path.endswith(victim)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_holding_python_objects_names_the_type_in_one_line(cfg, layout):
+    import datetime
+    torch.save({"global_step": datetime.date(2024, 1, 1), "state_dict": {}}, layout / UNET_FILE)
+    with pytest.raises(InputError, match="holds a Python object of type datetime.date") as err:
+        load_official(cfg, layout)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_vae_config_that_does_not_match_its_weights_is_named_in_one_line(cfg, layout):
+    """diffusers raises RuntimeError with one line per tensor; the refusal names DIR/sd-vae, the
+    first tensor and the count."""
+    config = layout / "sd-vae" / "config.json"
+    data = json.loads(config.read_text())
+    data["block_out_channels"] = [128, 256, 512, 512]
+    config.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"config.json does not match the weights: \d+ tensors have another shape, "
+                                         r"e.g. \S+: \[\d+(, \d+)*\] in the weights, \[\d+(, \d+)*\] from config.json") as err:
+        load_official(cfg, layout)
+    assert err.value.path == str(layout / "sd-vae") and "\n" not in str(err.value)
+
+
+def test_no_accelerate_warning_on_load(cfg, layout, caplog):
+    """diffusers warns on every load without `accelerate` unless low_cpu_mem_usage=False is asked."""
+    with caplog.at_level(logging.WARNING):
+        load_official(cfg, layout)
+    assert "accelerate" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["folder", "garbage"])
+def test_mask_png_that_is_not_a_readable_image_is_refused(cfg, layout, kind, caplog):
+    """DIR/mask.png that is a folder or not an image: refused, not ignored with a false "no mask.png" log."""
+    mask = layout / "mask.png"
+    if kind == "folder":
+        mask.mkdir()
+    else:
+        mask.write_bytes(b"\x89PNG garbage")
+    phrase = "exists but is not a file" if kind == "folder" else "not an image OpenCV can read"
+    with caplog.at_level(logging.INFO), pytest.raises(InputError, match=phrase) as err:
+        load_official(cfg, layout)
+    assert err.value.path == str(mask) and "\n" not in str(err.value)
+    assert "no mask.png" not in caplog.text
 
 
 def test_wrong_formats_are_refused(cfg, layout):

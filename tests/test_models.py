@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import pytest
@@ -126,3 +127,33 @@ def test_synthetic_weights_cache_loads_the_same_tensors(tmp_path, caplog):
     written, first = load_file(str(path)), load_file_bytes(before)
     assert written.keys() == first.keys() and all(torch.equal(v, first[k]) for k, v in written.items())
     assert all(torch.equal(v, again.unet.state_dict()[k]) for k, v in fresh.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("config, key, value, named", [
+    ("sd-vae/config.json", "block_out_channels", [128, 256, 512, 512], "sd-vae"),
+    ("whisper/config.json", "encoder_ffn_dim", 1536, "whisper"),
+    ("musetalkV15/musetalk.json", "block_out_channels", [64, 128, 256, 256], "musetalkV15/unet.pth"),
+])
+def test_config_that_does_not_match_its_weights_is_one_line(tiny, tmp_path, config, key, value, named):
+    """diffusers and torch raise RuntimeError with one line per tensor (transformers points at a
+    report it printed): the refusal names the folder or file, the first tensor and the count."""
+    cfg, m = tiny
+    root = save_official_layout(m, cfg, tmp_path / "models")
+    data = json.loads((root / config).read_text())
+    data[key] = value
+    (root / config).write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"\d+ tensors have (another|the wrong) shape.*, e\.g\. \S+: ") as err:
+        load_official(cfg, root)
+    assert err.value.path == str(root / named) and "\n" not in str(err.value)
+
+
+def test_unreadable_unet_checkpoint_is_one_line_without_torch_advice(tiny, tmp_path, caplog):
+    cfg, m = tiny
+    root = save_official_layout(m, cfg, tmp_path / "models")
+    with caplog.at_level(logging.WARNING):
+        load_official(cfg, root)
+    assert "accelerate" not in caplog.text      # diffusers' warning without `accelerate`
+    (root / "musetalkV15" / "unet.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match=r"unet.pth: cannot read the UNet checkpoint: not a PyTorch checkpoint") as err:
+        load_official(cfg, root)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import json
 import time
 import tracemalloc
@@ -137,3 +138,32 @@ def test_the_loaded_server_freezes_its_start_up_objects_out_of_gc_passes(tmp_pat
     with running_server(tmp_path):
         frozen = gc.get_freeze_count()
     assert frozen > 10_000, frozen
+
+
+@pytest.mark.parametrize("config", ["tiny", "latentsync16-tiny"])
+def test_weights_that_cannot_load_are_one_error_line_without_traceback(tmp_path, caplog, config):
+    """A refused input (here a --weights folder that does not exist) keeps the server up with
+    /healthz 500 and the message, and logs one ERROR line, no traceback: it is not a bug."""
+    bad = tmp_path / "no-weights"
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError, match="server failed to load") as err:
+        with running_server(tmp_path / "data", config=config, weights_dir=str(bad)):
+            pass
+    assert f"InputError: {bad}: missing weights folder" in str(err.value)
+    failed = [r for r in caplog.records if "loading failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelname == "ERROR" and failed[0].exc_info is None
+    assert str(bad) in failed[0].getMessage() and "Traceback" not in caplog.text
+
+
+def test_an_unexpected_loading_failure_keeps_its_traceback(tmp_path, caplog, monkeypatch):
+    import talkrt.session
+    from talkrt.families import load_family_config
+    from talkrt.serve.app import ServerState, ServeSettings
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+    monkeypatch.setattr(talkrt.session, "build_session", broken)
+    state = ServerState(ServeSettings(cfg=load_family_config("tiny"), device="cpu", data_dir=tmp_path))
+    state.load()
+    assert state.error == "ValueError: a bug"
+    failed = [r for r in caplog.records if "loading failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None

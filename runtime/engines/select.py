@@ -86,6 +86,14 @@ def compiled_engines(cfg, specs: dict[str, ModelSpec], models, *, names=ENGINE_M
 PREBUILT = {"tensorrt": tensorrt_engines, "compiled": compiled_engines}     # best first
 
 
+def check_family_backend(cfg, backend: str, supported: tuple[str, ...]) -> None:
+    """Raise ``EngineError`` when ``backend`` is a prebuilt one that ``cfg``'s model family does not
+    build (``supported``: its ``engine_backends``)."""
+    if backend in PREBUILT and backend not in supported:
+        raise EngineError(f"--backend {backend}: config '{cfg.name}' has no {backend} engines (its model family "
+                          f"builds {', '.join(b for b in supported if b in PREBUILT) or 'none'}; or use eager or auto)")
+
+
 def prebuilt_engines(cfg, specs: dict[str, ModelSpec], models, *, backend: str, names: tuple[str, ...],
                      supported: tuple[str, ...], device: torch.device, dtype: torch.dtype, engines_dir,
                      cuda_graphs: bool, warmup: str) -> tuple[dict[str, Engine] | None, str | None, list[str]]:
@@ -95,9 +103,7 @@ def prebuilt_engines(cfg, specs: dict[str, ModelSpec], models, *, backend: str, 
 
     Raises ``EngineError`` for an explicit backend that is not in ``supported`` (the config's family
     builds no such engines) or cannot be used (missing, stale, failing to load)."""
-    if backend in PREBUILT and backend not in supported:
-        raise EngineError(f"--backend {backend}: config '{cfg.name}' has no {backend} engines (its model family "
-                          f"builds {', '.join(b for b in supported if b in PREBUILT) or 'none'}; or use eager or auto)")
+    check_family_backend(cfg, backend, supported)
     order = [b for b in PREBUILT if b in supported] if backend == "auto" else [b for b in (backend,) if b in PREBUILT]
     reasons = []
     for candidate in order:

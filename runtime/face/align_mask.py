@@ -92,11 +92,20 @@ def _from_image(image: np.ndarray, resolution: int, source: str) -> FaceMask:
 
 
 def mask_file(weights_dir: str | os.PathLike | None) -> Path | None:
-    """``DIR/mask.png`` when the official layout in ``weights_dir`` has one, else None."""
+    """``DIR/mask.png`` when the official layout in ``weights_dir`` has one, else None.
+
+    Raises:
+        InputError: ``mask.png`` exists but is not a file (a folder, a broken link, ...).
+    """
     if weights_dir is None:
         return None
     path = Path(weights_dir) / "mask.png"
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    if path.is_symlink() or path.exists():
+        raise InputError(path, "exists but is not a file; replace it with LatentSync's mask.png "
+                               "(latentsync/utils/mask.png) or remove it to use talkrt's drawing of that mask")
+    return None
 
 
 def load_mask(path: str | os.PathLike | None = None, resolution: int = 512) -> FaceMask:
@@ -116,7 +125,8 @@ def load_mask(path: str | os.PathLike | None = None, resolution: int = 512) -> F
         raise InputError(file, "mask image not found")
     image = cv2.imread(str(file), cv2.IMREAD_COLOR)
     if image is None:
-        raise InputError(file, "not an image OpenCV can read")
+        raise InputError(file, "not an image OpenCV can read (a PNG is expected); replace it with LatentSync's "
+                               "mask.png or remove it")
     red = np.ascontiguousarray(image[:, :, 2])   # OpenCV reads BGR; upstream takes RGB channel 0
     if red.max() < 128 or red.min() >= 128:
         raise InputError(file, "mask has no dark (generated) or no light (kept) region; "

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,74 @@ def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise InputError(path, f"missing {what}; see README 'Official weights' for the expected layout")
     return path
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``exc``'s message (its type name when it has none), at most ``limit`` characters."""
+    line = next((x.strip() for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _read_checkpoint(path: Path, what: str):
+    """``torch.load(path)`` of plain tensors (``weights_only=True``), or InputError naming ``path``
+    with a one-line reason: torch's own text is many lines and advises ``weights_only=False``,
+    which is wrong advice for a file that is simply not a checkpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:                      # a folder, no permission, an I/O error
+        reason = exc.strerror or _one_line(exc)
+        raise InputError(path, f"cannot read the {what}: {reason}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        reason = (f"it holds a Python object of type {found[1]}, not only tensors; save its state dict alone"
+                  if found else "not a PyTorch checkpoint (or truncated); copy or download it again")
+        raise InputError(path, f"cannot read the {what}: {reason}") from exc
+
+
+# torch's load_state_dict line for one tensor (diffusers raises these, one line per tensor)
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
+def _from_pretrained(cls, folder: Path, what: str, **kwargs):
+    """``cls.from_pretrained(folder, **kwargs)`` (a diffusers or transformers model folder, local files
+    only), or InputError naming ``folder`` in one line. When ``config.json`` does not match the weights,
+    diffusers raises torch's RuntimeError with one line per tensor and transformers (asked with
+    ``ignore_mismatched_sizes=True``) lists them in its loading info: the first and the count are given."""
+    try:
+        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        found = _SIZE_MISMATCH.findall(str(exc))
+        if found:
+            raise InputError(folder, _mismatch(found[0], len(found))) from exc
+        raise InputError(folder, f"cannot load the {what}: {_one_line(exc)}") from exc
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda entry: entry[0])   # transformers: a set
+    if mismatched:
+        key, ckpt, model_shape = mismatched[0]
+        raise InputError(folder, _mismatch((key, ", ".join(map(str, ckpt)), ", ".join(map(str, model_shape))),
+                                           len(mismatched)))
+    return model
+
+
+def _mismatch(first: tuple[str, str, str], count: int) -> str:
+    key, ckpt, model = first
+    return (f"config.json does not match the weights: {count} tensors have another shape, e.g. {key}: [{ckpt}] "
+            f"in the weights, [{model}] from config.json; use the config.json that came with these weights")
+
+
+def _load_state(module: torch.nn.Module, state: dict, path: Path, against: str) -> None:
+    """Load ``state`` into ``module`` (every key and shape must match) or raise InputError naming
+    ``path``; ``against``: what the file was expected to match, for the message."""
+    own = module.state_dict()
+    shapes = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise InputError(path, f"{len(shapes)} tensors have the wrong shape for {against}, e.g. {k}: "
+                               f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} expected")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(path, f"state dict does not match {against}: {len(missing)} missing keys "
+                               f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
 
 
 def _weights_fingerprint(paths: list[Path]) -> str:
@@ -139,19 +208,13 @@ def load_official(cfg: TalkrtConfig, weights_dir: str | Path) -> LipSyncModels:
     except json.JSONDecodeError as exc:
         raise InputError(unet_json_path, f"not valid JSON ({exc})") from exc
     unet = build_unet(unet_json)
-    try:
-        state = torch.load(unet_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise InputError(unet_path, f"cannot read the UNet checkpoint ({exc})") from exc
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(unet_path, f"state dict does not match musetalk.json: {len(missing)} missing keys "
-                                    f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-    try:
-        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
-        encoder = WhisperModel.from_pretrained(whisper_dir, local_files_only=True).encoder
-    except (OSError, ValueError) as exc:
-        raise InputError(root, f"cannot load the VAE or Whisper folder ({exc})") from exc
+    state = _read_checkpoint(unet_path, "UNet checkpoint")
+    if not isinstance(state, dict):
+        raise InputError(unet_path, "not a UNet state dict (expected a dict of tensors)")
+    _load_state(unet, state, unet_path, "musetalk.json")
+    # low_cpu_mem_usage=False: what diffusers falls back to without `accelerate`, minus its warning
+    vae = _from_pretrained(AutoencoderKL, vae_dir, "VAE folder", low_cpu_mem_usage=False)
+    encoder = _from_pretrained(WhisperModel, whisper_dir, "Whisper folder", ignore_mismatched_sizes=True).encoder
     if unet_json.get("cross_attention_dim") != encoder.config.d_model:
         raise InputError(unet_json_path, f"cross_attention_dim {unet_json.get('cross_attention_dim')} does not "
                                          f"match the Whisper width {encoder.config.d_model}")

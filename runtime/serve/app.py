@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from talkrt.config import AudioConfig, TalkrtConfig
-from talkrt.errors import InputError
+from talkrt.errors import InputError, TalkrtError
 from talkrt.serve.auth import ApiKeyMiddleware
 from talkrt.serve.avatars import ID_PATTERN, AvatarStore, UploadTooLarge
 from talkrt.serve.job_inputs import ApiError
@@ -124,6 +124,9 @@ class ServerState:
             log.info("talkrt serve: %d objects loaded, frozen out of the garbage collector's passes", freeze_gc())
             self.loaded = True
             log.info("talkrt serve ready: %s", self.info)
+        except TalkrtError as exc:      # a refused input (weights, engines, config): one line, no traceback
+            log.error("talkrt serve: loading failed: %s", exc)
+            self.error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001 - reported by /healthz and the log
             log.exception("talkrt serve: loading failed")
             self.error = f"{type(exc).__name__}: {exc}"

@@ -33,6 +33,9 @@ from talkrt.models.vae import VaeDecoder, VaeEncoder, build_vae, vae_diffusers_c
 from talkrt.models.weights import (
     VAE_DIR,
     _first_existing,
+    _from_pretrained,
+    _load_state,
+    _read_checkpoint,
     _require,
     _weights_fingerprint,
 )
@@ -71,10 +74,7 @@ def load_unet_state(unet: LatentSyncUNet, path: Path) -> int:
     tables, which are deterministic and rebuilt from the config when absent. Raises InputError
     naming ``path``.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(path, f"cannot read the UNet checkpoint ({exc})") from exc
+    ckpt = _read_checkpoint(path, "UNet checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise InputError(path, "not a LatentSync UNet checkpoint (expected a dict with 'state_dict')")
     state = dict(ckpt["state_dict"])
@@ -82,15 +82,7 @@ def load_unet_state(unet: LatentSyncUNet, path: Path) -> int:
     for key in own:
         if key.endswith(OPTIONAL_SUFFIXES) and key not in state:
             state[key] = own[key]
-    shapes = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if shapes:
-        k = shapes[0]
-        raise InputError(path, f"{len(shapes)} tensors have the wrong shape for this config, e.g. {k}: "
-                               f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} expected")
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(path, f"state dict does not match the LatentSync 1.6 UNet: {len(missing)} missing keys "
-                               f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    _load_state(unet, state, path, "the LatentSync 1.6 UNet of this config")
     return int(ckpt.get("global_step", 0))
 
 
@@ -117,13 +109,12 @@ def load_official(cfg: LatentSyncConfig, weights_dir: str | Path) -> LatentSyncM
     _require(vae_dir / "config.json", "VAE config")
     vae_file = _first_existing(vae_dir, VAE_FILES)
     mask_path = mask_file(root)
+    mask = load_mask(mask_path, cfg.model.crop_size)       # a bad mask.png is refused before the networks load
     unet = LatentSyncUNet(cfg.model)
     step = load_unet_state(unet, unet_path)
     encoder = encoder_from_openai(whisper_path, cfg.model.audio)
-    try:
-        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(vae_dir, f"cannot load the VAE folder ({exc})") from exc
+    # low_cpu_mem_usage=False: what diffusers falls back to without `accelerate`, minus its warning
+    vae = _from_pretrained(AutoencoderKL, vae_dir, "VAE folder", low_cpu_mem_usage=False)
     want = vae_diffusers_config(cfg.model)
     for key in ("block_out_channels", "latent_channels", "layers_per_block"):
         got = vae.config.get(key)
@@ -131,7 +122,6 @@ def load_official(cfg: LatentSyncConfig, weights_dir: str | Path) -> LatentSyncM
             raise InputError(vae_dir, f"VAE {key} is {got}; the config's sd-vae-ft-mse shape needs {want[key]}")
     # LatentSync sets these regardless of the folder (scripts/inference.py)
     vae.register_to_config(scaling_factor=cfg.model.vae.scaling_factor, shift_factor=0.0)
-    mask = load_mask(mask_path, cfg.model.crop_size)
     if mask_path is None:
         log.info("no mask.png in %s: using talkrt's procedural drawing of LatentSync's mask", root)
     files = [unet_path, whisper_path, vae_file] + ([mask_path] if mask_path else [])

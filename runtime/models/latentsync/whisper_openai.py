@@ -14,6 +14,7 @@ import torch
 from talkrt.errors import InputError
 from talkrt.models.audio import SEGMENT_STEPS, whisper_config
 from talkrt.models.latentsync.config import LatentSyncAudioConfig
+from talkrt.models.weights import _read_checkpoint
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids
 
 # OpenAI encoder name (after "encoder.") -> transformers WhisperEncoder name; per layer i
@@ -51,10 +52,7 @@ def encoder_from_openai(path: str | Path, cfg: LatentSyncAudioConfig) -> Whisper
     missing encoder weights.
     """
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(path, f"cannot read the Whisper checkpoint ({exc})") from exc
+    ckpt = _read_checkpoint(path, "Whisper checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("dims"), dict) or \
             not isinstance(ckpt.get("model_state_dict"), dict):
         raise InputError(path, "not an OpenAI Whisper checkpoint (expected a dict with 'dims' and 'model_state_dict')")
