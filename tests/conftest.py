@@ -20,3 +20,14 @@ def slowdown(request: pytest.FixtureRequest) -> dict[str, float]:
         return parse_slowdown(request.config.getoption("--slowdown"))
     except ValueError as exc:
         raise pytest.UsageError(f"--slowdown: {exc}") from exc
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """torch on one intra-op thread for a module: the tiny models gain nothing from intra-op
+    threads, and on 2-vCPU CI VMs two threads ran 10x slower."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -45,12 +45,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """The tiny models gain nothing from intra-op threads; on 2-vCPU CI VMs two threads ran 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_cpu_thread(one_cpu_thread):
+    """Every test of this module on one intra-op thread (conftest's ``one_cpu_thread``)."""
 
 
 def _ort_session(path) -> ort.InferenceSession:

@@ -51,11 +51,8 @@ def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_cpu_thread(one_cpu_thread):
+    """Every test of this module on one intra-op thread (conftest's ``one_cpu_thread``)."""
 
 
 @pytest.fixture(scope="module")
